@@ -1,0 +1,509 @@
+"""The sans-IO heart: one ASGI request in, the exact Matomo tracking parameters out.
+
+Nothing here touches the network, the clock or the event loop: the middleware
+passes in times and the response status, and gets `Hit`s back. That is what makes
+every parameter testable as a plain function call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from asgi_matomo._hit import Hit
+from asgi_matomo._proxy import (
+    IPNetwork,
+    anonymize_ip,
+    is_trusted,
+    parse_ip,
+    resolve_forwarded,
+)
+from asgi_matomo._types import Scope
+
+logger = logging.getLogger("asgi_matomo")
+
+# Matomo stores `url` and `action_name` up to 1024 characters (MATOMO.md).
+MAX_URL_LENGTH = 1024
+MAX_ACTION_NAME_LENGTH = 1024
+# Other free text from the visitor (user agent, languages, referrer) is bounded too,
+# so that a hostile request cannot make a queued hit arbitrarily large.
+MAX_TEXT_LENGTH = 2048
+# Matomo's CustomVariables plugin keeps names and values up to 200 characters and
+# offers 5 slots per scope unless an admin adds more (plugin-CustomVariables).
+MAX_CUSTOM_VARIABLE_LENGTH = 200
+CUSTOM_VARIABLE_SLOTS = 5
+# Largest performance value Matomo stores (a MEDIUMINT UNSIGNED column); larger
+# values are answered with success and dropped (MATOMO.md).
+MAX_PERFORMANCE_MS = 16_777_215
+
+# The two custom variables every hit carries, in this slot order.
+STATUS_VARIABLE = "http_status_code"
+METHOD_VARIABLE = "http_method"
+
+STATE_KEY = "asgi_matomo"
+EVENT_KEYS = ("e_c", "e_a", "e_n", "e_v")
+# Parameters that describe the page view only. An event hit must not repeat them:
+# `new_visit` twice would start two visits, a second `urlref` could re-attribute it.
+PAGE_ONLY_KEYS = frozenset({"action_name", "cvar", "new_visit", "urlref", "search", "search_cat"})
+# Never taken from overrides into the query: the token lives in the POST body only.
+# `cip` and `cdt` are not dropped: they feed the `Hit` fields the sender controls.
+RESERVED_KEYS = frozenset({"token_auth", "cip", "cdt", "idsite", "rec"})
+
+_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-_]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+# Characters that may stay unescaped in a URL path (RFC 3986 `pchar` and `/`).
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    """The middleware's options, validated and precomputed once."""
+
+    idsite: int
+    assume_https: bool = True
+    track_visitor_ip: bool = False
+    exclude_paths: frozenset[str] = frozenset()
+    exclude_patterns: tuple[re.Pattern[str], ...] = ()
+    allowed_methods: frozenset[str] | None = None
+    ignored_methods: frozenset[str] = frozenset()
+    ignored_user_agents: tuple[re.Pattern[str], ...] = ()
+    route_details: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    action_name_from_route: bool = False
+    custom_dimensions: Mapping[str, int] = field(default_factory=dict)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    anonymize_ip_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What the hit needs from the request, captured when the request starts."""
+
+    method: str
+    path: str
+    app_path: str
+    url: str
+    user_agent: str | None
+    language: str | None
+    referrer: str | None
+    visitor_ip: str | None
+    started_at: float
+
+
+def _decode(value: object) -> str:
+    """Header bytes as text: UTF-8 when it is, Latin-1 (which never fails) otherwise."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes | bytearray):
+        return ""
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(value).decode("latin-1")
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[:limit]
+
+
+def _clip_url(value: str, limit: int) -> str:
+    """Truncate without leaving half a percent-escape at the end."""
+    if len(value) <= limit:
+        return value
+    clipped = value[:limit]
+    cut = clipped.rfind("%", len(clipped) - 2)
+    return clipped[:cut] if cut != -1 else clipped
+
+
+_WANTED_HEADERS = frozenset(
+    {
+        b"host",
+        b"user-agent",
+        b"accept-language",
+        b"referer",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+# Headers a proxy chain may legitimately repeat; their values are joined in order.
+_LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
+
+
+def _headers(scope: Scope) -> dict[bytes, str]:
+    """The few headers tracking reads, decoded; the first occurrence wins except for lists."""
+    found: dict[bytes, str] = {}
+    raw = scope.get("headers")
+    if not isinstance(raw, Iterable):
+        return found
+    for item in raw:
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            continue
+        if isinstance(name, str):
+            name = name.encode("latin-1", "replace")
+        if not isinstance(name, bytes | bytearray):
+            continue
+        key = bytes(name).lower()
+        if key not in _WANTED_HEADERS:
+            continue
+        text = _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
+        if key in found:
+            if key in _LIST_HEADERS:
+                found[key] = _clip(f"{found[key]}, {text}", MAX_TEXT_LENGTH)
+            continue
+        found[key] = text
+    return found
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def _paths(scope: Scope) -> tuple[str, str, str]:
+    """(full decoded path, path below root_path, full path as sent on the wire).
+
+    Servers disagree on whether `path` already holds `root_path` (uvicorn: yes,
+    hypercorn: no); either way it must appear exactly once.
+    """
+    root = scope.get("root_path")
+    root = root if isinstance(root, str) else ""
+    path = scope.get("path")
+    path = path if isinstance(path, str) and path else "/"
+    full = path if not root or _within(path, root) else root + path
+    app_path = full[len(root) :] if root and _within(full, root) else full
+    app_path = app_path or "/"
+
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes | bytearray) and raw:
+        # raw_path is what the client sent, escapes included; never re-quote it.
+        wire = bytes(raw).decode("latin-1").split("?", 1)[0]
+        if root and not _within(wire, quote(root, safe=_PATH_SAFE)):
+            wire = quote(root, safe=_PATH_SAFE) + wire
+    else:
+        wire = quote(full, safe=_PATH_SAFE)
+    return full, app_path, wire
+
+
+def _server_host(scope: Scope) -> str | None:
+    server = scope.get("server")
+    if not isinstance(server, list | tuple) or len(server) != 2:
+        return None
+    host, port = server
+    if not isinstance(host, str) or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port in (80, 443):
+        return host
+    return f"{host}:{port}"
+
+
+def _valid_host(value: str | None) -> str | None:
+    if value and _HOST_PATTERN.match(value):
+        return value.lower()
+    return None
+
+
+def _method_allowed(config: TrackingConfig, method: str) -> bool:
+    if method in config.ignored_methods:
+        return False
+    return config.allowed_methods is None or method in config.allowed_methods
+
+
+def _path_excluded(config: TrackingConfig, full: str, app_path: str) -> bool:
+    if full in config.exclude_paths or app_path in config.exclude_paths:
+        return True
+    return any(
+        pattern.search(full) or pattern.search(app_path) for pattern in config.exclude_patterns
+    )
+
+
+def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> RequestInfo | None:
+    """Capture what the hit needs at request start; None when the request is not tracked."""
+    if scope.get("type") != "http":
+        return None
+    method = scope.get("method")
+    method = method.upper() if isinstance(method, str) and method else "GET"
+    if not _method_allowed(config, method):
+        return None
+    full, app_path, wire = _paths(scope)
+    if _path_excluded(config, full, app_path):
+        return None
+    headers = _headers(scope)
+    user_agent = headers.get(b"user-agent") or None
+    if user_agent and any(p.search(user_agent) for p in config.ignored_user_agents):
+        return None
+
+    client = scope.get("client")
+    peer = client[0] if isinstance(client, list | tuple) and client else None
+    peer = peer if isinstance(peer, str) and peer else None
+    visitor_ip = peer
+    forwarded_proto = forwarded_host = None
+    if config.trusted_proxies and is_trusted(parse_ip(peer or ""), config.trusted_proxies):
+        forwarded = resolve_forwarded(
+            forwarded=headers.get(b"forwarded"),
+            x_forwarded_for=headers.get(b"x-forwarded-for"),
+            x_forwarded_proto=headers.get(b"x-forwarded-proto"),
+            x_forwarded_host=headers.get(b"x-forwarded-host"),
+            networks=config.trusted_proxies,
+        )
+        visitor_ip = forwarded.client or peer
+        forwarded_proto, forwarded_host = forwarded.proto, forwarded.host
+
+    if config.assume_https:
+        scheme = "https"
+    elif forwarded_proto in ("http", "https"):
+        scheme = forwarded_proto
+    else:
+        scope_scheme = scope.get("scheme")
+        scheme = "https" if scope_scheme in ("https", "wss") else "http"
+    host = (
+        _valid_host(forwarded_host)
+        or _valid_host(headers.get(b"host"))
+        or _server_host(scope)
+        or "localhost"
+    )
+    query = scope.get("query_string")
+    query_text = _decode(query) if query else ""
+    url = f"{scheme}://{host}{wire}"
+    if query_text:
+        url += "?" + query_text
+
+    if visitor_ip is not None and config.anonymize_ip_bytes:
+        visitor_ip = anonymize_ip(visitor_ip, config.anonymize_ip_bytes)
+    return RequestInfo(
+        method=method,
+        path=full,
+        app_path=app_path,
+        url=_clip_url(url, MAX_URL_LENGTH),
+        user_agent=user_agent,
+        language=headers.get(b"accept-language") or None,
+        referrer=headers.get(b"referer") or None,
+        visitor_ip=visitor_ip if config.track_visitor_ip else None,
+        started_at=started_at,
+    )
+
+
+def route_template(scope: Scope) -> str | None:
+    """The matched route's template (`/users/{id}`) where the framework exposes it.
+
+    Starlette and FastAPI leave the innermost matched route in `scope["route"]`
+    and the mount prefixes in `root_path`. A `Mount` itself is not a template.
+    """
+    route = scope.get("route")
+    if route is None or hasattr(route, "routes"):
+        return None
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None
+    root = scope.get("root_path")
+    return (root if isinstance(root, str) else "") + path
+
+
+def param_value(value: object) -> str | None:
+    """How an override value is written as a Matomo parameter; None means omit."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def performance_value(value: object) -> str | None:
+    """Matomo keeps `pf_*` only as whole milliseconds in 0..16777215 (MATOMO.md)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or value != value:  # NaN
+        return None
+    ms = round(value)
+    if 0 <= ms <= MAX_PERFORMANCE_MS:
+        return str(ms)
+    return None
+
+
+_warned: set[str] = set()
+_MAX_WARNINGS = 64
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    """Warn about a misuse once per distinct cause, not once per request."""
+    if key in _warned or len(_warned) >= _MAX_WARNINGS:
+        logger.debug(message, *args)
+        return
+    _warned.add(key)
+    logger.warning(message, *args)
+
+
+def _merge_overrides(
+    params: dict[str, str], custom: dict[str, str], source: Mapping[Any, Any], hit: dict[str, Any]
+) -> None:
+    """Apply one layer of overrides (route details, then the request's own)."""
+    for key, value in source.items():
+        # Handlers write this dict freely; a non-string key is not a parameter.
+        if not isinstance(key, str):
+            continue
+        if key == "cvar":
+            if isinstance(value, Mapping):
+                for name, item in value.items():
+                    text = param_value(item)
+                    if text is not None:
+                        custom[str(name)] = text
+            continue
+        if key in ("cip", "cdt"):
+            hit[key] = value
+            continue
+        if key in RESERVED_KEYS:
+            continue
+        text = performance_value(value) if key.startswith("pf_") else param_value(value)
+        if text is None:
+            params.pop(key, None)
+        else:
+            params[key] = text
+
+
+def _custom_variables(
+    config: TrackingConfig, custom: Mapping[str, str], params: dict[str, str]
+) -> str | None:
+    """Matomo's slot format `{"1":["name","value"],...}`; mapped names go to dimensions."""
+    slots: dict[str, list[str]] = {}
+    for name, value in custom.items():
+        dimension = config.custom_dimensions.get(name)
+        if dimension is not None:
+            params[f"dimension{dimension}"] = _clip(value, MAX_TEXT_LENGTH)
+            continue
+        if len(slots) == CUSTOM_VARIABLE_SLOTS:
+            _warn_once(
+                f"cvar-slots:{name}",
+                "asgi_matomo: custom variable %r left out: Matomo keeps %d per page view",
+                name,
+                CUSTOM_VARIABLE_SLOTS,
+            )
+            continue
+        slots[str(len(slots) + 1)] = [
+            _clip(name, MAX_CUSTOM_VARIABLE_LENGTH),
+            _clip(value, MAX_CUSTOM_VARIABLE_LENGTH),
+        ]
+    if not slots:
+        return None
+    return json.dumps(slots, ensure_ascii=False, separators=(",", ":"))
+
+
+def _timestamp(value: object, default: float) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return default
+
+
+def lookup_route_details(
+    config: TrackingConfig, info: RequestInfo, template: str | None
+) -> Mapping[str, Any] | None:
+    """Route details by template first, then by path (with and without root_path)."""
+    details = config.route_details
+    if not details:
+        return None
+    for key in (template, info.path, info.app_path):
+        if key is not None and key in details:
+            return details[key]
+    return None
+
+
+def build_hits(
+    config: TrackingConfig,
+    info: RequestInfo,
+    *,
+    status: int,
+    elapsed_ms: float | None,
+    template: str | None,
+    overrides: Mapping[Any, Any] | None,
+    rand: Callable[[], int],
+) -> list[Hit]:
+    """The Matomo hits for one finished request: a page view, and an event if asked for.
+
+    Matomo stores a hit that carries an event as an event only, dropping its page
+    title and `pf_srv` (MATOMO.md), so an event travels as a second hit (`ca=1`).
+    """
+    action_name = info.path
+    if config.action_name_from_route and template is not None:
+        action_name = template
+    params: dict[str, str] = {
+        "idsite": str(config.idsite),
+        "rec": "1",
+        "apiv": "1",
+        "rand": str(rand()),
+        "url": info.url,
+        "action_name": action_name,
+    }
+    if info.user_agent:
+        params["ua"] = info.user_agent
+    if info.language:
+        params["lang"] = info.language
+    if info.referrer:
+        params["urlref"] = info.referrer
+    if elapsed_ms is not None:
+        pf_srv = performance_value(elapsed_ms)
+        if pf_srv is not None:
+            params["pf_srv"] = pf_srv
+    custom: dict[str, str] = {STATUS_VARIABLE: str(status), METHOD_VARIABLE: info.method}
+    hit_fields: dict[str, Any] = {}
+    details = lookup_route_details(config, info, template)
+    if details:
+        _merge_overrides(params, custom, details, hit_fields)
+    if overrides:
+        _merge_overrides(params, custom, overrides, hit_fields)
+    # Overrides may lengthen or remove these; Matomo keeps 1024 characters of each.
+    if "action_name" in params:
+        params["action_name"] = _clip(params["action_name"], MAX_ACTION_NAME_LENGTH)
+    if "url" in params:
+        params["url"] = _clip_url(params["url"], MAX_URL_LENGTH)
+    cvar = _custom_variables(config, custom, params)
+    if cvar is not None:
+        params["cvar"] = cvar
+
+    timestamp = _timestamp(hit_fields.get("cdt"), info.started_at)
+    cip_value = hit_fields.get("cip", info.visitor_ip)
+    cip = str(cip_value) if cip_value and config.track_visitor_ip else None
+
+    event = {key: params.pop(key) for key in EVENT_KEYS if key in params}
+    hits = [Hit(urlencode(params, quote_via=quote), timestamp, cip)]
+    if event.get("e_c"):
+        if not event.get("e_a"):
+            # Matomo answers 400 to an event with a category and no action.
+            _warn_once(
+                f"event-no-action:{event['e_c']}",
+                "asgi_matomo: event category %r has no action (e_a): Matomo rejects such "
+                "events, so only the page view is sent",
+                event["e_c"],
+            )
+        else:
+            event_params = {
+                key: value
+                for key, value in params.items()
+                if key not in PAGE_ONLY_KEYS and not key.startswith("pf_")
+            }
+            event_params["rand"] = str(rand())
+            event_params.update(event)
+            event_params["ca"] = "1"
+            hits.append(Hit(urlencode(event_params, quote_via=quote), timestamp, cip))
+    return hits
