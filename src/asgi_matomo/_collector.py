@@ -1,0 +1,1079 @@
+"""A local stand-in for a Matomo 5.1 server: what tests and the demo send hits to.
+
+Every answer follows /work/shared/MATOMO.md (facts read from Matomo's tracker and
+verified on a real Matomo 5.1.2). Standard library only: the package's one runtime
+dependency is httpx and the collector must not add another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from asgi_matomo._collector_page import render_page
+
+if TYPE_CHECKING:
+    import os
+    from types import FrameType
+
+__all__ = ["Collector", "ReceivedRequest", "StoredHit", "serve"]
+
+LOGGER = logging.getLogger("asgi_matomo")
+
+TRACKING_PATHS = frozenset({"/matomo.php", "/piwik.php"})
+# Matomo's own transparent 1x1 GIF (core/Tracker/Response.php).
+GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAAAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+# What Matomo prints for a tracking request without any parameter.
+EMPTY_REQUEST_TEXT = (
+    b"This resource is part of Matomo. Keep full control of your data with the leading"
+    b" free and open source web analytics & conversion optimisation platform.<br>\n"
+    b"This file is the endpoint for the Matomo tracking API. If you want to access the"
+    b" Matomo UI or use the Reporting API, please use index.php instead.\n"
+)
+# Matomo hides the reason of a 400 unless debugging is allowed.
+ERROR_TEXT = b"<html><body><p>An error occurred while processing the request.</p></body></html>\n"
+BLOCKED_MESSAGE = (
+    "You are currently not allowed to log in because you had too many failed logins,"
+    " try again later."
+)
+# A hit stamped with `cdt` older than this needs the token (MATOMO.md, `cdt`).
+UNAUTHENTICATED_MAX_AGE = 86400.0
+# Matomo ignores a `cdt` older than this and records the receive time instead.
+MAX_CDT_AGE = 20 * 365 * 86400.0
+MAX_URL_LENGTH = 1024
+MAX_DIMENSION_LENGTH = 250
+MAX_CVAR_LENGTH = 200
+MAX_CVAR_SLOTS = 5
+# `pf_srv` is stored in an unsigned MEDIUMINT column: larger values are dropped.
+MAX_PF_SRV = 16777215
+CID_LENGTH = 16
+# Failed logins after which Matomo's brute-force protection blocks the peer.
+BRUTE_FORCE_LIMIT = 20
+MAX_BODY = 32 * 1024 * 1024
+DEFAULT_API_LIMIT = 100
+MAX_API_LIMIT = 1000
+# A safety net for idle keep-alive connections; stop() closes them anyway.
+CONNECTION_TIMEOUT = 60.0
+MATOMO_VERSION = "5.1.2"
+HTTP_STATUS_NAMES = frozenset({"http_status_code", "http_status"})
+
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_HEX_ID = re.compile(r"[0-9a-fA-F]{16}")
+_DIMENSION = re.compile(r"dimension([0-9]+)")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    received REAL NOT NULL,
+    idsite INTEGER NOT NULL,
+    hit_type TEXT NOT NULL,
+    url TEXT,
+    action_name TEXT,
+    urlref TEXT,
+    e_c TEXT,
+    e_a TEXT,
+    e_n TEXT,
+    e_v REAL,
+    pf_srv INTEGER,
+    search TEXT,
+    search_cat TEXT,
+    search_count INTEGER,
+    cvar TEXT,
+    cvar_visit TEXT,
+    dimensions TEXT NOT NULL,
+    visitor_ip TEXT NOT NULL,
+    ua TEXT,
+    lang TEXT,
+    uid TEXT,
+    visitor_id TEXT,
+    http_status INTEGER,
+    params TEXT NOT NULL
+)
+"""
+_JSON_COLUMNS = frozenset({"cvar", "cvar_visit", "dimensions", "params"})
+
+HitType = Literal["pageview", "event", "search", "download", "outlink", "ping"]
+CustomVariables = dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class StoredHit:
+    """One hit as the collector keeps it, with the rules of Matomo applied.
+
+    `time` is the hit time (`cdt` when accepted, else the receive time) as a UTC
+    unix timestamp; `params` holds the raw parameters as received, minus
+    `token_auth`.
+    """
+
+    id: int
+    time: float
+    received: float
+    idsite: int
+    hit_type: str
+    url: str | None
+    action_name: str | None
+    urlref: str | None
+    e_c: str | None
+    e_a: str | None
+    e_n: str | None
+    e_v: float | None
+    pf_srv: int | None
+    search: str | None
+    search_cat: str | None
+    search_count: int | None
+    cvar: CustomVariables | None
+    cvar_visit: CustomVariables | None
+    dimensions: dict[str, str]
+    visitor_ip: str
+    ua: str | None
+    lang: str | None
+    uid: str | None
+    visitor_id: str | None
+    http_status: int | None
+    params: dict[str, str]
+
+    @property
+    def time_iso(self) -> str:
+        """The hit time as `YYYY-MM-DD HH:MM:SS` UTC, the way Matomo shows it."""
+        return _format_time(self.time)
+
+    def to_json(self) -> dict[str, Any]:
+        """The hit as a JSON-ready dict (what `/api/hits` answers)."""
+        data = asdict(self)
+        data["time_iso"] = self.time_iso
+        return data
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One HTTP request received at the tracking endpoint and what was answered.
+
+    `status` is 0 when no answer was sent (a dropped connection, or stop() during
+    a delay). `elements` is the length of a bulk `requests` list (1 for a single
+    hit); `tracked`/`invalid` are counted the way Matomo reports them.
+    """
+
+    kind: Literal["single", "bulk"]
+    status: int
+    tracked: int
+    invalid: int
+    elements: int
+    has_token: bool
+    faulted: bool = False
+
+
+@dataclass
+class _Fault:
+    status: int | None
+    delay: float
+    body: bytes | None
+    headers: dict[str, str]
+    remaining: int | None
+    drop: bool
+
+
+class _InvalidHitError(Exception):
+    """Matomo refuses the hit: 400 for a single hit, counted `invalid` in a bulk."""
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Auth:
+    """The token situation of one tracking request."""
+
+    token: str | None
+    blocked: bool
+
+
+def _format_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _truncate(value: str | None, limit: int) -> str | None:
+    return None if value is None else value[:limit]
+
+
+def _nonempty(params: Mapping[str, str], name: str) -> str | None:
+    value = params.get(name)
+    return value if value else None
+
+
+def _parse_cdt(value: str, now: float) -> float | None:
+    """The hit time from `cdt`, or None when Matomo would ignore it."""
+    if _DECIMAL.fullmatch(value):
+        stamp = float(value)
+    else:
+        try:
+            parsed = datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            return None
+        stamp = parsed.replace(tzinfo=timezone.utc).timestamp()
+    # Matomo's isTimestampValid(): not in the future, not absurdly old.
+    if stamp > now or stamp < now - MAX_CDT_AGE:
+        return None
+    return stamp
+
+
+def _parse_pf_srv(value: str | None) -> int | None:
+    # MATOMO.md: 201 stored; 201.5, -1 and > 16777215 silently dropped.
+    if value is None or not _DIGITS.fullmatch(value):
+        return None
+    number = int(value)
+    return number if number <= MAX_PF_SRV else None
+
+
+def _parse_float(value: str | None) -> float | None:
+    if value is None or not _DECIMAL.fullmatch(value.strip()):
+        return None
+    return float(value)
+
+
+def _cvar_text(value: object) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value[:MAX_CVAR_LENGTH]
+    if isinstance(value, (int, float)):
+        return str(value)[:MAX_CVAR_LENGTH]
+    return None
+
+
+def _parse_cvar(raw: str | None) -> CustomVariables | None:
+    """Custom variables in slot format; invalid slots skipped like Matomo does.
+
+    MATOMO.md: `{"1":["name","value"]}`, slots 1..5; other shapes are silently
+    dropped (the upstream `{"http_status_code": 200}` has no valid slot at all).
+    """
+    if not raw:
+        return None
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return None
+    # A JSON list is a PHP array with keys 0, 1, ...: slot 0 is invalid.
+    items: Iterable[tuple[object, object]]
+    if isinstance(decoded, dict):
+        items = decoded.items()
+    elif isinstance(decoded, list):
+        items = enumerate(decoded)
+    else:
+        return None
+    slots: CustomVariables = {}
+    for key, pair in items:
+        slot = str(key)
+        if not _DIGITS.fullmatch(slot) or not 1 <= int(slot) <= MAX_CVAR_SLOTS:
+            continue
+        if not isinstance(pair, list) or len(pair) != 2:
+            continue
+        name, value = _cvar_text(pair[0]), _cvar_text(pair[1])
+        if name is None or value is None:
+            continue
+        slots[str(int(slot))] = [name, value]
+    return slots or None
+
+
+def _http_status(cvar: CustomVariables | None) -> int | None:
+    for name, value in (cvar or {}).values():
+        normalized = name.strip().lower().replace(" ", "_").replace("-", "_")
+        if normalized in HTTP_STATUS_NAMES and _DIGITS.fullmatch(value):
+            return int(value)
+    return None
+
+
+def _dimensions(params: Mapping[str, str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in params.items():
+        match = _DIMENSION.fullmatch(name)
+        if match and int(match.group(1)) > 0:
+            found[str(int(match.group(1)))] = value[:MAX_DIMENSION_LENGTH]
+    return found
+
+
+def _visitor_ip(cip: str) -> str:
+    # Matomo stores an unparsable IP as 0.0.0.0 (IPUtils::stringToBinaryIP).
+    try:
+        return str(ipaddress.ip_address(cip.strip()))
+    except ValueError:
+        return "0.0.0.0"  # noqa: S104 - a stored value, not a bind address
+
+
+def _hit_type(params: Mapping[str, str]) -> HitType:
+    if _nonempty(params, "e_c"):
+        return "event"
+    if _nonempty(params, "search"):
+        return "search"
+    if _nonempty(params, "download"):
+        return "download"
+    if _nonempty(params, "link"):
+        return "outlink"
+    if params.get("ping") == "1":
+        return "ping"
+    return "pageview"
+
+
+def _is_recording(params: Mapping[str, str]) -> bool:
+    # Matomo reads `rec` as an int: any non-zero number asks to record.
+    rec = params.get("rec", "").strip()
+    return bool(_DIGITS.fullmatch(rec)) and int(rec) != 0
+
+
+def _query_params(query: str) -> dict[str, str]:
+    # PHP keeps the last value of a repeated name, like dict() does.
+    return dict(parse_qsl(query, keep_blank_values=True))
+
+
+def _element_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value)
+
+
+def _bulk_element(element: object) -> dict[str, str] | None:
+    """The parameters of one bulk element, None when Matomo would skip it."""
+    if isinstance(element, str):
+        # Matomo takes the query part of the element, as parse_url() sees it.
+        _, sep, query = element.partition("?")
+        params = _query_params(query.partition("#")[0]) if sep else {}
+    elif isinstance(element, dict):
+        params = {str(key): _element_value(value) for key, value in element.items()}
+    else:
+        return None
+    return params or None
+
+
+def _is_bulk(raw: bytes) -> bool:
+    # Matomo's isUsingBulkRequest(): strpos() of the quoted key, truthy when > 0.
+    return raw.find(b'"requests"') > 0 or raw.find(b"'requests'") > 0
+
+
+def _row_from_db(row: sqlite3.Row) -> StoredHit:
+    values = {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row
+    for key in _JSON_COLUMNS:
+        if values[key] is not None:
+            values[key] = json.loads(values[key])
+    return StoredHit(**values)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "asgi-matomo-collector"
+    timeout = CONNECTION_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.collector._register(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.collector._unregister(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The default access log goes to stderr and would print token_auth from
+        # a GET query: requests are logged by the collector without queries.
+        pass
+
+    def do_GET(self) -> None:
+        self.server.collector._handle(self)
+
+    def do_POST(self) -> None:
+        self.server.collector._handle(self)
+
+
+class _Server(ThreadingHTTPServer):
+    # Handler threads are joined by server_close(): stop() returns only when no
+    # request is in flight any more, so a stopped collector stores nothing.
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], collector: Collector) -> None:
+        self.collector = collector
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        LOGGER.debug("collector: connection error", exc_info=True)
+
+
+class Collector:
+    """A local Matomo 5.1 stand-in that stores hits in SQLite and shows them live.
+
+    ```python
+    with Collector(token="secret") as collector:
+        ...  # send hits to collector.tracking_url
+        hits = collector.wait_for_hits(3)
+    ```
+
+    Parameters:
+        host: the address to listen on.
+        port: the port; 0 picks a free one (kept for a restart after stop()).
+        db_path: the SQLite file; None keeps the hits in memory.
+        token: the `token_auth` with write access to every site; None: no token
+            is ever right.
+        sites: the site ids that exist.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        db_path: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        sites: Iterable[int] = (1,),
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._token = token
+        self._sites = frozenset(sites)
+        for site in self._sites:
+            if isinstance(site, bool) or not isinstance(site, int) or site < 1:
+                raise ValueError(f"sites: site ids are positive integers, got {site!r}")
+        self._cond = threading.Condition()
+        self._db = sqlite3.connect(
+            ":memory:" if db_path is None else db_path,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(_SCHEMA)
+        weakref.finalize(self, self._db.close)
+        self._hit_count: int = self._db.execute("SELECT count(*) FROM hits").fetchone()[0]
+        self._requests: list[ReceivedRequest] = []
+        self._failed_logins: dict[str, int] = {}
+        self._fault: _Fault | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve in a background thread; after stop(), serve again on the same port."""
+        with self._cond:
+            if self._server is not None:
+                raise RuntimeError("the collector is already running")
+            server = _Server((self._host, self._port), self)
+            self._port = server.server_address[1]
+            # A restart forgets the brute-force block, as its expiry would.
+            self._failed_logins.clear()
+            self._stopping = threading.Event()
+            self._server = server
+            self._thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"asgi-matomo-collector:{self._port}",
+                daemon=True,
+            )
+            self._thread.start()
+        LOGGER.debug("collector: listening on %s", self.base_url)
+
+    def stop(self) -> None:
+        """Stop serving and close every open connection (safe to call twice)."""
+        with self._cond:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+            if server is None:
+                return
+            self._stopping.set()
+            connections = list(self._connections)
+        server.shutdown()
+        # Idle keep-alive connections would keep answering after the "outage".
+        for connection in connections:
+            _shutdown_socket(connection)
+        server.server_close()
+        if thread is not None:
+            thread.join()
+        LOGGER.debug("collector: stopped")
+
+    def __enter__(self) -> Collector:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """The collector's address, e.g. `http://127.0.0.1:8765`."""
+        if self._port == 0:
+            raise RuntimeError("the collector has no port yet: call start() first")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def tracking_url(self) -> str:
+        """The Matomo tracking endpoint, `base_url + "/matomo.php"`."""
+        return self.base_url + "/matomo.php"
+
+    # -- what tests look at --------------------------------------------------
+
+    def hits(self) -> list[StoredHit]:
+        """Every stored hit, oldest first."""
+        return self._select("SELECT * FROM hits ORDER BY id", ())
+
+    def wait_for_hits(self, count: int, timeout: float = 10.0) -> list[StoredHit]:
+        """Block until at least `count` hits are stored; TimeoutError after `timeout`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._hit_count >= count, timeout):
+                recent = ", ".join(
+                    f"{r.kind} {r.status} tracked={r.tracked} invalid={r.invalid}"
+                    for r in self._requests[-5:]
+                )
+                raise TimeoutError(
+                    f"expected at least {count} stored hits within {timeout}s, got"
+                    f" {self._hit_count} from {len(self._requests)} tracking requests"
+                    f" (last ones: {recent or 'none'})"
+                )
+        return self.hits()
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Every HTTP request received at the tracking endpoint, oldest first."""
+        with self._cond:
+            return list(self._requests)
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[ReceivedRequest]:
+        """Block until at least `count` tracking requests were answered."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._requests) >= count, timeout):
+                raise TimeoutError(
+                    f"expected at least {count} tracking requests within {timeout}s,"
+                    f" got {len(self._requests)}"
+                )
+            return list(self._requests)
+
+    def set_fault(
+        self,
+        *,
+        status: int | None = None,
+        delay: float = 0.0,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        count: int | None = None,
+        drop: bool = False,
+    ) -> None:
+        """Misbehave on the next `count` tracking requests (None: until cleared).
+
+        Each faulted request waits `delay` seconds (stop() interrupts the wait),
+        then: with `drop`, closes the connection without an answer; with a
+        `status`, answers it with `body` and `headers` and stores nothing;
+        otherwise it is handled normally (a slow Matomo).
+        """
+        if count is not None and count < 1:
+            raise ValueError(f"count: a positive number of requests or None, got {count!r}")
+        if delay < 0:
+            raise ValueError(f"delay: seconds >= 0, got {delay!r}")
+        with self._cond:
+            self._fault = _Fault(status, delay, body, dict(headers or {}), count, drop)
+
+    def clear_fault(self) -> None:
+        """Behave like a healthy Matomo again."""
+        with self._cond:
+            self._fault = None
+
+    def api_hits(
+        self, *, limit: int = DEFAULT_API_LIMIT, q: str = "", since_id: int = 0
+    ) -> list[StoredHit]:
+        """The hits `/api/hits` shows: newest first, filtered on url/action_name."""
+        sql = "SELECT * FROM hits WHERE id > ?"
+        args: list[object] = [since_id]
+        if q:
+            needle = q.lower()
+            sql += " AND (instr(lower(url), ?) > 0 OR instr(lower(action_name), ?) > 0)"
+            args += [needle, needle]
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return self._select(sql, args)
+
+    # -- storage -------------------------------------------------------------
+
+    def _select(self, sql: str, args: Iterable[object]) -> list[StoredHit]:
+        with self._cond:
+            rows = self._db.execute(sql, tuple(args)).fetchall()
+        return [_row_from_db(row) for row in rows]
+
+    def _store(self, rows: list[dict[str, object]]) -> None:
+        if not rows:
+            return
+        columns = ", ".join(rows[0])
+        placeholders = ", ".join("?" for _ in rows[0])
+        with self._cond:
+            # One transaction per HTTP request, like Matomo's bulk tracking.
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    f"INSERT INTO hits ({columns}) VALUES ({placeholders})",  # noqa: S608
+                    [tuple(row.values()) for row in rows],
+                )
+            self._hit_count += len(rows)
+            self._cond.notify_all()
+
+    def _record(self, request: ReceivedRequest) -> None:
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
+
+    # -- connections ---------------------------------------------------------
+
+    def _register(self, connection: socket.socket) -> None:
+        with self._cond:
+            self._connections.add(connection)
+            stopping = self._stopping.is_set()
+        if stopping:
+            _shutdown_socket(connection)
+
+    def _unregister(self, connection: socket.socket) -> None:
+        with self._cond:
+            self._connections.discard(connection)
+
+    # -- HTTP ----------------------------------------------------------------
+
+    def _handle(self, handler: _Handler) -> None:
+        split = urlsplit(handler.path)
+        body = _read_body(handler)
+        if body is None:
+            handler.close_connection = True
+            _write(handler, _Answer(413, ERROR_TEXT, "text/html; charset=utf-8"))
+            return
+        path = split.path
+        if path in TRACKING_PATHS:
+            answer = self._tracking(handler, split.query, body)
+        elif path == "/index.php":
+            answer = self._reporting_api(handler, split.query, body)
+        elif path in ("/", "/index.html") and handler.command == "GET":
+            answer = self._page()
+        elif path == "/api/hits" and handler.command == "GET":
+            answer = self._api(split.query)
+        else:
+            answer = _Answer(404, b"Not found\n", "text/plain; charset=utf-8")
+        if answer is None:
+            handler.close_connection = True
+            LOGGER.debug("collector: %s %s -> no answer", handler.command, path)
+            return
+        # Never the query: it may carry token_auth.
+        LOGGER.debug("collector: %s %s -> %d", handler.command, path, answer.status)
+        _write(handler, answer)
+
+    def _auth(self, peer: str, tokens: Iterable[str]) -> _Auth:
+        """Count failed logins and tell whether the peer is blocked."""
+        tokens = [token for token in tokens if token]
+        with self._cond:
+            blocked = self._failed_logins.get(peer, 0) >= BRUTE_FORCE_LIMIT
+            if not blocked and any(not self._token_is_right(t) for t in tokens):
+                self._failed_logins[peer] = self._failed_logins.get(peer, 0) + 1
+        return _Auth(token=tokens[0] if tokens else None, blocked=blocked and bool(tokens))
+
+    def _token_is_right(self, token: str | None) -> bool:
+        if not token or self._token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self._token.encode())
+
+    def _take_fault(self) -> _Fault | None:
+        with self._cond:
+            fault = self._fault
+            if fault is not None and fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._fault = None
+            return fault
+
+    def _tracking(self, handler: _Handler, query: str, body: bytes) -> _Answer | None:
+        bulk = handler.command == "POST" and _is_bulk(body)
+        kind: Literal["single", "bulk"] = "bulk" if bulk else "single"
+        fault = self._take_fault()
+        if fault is not None:
+            if fault.delay and self._stopping.wait(fault.delay):
+                # stop() during the delay: the server went away mid-request.
+                self._record(ReceivedRequest(kind, 0, 0, 0, 0, False, faulted=True))
+                return None
+            if fault.drop or fault.status is not None:
+                status = 0 if fault.drop else fault.status or 0
+                self._record(ReceivedRequest(kind, status, 0, 0, 0, False, faulted=True))
+                if fault.drop:
+                    return None
+                default = b"" if status == 204 else ERROR_TEXT
+                return _Answer(
+                    status,
+                    default if fault.body is None else fault.body,
+                    "text/html; charset=utf-8",
+                    fault.headers,
+                )
+        if bulk:
+            return self._bulk(handler, body)
+        return self._single(handler, query, body)
+
+    def _single(self, handler: _Handler, query: str, body: bytes) -> _Answer:
+        params = _query_params(query)
+        content_type = handler.headers.get("Content-Type", "")
+        if handler.command == "POST" and content_type.startswith(
+            "application/x-www-form-urlencoded"
+        ):
+            # PHP's $_GET + $_POST: the query wins over the form.
+            form = _query_params(body.decode("utf-8", "replace"))
+            params = {**form, **params}
+        token = params.pop("token_auth", "")
+        if not params and not token:
+            # Matomo prints its "this is the tracking API" text; a POST without
+            # any parameter is a bad request.
+            status = 200 if handler.command == "GET" else 400
+            self._record(ReceivedRequest("single", status, 0, int(status != 200), 0, False))
+            return _Answer(status, EMPTY_REQUEST_TEXT, "text/html; charset=utf-8")
+        auth = self._auth(handler.client_address[0], [token])
+        tracked = invalid = 0
+        try:
+            if auth.blocked:
+                raise _InvalidHitError("brute-force protection: peer blocked")
+            if _is_recording(params):
+                row = self._validate(params, auth.token, handler, time.time())
+                self._store([row])
+                tracked = 1
+        except _InvalidHitError as exc:
+            LOGGER.debug("collector: invalid hit: %s", exc)
+            invalid = 1
+        status = 400 if invalid else 204 if params.get("send_image") == "0" else 200
+        self._record(ReceivedRequest("single", status, tracked, invalid, 1, auth.token is not None))
+        if invalid:
+            return _Answer(400, ERROR_TEXT, "text/html; charset=utf-8")
+        if status == 204:
+            return _Answer(204)
+        return _Answer(200, GIF, "image/gif")
+
+    def _bulk(self, handler: _Handler, body: bytes) -> _Answer:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        requests = data.get("requests") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(requests, list):
+            # MATOMO.md: malformed JSON -> 200, nothing tracked, no error.
+            self._record(ReceivedRequest("bulk", 200, 0, 0, 0, False))
+            return _json_answer(200, {"status": "success", "tracked": 0, "invalid": 0})
+        top_token = data.get("token_auth")
+        top_token = top_token if isinstance(top_token, str) and top_token else None
+        elements = [_bulk_element(element) for element in requests]
+        tokens = [top_token] if top_token else []
+        tokens += [p.get("token_auth", "") for p in elements if p and p.get("token_auth")]
+        auth = self._auth(handler.client_address[0], tokens)
+        has_token = bool(tokens)
+        if auth.blocked:
+            self._record(ReceivedRequest("bulk", 500, 0, 0, len(requests), has_token))
+            return _json_answer(500, {"status": "error", "message": BLOCKED_MESSAGE})
+        now = time.time()
+        rows: list[dict[str, object]] = []
+        tracked = 0
+        invalid_indices: list[int] = []
+        for index, params in enumerate(elements):
+            if params is None:
+                continue
+            token = params.pop("token_auth", "") or top_token
+            if not _is_recording(params):
+                # Matomo counts an excluded request as logged and stores nothing.
+                tracked += 1
+                continue
+            try:
+                rows.append(self._validate(params, token, handler, now))
+            except _InvalidHitError as exc:
+                LOGGER.debug("collector: invalid bulk element %d: %s", index, exc)
+                invalid_indices.append(index)
+            else:
+                tracked += 1
+        self._store(rows)
+        invalid = len(invalid_indices)
+        send_image = data.get("send_image")
+        status = 204 if send_image in (0, "0") else 200
+        self._record(ReceivedRequest("bulk", status, tracked, invalid, len(requests), has_token))
+        if status == 204:
+            return _Answer(204)
+        answer: dict[str, object] = {"status": "success", "tracked": tracked, "invalid": invalid}
+        if self._token_is_right(top_token):
+            answer["invalid_indices"] = invalid_indices
+        return _json_answer(200, answer)
+
+    def _validate(
+        self, params: dict[str, str], token: str | None, handler: _Handler, now: float
+    ) -> dict[str, object]:
+        """The row Matomo would store for one hit; _InvalidHitError when it refuses it."""
+        authorized = self._token_is_right(token)
+        idsite = params.get("idsite", "").strip()
+        if not _DIGITS.fullmatch(idsite) or int(idsite) not in self._sites:
+            raise _InvalidHitError("missing, non-numeric or unknown idsite")
+        hit_time = now
+        cdt = params.get("cdt", "").strip()
+        if cdt:
+            stamp = _parse_cdt(cdt, now)
+            if stamp is not None:
+                if now - stamp >= UNAUTHENTICATED_MAX_AGE and not authorized:
+                    raise _InvalidHitError("cdt older than 24 hours needs token_auth")
+                hit_time = stamp
+        cid = params.get("cid", "")
+        if cid and len(cid) != CID_LENGTH:
+            raise _InvalidHitError("cid must be 16 characters")
+        cip = params.get("cip", "")
+        if cip and not authorized:
+            raise _InvalidHitError("cip needs a token_auth with write access")
+        hit_type = _hit_type(params)
+        if hit_type == "event" and not params.get("e_a", "").strip():
+            raise _InvalidHitError("an event needs e_a")
+        cvar = _parse_cvar(params.get("cvar"))
+        visit_id = _nonempty(params, "_id")
+        search_count = params.get("search_count", "")
+        url = {"download": "download", "outlink": "link"}.get(hit_type, "url")
+        return {
+            "time": hit_time,
+            "received": now,
+            "idsite": int(idsite),
+            "hit_type": hit_type,
+            "url": _truncate(_nonempty(params, url), MAX_URL_LENGTH),
+            # An event keeps no page title (MATOMO.md: action_name dropped).
+            "action_name": _truncate(_nonempty(params, "action_name"), MAX_URL_LENGTH)
+            if hit_type == "pageview"
+            else None,
+            "urlref": _truncate(_nonempty(params, "urlref"), MAX_URL_LENGTH),
+            "e_c": _nonempty(params, "e_c") if hit_type == "event" else None,
+            "e_a": _nonempty(params, "e_a") if hit_type == "event" else None,
+            "e_n": _nonempty(params, "e_n") if hit_type == "event" else None,
+            "e_v": _parse_float(params.get("e_v")) if hit_type == "event" else None,
+            # pf_srv is kept on page views only (MATOMO.md, Performance).
+            "pf_srv": _parse_pf_srv(params.get("pf_srv")) if hit_type == "pageview" else None,
+            "search": _nonempty(params, "search") if hit_type == "search" else None,
+            "search_cat": _nonempty(params, "search_cat") if hit_type == "search" else None,
+            "search_count": int(search_count)
+            if hit_type == "search" and _DIGITS.fullmatch(search_count)
+            else None,
+            "cvar": None if cvar is None else json.dumps(cvar),
+            "cvar_visit": _json_or_none(_parse_cvar(params.get("_cvar"))),
+            "dimensions": json.dumps(_dimensions(params)),
+            "visitor_ip": _visitor_ip(cip) if cip else handler.client_address[0],
+            "ua": params.get("ua") or handler.headers.get("User-Agent"),
+            "lang": params.get("lang") or handler.headers.get("Accept-Language"),
+            "uid": _nonempty(params, "uid"),
+            "visitor_id": cid or (visit_id if visit_id and _HEX_ID.fullmatch(visit_id) else None),
+            "http_status": _http_status(cvar),
+            "params": json.dumps(params),
+        }
+
+    def _page(self) -> _Answer:
+        nonce = secrets.token_urlsafe(16)
+        hits = [hit.to_json() for hit in self.api_hits()]
+        csp = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
+            " connect-src 'self'; base-uri 'none'; form-action 'none'"
+        )
+        return _Answer(
+            200,
+            render_page(hits, nonce).encode(),
+            "text/html; charset=utf-8",
+            {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"},
+        )
+
+    def _api(self, query: str) -> _Answer:
+        params = _query_params(query)
+        limit = _int_param(params.get("limit"), DEFAULT_API_LIMIT)
+        since_id = _int_param(params.get("since_id"), 0)
+        if limit is None or since_id is None:
+            return _json_answer(400, {"error": "limit and since_id are integers"})
+        hits = self.api_hits(
+            limit=max(1, min(limit, MAX_API_LIMIT)), q=params.get("q", ""), since_id=since_id
+        )
+        return _json_answer(200, [hit.to_json() for hit in hits])
+
+    def _reporting_api(self, handler: _Handler, query: str, body: bytes) -> _Answer:
+        """Just enough of Matomo's reporting API for `asgi-matomo check`."""
+        params = _query_params(query)
+        if handler.command == "POST":
+            params.update(_query_params(body.decode("utf-8", "replace")))
+        if params.get("module") != "API":
+            return _Answer(200, b"<html><body>Matomo</body></html>\n", "text/html; charset=utf-8")
+        token = params.get("token_auth", "")
+        auth = self._auth(handler.client_address[0], [token])
+        if auth.blocked:
+            return _api_error(BLOCKED_MESSAGE)
+        authorized = self._token_is_right(token)
+        method = params.get("method", "")
+        if method == "SitesManager.getSitesIdWithAdminAccess":
+            return _json_answer(200, sorted(self._sites) if authorized else [])
+        if method != "SitesManager.getSiteFromId":
+            module, _, name = method.partition(".")
+            return _api_error(
+                f"The method '{name}' does not exist or is not available in the module '{module}'."
+            )
+        id_site = params.get("idSite", "")
+        if not id_site:
+            return _api_error("Please specify a value for 'idSite'.")
+        if not authorized:
+            return _api_error(
+                "You can't access this resource as it requires 'view' access for the"
+                f" website id = {id_site}."
+            )
+        if not _DIGITS.fullmatch(id_site) or int(id_site) not in self._sites:
+            return _api_error(
+                f"An unexpected website was found in the request: website id was set to"
+                f" '{id_site}' ."
+            )
+        site = int(id_site)
+        return _json_answer(
+            200,
+            {
+                "idsite": site,
+                "name": f"Site {site}",
+                "main_url": "http://localhost",
+                "ts_created": "2024-01-01 00:00:00",
+                "timezone": "UTC",
+                "currency": "USD",
+                "type": "website",
+            },
+        )
+
+
+def _json_or_none(value: object) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _int_param(value: str | None, default: int) -> int | None:
+    if value is None or value == "":
+        return default
+    return int(value) if _DIGITS.fullmatch(value) else None
+
+
+def _json_answer(status: int, data: object) -> _Answer:
+    return _Answer(status, json.dumps(data).encode(), "application/json")
+
+
+def _api_error(message: str) -> _Answer:
+    # Matomo's reporting API answers errors with HTTP 200.
+    return _json_answer(200, {"result": "error", "message": message})
+
+
+def _shutdown_socket(connection: socket.socket) -> None:
+    with suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+def _read_body(handler: _Handler) -> bytes | None:
+    """The request body, None when it is larger than MAX_BODY."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        return _read_chunked(handler)
+    try:
+        length = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        length = 0
+    if length > MAX_BODY:
+        return None
+    return handler.rfile.read(length) if length > 0 else b""
+
+
+def _read_chunked(handler: _Handler) -> bytes | None:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        line = handler.rfile.readline(1024)
+        size = int(line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            # Trailers (usually none) end with an empty line.
+            while handler.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(chunks)
+        total += size
+        if total > MAX_BODY:
+            return None
+        chunks.append(handler.rfile.read(size))
+        handler.rfile.readline(1024)
+
+
+def _write(handler: _Handler, answer: _Answer) -> None:
+    handler.send_response(answer.status)
+    if answer.content_type is not None:
+        handler.send_header("Content-Type", answer.content_type)
+    for name, value in answer.headers.items():
+        handler.send_header(name, value)
+    if answer.status != 204:
+        handler.send_header("Content-Length", str(len(answer.body)))
+    if handler.close_connection:
+        handler.send_header("Connection", "close")
+    handler.end_headers()
+    if answer.status != 204:
+        handler.wfile.write(answer.body)
+
+
+@contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so both stop serve() the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    db_path: str | os.PathLike[str] | None = None,
+    token: str | None = None,
+    sites: Iterable[int] = (1,),
+    *,
+    ready: Callable[[Collector], None] | None = None,
+) -> None:
+    """Run a collector until Ctrl-C or SIGTERM.
+
+    ```python
+    serve("127.0.0.1", 8765, "hits.sqlite", token="secret", sites=[1, 2])
+    ```
+
+    Parameters are those of `Collector`; `ready` is called once it listens.
+    """
+    collector = Collector(host=host, port=port, db_path=db_path, token=token, sites=sites)
+    stopped = threading.Event()
+    with _terminate_on_sigterm():
+        collector.start()
+        try:
+            if ready is not None:
+                ready(collector)
+            stopped.wait()
+        except KeyboardInterrupt:
+            LOGGER.debug("collector: interrupted")
+        finally:
+            collector.stop()
