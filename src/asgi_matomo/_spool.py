@@ -219,15 +219,8 @@ class SqliteSpool:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._locked() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A no-op when SQLite already rolled back (or never began).
-                conn.rollback()
-                raise
+        with self._locked() as conn, _immediate(conn):
+            yield conn
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
@@ -263,6 +256,20 @@ def _new_owner() -> str:
     return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    # BEGIN IMMEDIATE takes the write lock up front: a transaction that reads and
+    # then writes can never fail half-way with "database is locked" (deadlock).
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # A no-op when SQLite already rolled back by itself.
+        conn.rollback()
+        raise
+
+
 def _open(path: str) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
@@ -295,18 +302,13 @@ def _prepare(conn: sqlite3.Connection, path: str) -> None:
     # WAL with synchronous=NORMAL survives an app crash; only a power loss may
     # lose the last transactions, which is fine for hits kept as a fallback.
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Checked again under the write lock: another worker may have created it.
+    # Checked again under the write lock: another worker may have just created it.
+    with _immediate(conn):
         if _check_schema(conn, path):
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.rollback()
-        raise
     (rows,) = conn.execute("SELECT COUNT(*) FROM hits").fetchone()
     logger.debug("spool %s opened with %d hits waiting", path, rows)
 
