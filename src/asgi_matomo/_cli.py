@@ -1,0 +1,338 @@
+"""The `asgi-matomo` command: a local collector and a check of a real Matomo."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
+
+import httpx
+
+from asgi_matomo import __version__
+from asgi_matomo._collector import serve
+
+if TYPE_CHECKING:
+    from asgi_matomo._collector import Collector
+
+__all__ = ["main"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+CHECK_TIMEOUT = 10.0
+TRACKER_SCRIPTS = ("matomo.php", "piwik.php", "index.php")
+GIF_MAGIC = (b"GIF87a", b"GIF89a")
+USER_AGENT = f"asgi-matomo-check/{__version__}"
+
+
+def _sites(value: str) -> list[int]:
+    try:
+        sites = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated site ids like 1,2, got {value!r}"
+        ) from None
+    if not sites or any(site < 1 for site in sites):
+        raise argparse.ArgumentTypeError(f"site ids are positive integers, got {value!r}")
+    return sites
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asgi-matomo",
+        description="Track every request an ASGI app serves in Matomo.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    collector = commands.add_parser(
+        "collector",
+        help="run a local Matomo stand-in that stores hits and shows them live",
+        description="Run a local Matomo stand-in: point a tracker at its /matomo.php"
+        " and watch the hits arrive on its page. Stop it with Ctrl-C.",
+    )
+    collector.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    collector.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free)")
+    collector.add_argument("--db", help="SQLite file to keep the hits in (default: memory)")
+    collector.add_argument("--token", help="the token_auth it accepts (needed for cip)")
+    collector.add_argument(
+        "--sites", type=_sites, default=[1], help="comma-separated site ids (default: 1)"
+    )
+    collector.set_defaults(handler=_run_collector)
+
+    check = commands.add_parser(
+        "check",
+        help="check that a Matomo server, site and token are ready (records no visit)",
+        description="Check that a Matomo server answers, that the site exists and"
+        " that the token may send visitor IPs (cip). Records no visit.",
+    )
+    check.add_argument(
+        "--matomo-url", required=True, help="Matomo's address, with or without /matomo.php"
+    )
+    check.add_argument("--idsite", type=_positive_int, required=True, help="the site id")
+    check.add_argument("--token", help="the token_auth the tracker will use")
+    check.set_defaults(handler=_run_check)
+
+    # --- `demo` subcommand: added here by the demo's developer -----------------
+    # Register it like the two above: commands.add_parser("demo", ...) and
+    # set_defaults(handler=_run_demo), where _run_demo(args) -> int.
+    # ---------------------------------------------------------------------------
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `asgi-matomo` command line; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+# -- collector -----------------------------------------------------------------
+
+
+def _run_collector(args: argparse.Namespace) -> int:
+    def ready(collector: Collector) -> None:
+        print(f"asgi-matomo collector: open {collector.base_url}/", flush=True)
+        print(f"  tracking URL: {collector.tracking_url}", flush=True)
+        print(f"  sites: {', '.join(map(str, args.sites))}; Ctrl-C stops it.", flush=True)
+
+    try:
+        serve(args.host, args.port, args.db, args.token, args.sites, ready=ready)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- check ---------------------------------------------------------------------
+
+
+class CheckError(Exception):
+    """A check failed; the message tells the user what to do."""
+
+
+@dataclass
+class _Report:
+    out: TextIO
+    failed: bool = False
+
+    def ok(self, what: str, detail: str) -> None:
+        print(f"[ok]   {what}: {detail}", file=self.out)
+
+    def fail(self, what: str, detail: str) -> None:
+        self.failed = True
+        print(f"[FAIL] {what}: {detail}", file=self.out)
+
+    def note(self, what: str, detail: str) -> None:
+        print(f"[--]   {what}: {detail}", file=self.out)
+
+
+def _base_url(matomo_url: str) -> str:
+    """Matomo's root URL from what the user gave (with or without /matomo.php)."""
+    split = urlsplit(matomo_url.strip())
+    if split.scheme not in ("http", "https") or not split.netloc:
+        raise CheckError(
+            f"{matomo_url!r} is not an http(s) URL: give Matomo's address, e.g."
+            " https://matomo.example.com or https://matomo.example.com/matomo.php"
+        )
+    path = split.path.rstrip("/")
+    last = path.rpartition("/")[2]
+    if last in TRACKER_SCRIPTS:
+        path = path[: -len(last)].rstrip("/")
+    return f"{split.scheme}://{split.netloc}{path}"
+
+
+def _describe_error(exc: httpx.HTTPError, url: str) -> str:
+    """A network error as something the user can act on."""
+    text = str(exc)
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate of {url} not trusted ({cause.verify_message}): fix the"
+                " server's certificate chain, or use the URL its certificate is issued for"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake with {url} failed ({cause}): is it really an https server?"
+        cause = cause.__cause__ or cause.__context__
+    lowered = text.lower()
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer from {url} within {CHECK_TIMEOUT:g}s: check firewall and address"
+    if "certificate" in lowered or "ssl" in lowered or "tls" in lowered:
+        return f"TLS error with {url} ({text}): fix the certificate or the URL scheme"
+    if any(
+        marker in lowered
+        for marker in (
+            "name or service not known",
+            "nodename nor servname",
+            "getaddrinfo",
+            "name resolution",
+            "no address associated",
+        )
+    ):
+        host = urlsplit(url).hostname
+        return f"cannot resolve host {host!r} (DNS): check the spelling of the Matomo URL"
+    if "refused" in lowered:
+        return f"connection refused by {url}: is Matomo running, and on this port?"
+    return f"cannot reach {url} ({text or type(exc).__name__})"
+
+
+def _check_tracker(client: httpx.Client, base: str, report: _Report) -> bool:
+    url = f"{base}/matomo.php"
+    # Without rec=1 Matomo answers success and records nothing (MATOMO.md).
+    try:
+        response = client.get(url, params={"send_image": "0"})
+    except httpx.HTTPError as exc:
+        report.fail("tracker", _describe_error(exc, url))
+        return False
+    status = response.status_code
+    if response.is_redirect:
+        location = response.headers.get("Location", "?")
+        report.fail(
+            "tracker",
+            f"{url} redirects ({status}) to {location}: give the final Matomo URL, trackers"
+            " do not follow redirects for POST",
+        )
+        return False
+    body = response.content
+    if status == 204 or (status == 200 and body.startswith(GIF_MAGIC)):
+        report.ok("tracker", f"{url} answers like Matomo ({status})")
+        return True
+    if status == 404:
+        report.fail("tracker", f"{url} not found (404): is Matomo installed at {base}/?")
+    elif status == 503:
+        report.fail("tracker", f"{url} answers 503: Matomo's tracking is disabled or down")
+    elif status >= 400:
+        report.fail("tracker", f"{url} answers HTTP {status}: see Matomo's web server logs")
+    else:
+        report.fail(
+            "tracker",
+            f"{url} answers {status} ({response.headers.get('Content-Type', 'no type')}),"
+            " not like a Matomo tracker: check the URL",
+        )
+    return False
+
+
+def _api(client: httpx.Client, base: str, method: str, token: str, **params: str) -> Any:
+    """One reporting-API call; the token travels in the POST body, never in the URL."""
+    url = f"{base}/index.php"
+    form = {"module": "API", "method": method, "format": "json", "token_auth": token, **params}
+    try:
+        response = client.post(url, data=form)
+    except httpx.HTTPError as exc:
+        raise CheckError(_describe_error(exc, url)) from exc
+    if response.status_code != 200:
+        raise CheckError(
+            f"the reporting API at {url} answers HTTP {response.status_code}: it may be"
+            " blocked for this client (the tracker itself may still work)"
+        )
+    try:
+        return response.json()
+    except ValueError:
+        raise CheckError(
+            f"{url} does not answer like Matomo's reporting API (no JSON): check the URL"
+        ) from None
+
+
+def _api_error(data: Any) -> str | None:
+    if isinstance(data, dict) and data.get("result") == "error":
+        return str(data.get("message", "unknown error"))
+    return None
+
+
+def _check_site(client: httpx.Client, base: str, idsite: int, token: str, report: _Report) -> bool:
+    try:
+        data = _api(client, base, "SitesManager.getSiteFromId", token, idSite=str(idsite))
+    except CheckError as exc:
+        report.fail("site", str(exc))
+        return False
+    error = _api_error(data)
+    if error is not None:
+        lowered = error.lower()
+        if "unexpected website" in lowered or "does not exist" in lowered:
+            report.fail("site", f"site {idsite} does not exist in this Matomo: check --idsite")
+        elif "access" in lowered or "token" in lowered or "log in" in lowered:
+            report.fail(
+                "token",
+                f"the token is not accepted for site {idsite} (Matomo says: {error})."
+                " Create a token in Matomo > Personal > Security for a user with write"
+                " access to the site. Beware: each wrong token counts as a failed login"
+                " and about 20 of them get this server's IP blocked.",
+            )
+        else:
+            report.fail("site", f"Matomo answered an error: {error}")
+        return False
+    if not isinstance(data, dict) or str(data.get("idsite")) != str(idsite):
+        report.fail("site", "unexpected answer from the reporting API: is this a Matomo server?")
+        return False
+    name = data.get("name", "?")
+    report.ok("site", f"site {idsite} exists ({name!r}, {data.get('main_url', '?')})")
+    return True
+
+
+def _check_cip(client: httpx.Client, base: str, idsite: int, token: str, report: _Report) -> None:
+    what = "cip (visitor IPs)"
+    try:
+        data = _api(client, base, "SitesManager.getSitesIdWithAdminAccess", token)
+    except CheckError as exc:
+        report.fail(what, f"could not check the token's access level: {exc}")
+        return
+    error = _api_error(data)
+    if error is None and isinstance(data, list) and str(idsite) in {str(s) for s in data}:
+        report.ok(what, f"the token has admin access to site {idsite}: cip is accepted")
+        return
+    # The reporting API lists admin sites, not write-only ones: a user with the
+    # "write" role may send cip but cannot be told apart from a view-only user.
+    report.fail(
+        what,
+        f"NOT VERIFIED: the token has no admin access to site {idsite}. Matomo accepts"
+        " cip with write, admin or super-user access; if this token's user has the"
+        " 'write' role it works, otherwise every hit sent with cip is refused (400)."
+        " Grant write access or use a token of a user who has it.",
+    )
+
+
+def check(matomo_url: str, idsite: int, token: str | None, *, out: TextIO | None = None) -> bool:
+    """Check a Matomo server without recording a visit; True when all is well."""
+    report = _Report(out or sys.stdout)
+    try:
+        base = _base_url(matomo_url)
+    except CheckError as exc:
+        report.fail("url", str(exc))
+        return False
+    headers = {"User-Agent": USER_AGENT}
+    with httpx.Client(timeout=CHECK_TIMEOUT, headers=headers, verify=True) as client:
+        if not _check_tracker(client, base, report):
+            return False
+        if token is None:
+            report.note("site", "not checked: needs --token (the reporting API needs it)")
+            report.note(
+                "cip (visitor IPs)",
+                "impossible without a token: every hit will carry the app server's IP",
+            )
+            return not report.failed
+        if _check_site(client, base, idsite, token, report):
+            _check_cip(client, base, idsite, token, report)
+    return not report.failed
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    ok = check(args.matomo_url, args.idsite, args.token)
+    if ok:
+        print("All checks passed.")
+        return 0
+    print("Some checks failed: see above.", file=sys.stderr)
+    return 1
