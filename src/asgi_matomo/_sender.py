@@ -1,0 +1,961 @@
+"""Delivery of hits to Matomo: bounded queue, bulk batches, retries, spool.
+
+Everything here runs on the application's event loop thread. The request path
+only calls `BatchSender.submit`, which appends to a deque; one background task
+cuts batches and sends them with Matomo's bulk tracking API.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import os
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import httpx
+
+from ._hit import Hit
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_HTTP_TIMEOUT",
+    "DEFAULT_MAX_CONCURRENT_BATCHES",
+    "DEFAULT_MAX_QUEUE_SIZE",
+    "DEFAULT_RETRY_DEADLINE",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "BatchSender",
+    "SpoolProtocol",
+    "Stats",
+]
+
+DEFAULT_HTTP_TIMEOUT = 5.0
+# Matomo has no cap of its own; peers use 20-500 and the log importer 200.
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_FLUSH_INTERVAL = 1.0
+DEFAULT_MAX_QUEUE_SIZE = 10_000
+DEFAULT_MAX_CONCURRENT_BATCHES = 4
+DEFAULT_RETRY_DEADLINE = 300.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+# Full-jitter exponential backoff: attempt n sleeps uniformly in [0, min(cap, base * 2**n)].
+RETRY_BASE = 0.5
+RETRY_CAP = 30.0
+# Direct mode sends while a request finishes; a few quick attempts, no long backoff.
+DIRECT_ATTEMPTS = 3
+# Until Matomo has confirmed the token, this many all-invalid batches are resent
+# without it to find out whether the token or something else is wrong.
+TOKEN_PROBES = 3
+# A repeated warning (Matomo down, queue full) is logged at most once per this many seconds.
+LOG_INTERVAL = 60.0
+# Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
+_MAX_CAUSES = 64
+_BODY_EXCERPT = 200
+
+_HEADERS = {"Content-Type": "application/json"}
+# 408 and 429 say "later"; 5xx covers a rolled-back bulk transaction and an overloaded proxy.
+_RETRY_STATUSES = frozenset({408, 429})
+
+logger = logging.getLogger("asgi_matomo")
+
+
+class SpoolProtocol(Protocol):
+    """Durable storage for hits that could not be delivered (blocking methods)."""
+
+    def put(self, hits: Sequence[Hit]) -> None: ...
+    def claim(self, limit: int) -> list[tuple[int, Hit]]: ...
+    def ack(self, ids: Sequence[int]) -> None: ...
+    def release(self, ids: Sequence[int]) -> None: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of what the sender did with the hits it was given.
+
+    Every hit given to `submit`/`send_now` ends up in exactly one of `queued`,
+    `in_flight`, `sent`, `invalid`, `rejected`, `dropped` or `spooled`. Hits read
+    back from the spool are counted again in `sent`/`invalid`/`rejected`/`dropped`
+    and, when Matomo tracked them, in `replayed`.
+    """
+
+    submitted: int = 0  # hits handed to submit() or send_now()
+    queued: int = 0  # waiting in memory now
+    in_flight: int = 0  # in a batch being sent now
+    sent: int = 0  # tracked by Matomo (or accepted by a 204/GIF answer)
+    retried: int = 0  # HTTP requests repeated after a retryable failure
+    invalid: int = 0  # counted invalid by Matomo (bulk answer)
+    rejected: int = 0  # in a batch refused with a non-retryable HTTP status
+    dropped: int = 0  # lost: queue full, retry deadline passed, closed, too old
+    spooled: int = 0  # written to the spool
+    replayed: int = 0  # read back from the spool and tracked
+    batches: int = 0  # HTTP requests made
+    token_rejected: bool = False  # Matomo refused access_token; tracking goes on without it
+
+
+@dataclass(slots=True)
+class _Counters:
+    submitted: int = 0
+    sent: int = 0
+    retried: int = 0
+    invalid: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    batches: int = 0
+
+
+class _State(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Token(enum.Enum):
+    NONE = "none"  # no access_token configured
+    UNKNOWN = "unknown"  # configured, not yet confirmed by Matomo
+    VERIFIED = "verified"
+    REJECTED = "rejected"
+
+
+class _Kind(enum.Enum):
+    OK = "ok"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    kind: _Kind
+    tracked: int = 0
+    invalid: int = 0
+    status: int | None = None
+    cause: str = ""
+    retry_after: float | None = None
+
+
+class _Batch:
+    """Hits being delivered; `hits` shrinks to what is still undelivered."""
+
+    __slots__ = ("first_seq", "hits", "tracked", "worker")
+
+    def __init__(self, hits: list[Hit], first_seq: int, *, worker: bool) -> None:
+        self.hits = hits
+        self.first_seq = first_seq
+        self.tracked = 0
+        # Batches of the background worker are spooled by aclose() when cancelled;
+        # direct-mode batches belong to their request's task.
+        self.worker = worker
+
+
+class _Throttle:
+    """Lets one log line per key through every `interval` seconds; counts the rest."""
+
+    def __init__(self, clock: Callable[[], float], interval: float = LOG_INTERVAL) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """The number of lines suppressed since the last one, or None to stay quiet."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+def backoff_delay(attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """Full-jitter delay before retry number `attempt` (1-based)."""
+    ceiling: float = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempt - 1, 32))
+    return rand() * ceiling
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if math.isnan(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _header(response: object, name: str) -> str | None:
+    headers: Any = getattr(response, "headers", {})
+    try:
+        value = headers.get(name)
+        if value is None:
+            value = headers.get(name.lower())
+    except Exception:  # a duck-typed response: headers is whatever the test double put there
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _parse_counts(text: str, n: int) -> tuple[int, int]:
+    """(tracked, invalid) from a 2xx answer; a 204/GIF/non-JSON answer means all tracked."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return n, 0
+    tracked = data.get("tracked") if isinstance(data, dict) else None
+    if not isinstance(tracked, int) or isinstance(tracked, bool):
+        return n, 0
+    # Elements Matomo skipped without counting them (it does that for malformed
+    # ones) are lost all the same: count them invalid so the books balance.
+    tracked = min(max(tracked, 0), n)
+    return tracked, n - tracked
+
+
+def _check_number(name: str, value: object, minimum: float, *, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if math.isnan(value) or (value <= minimum if strict else value < minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum:g}, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+class BatchSender:
+    """Sends hits to Matomo in bulk requests from a background task.
+
+    Example:
+        sender = BatchSender(endpoint="https://matomo.example.com/matomo.php")
+        async with sender.running_in_background():
+            sender.submit(hit)
+
+    Parameters: `endpoint` is the full URL of matomo.php; `access_token` a
+    token_auth with write access to the site (needed for `cip` and old `cdt`);
+    `client` an httpx.AsyncClient to use (never closed here); `batch_size`,
+    `flush_interval` when to send; `max_queue_size` how many hits wait in memory;
+    `max_concurrent_batches` how many requests may be in flight; `retry_deadline`
+    how long a failing batch is retried; `shutdown_timeout` how long `aclose`
+    may take; `spool` where undeliverable hits go instead of being dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        access_token: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        http_timeout: float = DEFAULT_HTTP_TIMEOUT,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_concurrent_batches: int = DEFAULT_MAX_CONCURRENT_BATCHES,
+        retry_deadline: float = DEFAULT_RETRY_DEADLINE,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        spool: SpoolProtocol | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must be an http(s) URL, got {endpoint!r}")
+        if access_token is not None and not isinstance(access_token, str):
+            raise TypeError(f"access_token must be a str, got {type(access_token).__name__}")
+        _check_number("http_timeout", http_timeout, 0, strict=True)
+        _check_int("batch_size", batch_size, 1)
+        _check_number("flush_interval", flush_interval, 0, strict=True)
+        _check_int("max_queue_size", max_queue_size, 1)
+        _check_int("max_concurrent_batches", max_concurrent_batches, 1)
+        _check_number("retry_deadline", retry_deadline, 0)
+        _check_number("shutdown_timeout", shutdown_timeout, 0)
+        self._endpoint = endpoint
+        # An empty token (an unset environment variable) means no token.
+        self._token = access_token or None
+        self._user_client = client
+        self._http_timeout = float(http_timeout)
+        self._batch_size = batch_size
+        self._flush_interval = float(flush_interval)
+        self._max_queue_size = max_queue_size
+        self._max_concurrent = max_concurrent_batches
+        self._retry_deadline = float(retry_deadline)
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._spool = spool
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self._token_state = _Token.UNKNOWN if self._token else _Token.NONE
+        self._probes_left = TOKEN_PROBES
+        self._throttle = _Throttle(clock)
+        self._causes: set[str] = set()
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            # A weak reference: the hook must not keep a discarded sender alive.
+            hook = weakref.WeakMethod(self._after_fork_in_child)
+            os.register_at_fork(after_in_child=lambda: _call(hook))
+
+    def _reset(self) -> None:
+        """Fresh per-process state (also what a forked child starts from)."""
+        self._state = _State.IDLE
+        self._pid = os.getpid()
+        self._counters = _Counters()
+        # (sequence number, clock() when queued, hit), oldest on the left.
+        self._queue: deque[tuple[int, float, Hit]] = deque()
+        self._overflow: list[Hit] = []  # queue full: on its way to the spool
+        self._in_flight: dict[int, _Batch] = {}
+        self._seq = 0
+        self._flush_upto = 0
+        self._owned: tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient] | None = None
+        self._spool_pending: bool | None = None  # None: not checked yet in this process
+        self._replaying = False
+        self._shutdown_deadline: float | None = None
+        # anyio primitives belong to one event loop: created when the worker starts.
+        self._wake: anyio.Event | None = None
+        self._overflow_event: anyio.Event | None = None
+        self._progress: anyio.Event | None = None
+        self._worker_done: anyio.Event | None = None
+        self._closed_event: anyio.Event | None = None
+        self._slots: anyio.Semaphore | None = None
+        self._token_lock: anyio.Lock | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def _after_fork_in_child(self) -> None:
+        # The parent still owns its queue, worker task and connections; the child
+        # must neither send the parent's hits twice nor write into its sockets.
+        # The owned client is dropped, not closed: closing would shut down TLS
+        # sessions the parent is still using. What was learnt about the token stays.
+        self._reset()
+
+    @property
+    def running(self) -> bool:
+        """True while the background worker accepts hits in this process."""
+        return self._state is _State.RUNNING and self._pid == os.getpid()
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters."""
+        c = self._counters
+        return Stats(
+            submitted=c.submitted,
+            queued=len(self._queue) + len(self._overflow),
+            in_flight=sum(len(b.hits) for b in self._in_flight.values()),
+            sent=c.sent,
+            retried=c.retried,
+            invalid=c.invalid,
+            rejected=c.rejected,
+            dropped=c.dropped,
+            spooled=c.spooled,
+            replayed=c.replayed,
+            batches=c.batches,
+            token_rejected=self._token_state is _Token.REJECTED,
+        )
+
+    # -- request path ---------------------------------------------------------------
+
+    def submit(self, hit: Hit) -> None:
+        """Queue one hit for the background worker; never blocks, never raises."""
+        self._counters.submitted += 1
+        if not self.running:
+            self._drop(1, "not_running", "the sender is not running (closed or not started)")
+            return
+        queue = self._queue
+        if len(queue) >= self._max_queue_size:
+            if self._spool is not None and len(self._overflow) < self._max_queue_size:
+                self._overflow.append(hit)
+                _set(self._overflow_event)
+            else:
+                self._drop(1, "queue_full", _WHY["queue_full"])
+            return
+        self._seq += 1
+        queue.append((self._seq, self._clock(), hit))
+        # Wake the worker only when its plan changes: a first hit starts the
+        # interval clock, a full batch is ready now.
+        if len(queue) == 1 or len(queue) == self._batch_size:
+            _set(self._wake)
+
+    def force_flush(self) -> bool:
+        """Ask the worker to send everything queued now, without waiting.
+
+        Returns False when the worker is not running.
+        """
+        if not self.running:
+            return False
+        self._flush_upto = self._seq
+        _set(self._wake)
+        return True
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Send everything queued now and wait until it is delivered, spooled or dropped.
+
+        Returns False when `timeout` seconds passed first.
+        """
+        if not self.force_flush():
+            return True
+        target = self._seq
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while self._oldest_pending() <= target:
+                assert self._progress is not None
+                await self._progress.wait()
+            return True
+        return False
+
+    def _oldest_pending(self) -> float:
+        oldest = float(self._queue[0][0]) if self._queue else math.inf
+        for batch in self._in_flight.values():
+            oldest = min(oldest, batch.first_seq)
+        return oldest
+
+    def _notify_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = anyio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running_in_background(self) -> AsyncIterator[None]:
+        """Run the background worker for the duration of the block, then `aclose()`.
+
+        Example:
+            async with sender.running_in_background():
+                ...  # serve requests: sender.submit(hit)
+        """
+        if self._state is not _State.IDLE:
+            raise RuntimeError(
+                f"this BatchSender is {self._state.value}; a sender runs once, create a new one"
+            )
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._run)
+            try:
+                yield
+            finally:
+                await self.aclose()
+
+    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self._wake = anyio.Event()
+        self._overflow_event = anyio.Event()
+        self._progress = anyio.Event()
+        self._worker_done = done = anyio.Event()
+        self._slots = anyio.Semaphore(self._max_concurrent)
+        self._token_lock = anyio.Lock()
+        self._pid = os.getpid()
+        self._state = _State.RUNNING
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with anyio.create_task_group() as tg:
+                    task_status.started()
+                    if self._spool is not None:
+                        tg.start_soon(self._spool_overflow)
+                        tg.start_soon(self._replay)
+                    await self._dispatch(tg)
+        finally:
+            done.set()
+
+    async def _dispatch(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self._slots is not None
+        while True:
+            await self._wait_for_work()
+            while self._ready():
+                # Waiting for a free slot lets the queue grow into full batches
+                # while Matomo is slow.
+                await self._slots.acquire()
+                tg.start_soon(self._send_batch, self._take_batch())
+            if self._state is not _State.RUNNING:
+                return
+
+    async def _wait_for_work(self) -> None:
+        while not self._ready() and self._state is _State.RUNNING:
+            timeout = math.inf
+            if self._queue:
+                timeout = self._queue[0][1] + self._flush_interval - self._clock()
+            self._wake = anyio.Event()
+            with anyio.move_on_after(timeout):
+                await self._wake.wait()
+
+    def _ready(self) -> bool:
+        if not self._queue:
+            return False
+        seq, queued_at, _ = self._queue[0]
+        return (
+            len(self._queue) >= self._batch_size
+            or self._state is not _State.RUNNING
+            or seq <= self._flush_upto
+            or self._clock() - queued_at >= self._flush_interval
+        )
+
+    def _take_batch(self) -> _Batch:
+        n = min(self._batch_size, len(self._queue))
+        items = [self._queue.popleft() for _ in range(n)]
+        return self._track([hit for _, _, hit in items], items[0][0], worker=True)
+
+    async def _spool_overflow(self) -> None:
+        # Its own task: the dispatcher may be waiting for a free slot for a long
+        # time while Matomo is slow, and that is exactly when the queue overflows.
+        while self._state is _State.RUNNING:
+            assert self._overflow_event is not None
+            await self._overflow_event.wait()
+            self._overflow_event = anyio.Event()
+            while self._overflow and self._state is _State.RUNNING:
+                hits, self._overflow = self._overflow, []
+                await self._spool_or_drop(hits, "queue_full")
+
+    async def aclose(self) -> None:
+        """Stop accepting hits, deliver what is queued within `shutdown_timeout`, spool
+        or drop the rest, close the client we created and log a summary. Idempotent.
+        """
+        if self._state is _State.CLOSED:
+            return
+        if self._state is _State.CLOSING:
+            assert self._closed_event is not None
+            await self._closed_event.wait()
+            return
+        self._closed_event = anyio.Event()
+        self._state = _State.CLOSING
+        self._shutdown_deadline = self._clock() + self._shutdown_timeout
+        done = self._worker_done
+        try:
+            if done is not None:
+                _set(self._wake)
+                _set(self._overflow_event)
+                with anyio.move_on_after(self._shutdown_timeout):
+                    await done.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if done is not None and not done.is_set():
+                    # Past the deadline (or aclose was cancelled): cancel in-flight
+                    # batches; their hits stay in _in_flight for the spool.
+                    assert self._scope is not None
+                    self._scope.cancel()
+                    await done.wait()
+                await self._finish_close()
+
+    async def _finish_close(self) -> None:
+        left = [hit for b in self._in_flight.values() if b.worker for hit in b.hits]
+        left += [hit for _, _, hit in self._queue] + self._overflow
+        self._in_flight = {k: b for k, b in self._in_flight.items() if not b.worker}
+        self._queue.clear()
+        self._overflow = []
+        if left:
+            await self._spool_or_drop(left, "shutdown")
+        if self._spool is not None:
+            try:
+                await anyio.to_thread.run_sync(self._spool.close)
+            except Exception as exc:
+                logger.warning("asgi_matomo: closing the spool failed: %r", exc)
+        if self._owned is not None:
+            client, self._owned = self._owned[1], None
+            await _close_quietly(client)
+        self._state = _State.CLOSED
+        s = self.stats
+        logger.info(
+            "asgi_matomo: sender closed: submitted=%d sent=%d invalid=%d rejected=%d "
+            "dropped=%d spooled=%d replayed=%d retried=%d batches=%d token_rejected=%s",
+            s.submitted,
+            s.sent,
+            s.invalid,
+            s.rejected,
+            s.dropped,
+            s.spooled,
+            s.replayed,
+            s.retried,
+            s.batches,
+            s.token_rejected,
+        )
+        assert self._closed_event is not None
+        self._closed_event.set()
+
+    # -- direct mode ------------------------------------------------------------------
+
+    async def send_now(self, hits: Sequence[Hit]) -> None:
+        """Send hits in one bulk request right away, without the worker. Never raises.
+
+        For servers that never run the ASGI lifespan: a failed request is retried
+        a few times within about `http_timeout`, then the hits are spooled or dropped.
+        """
+        hits = list(hits)
+        if not hits:
+            return
+        self._counters.submitted += len(hits)
+        if self._state is _State.CLOSED:
+            self._drop(len(hits), "not_running", "the sender is closed")
+            return
+        self._seq += 1
+        batch = self._track(hits, self._seq, worker=False)
+        try:
+            left = await self._deliver(batch, span=self._http_timeout, attempts=DIRECT_ATTEMPTS)
+        except Exception as exc:
+            left = batch.hits
+            logger.error("asgi_matomo: sending hits failed unexpectedly: %r", exc)
+        if left:
+            await self._spool_or_drop(left, "retry_deadline")
+        self._untrack(batch)
+        if not left and self._spool is not None:
+            # One spooled batch per request at most: direct mode runs on the
+            # request's task, it must not turn into a long replay.
+            await self._replay(max_batches=1)
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def _track(self, hits: list[Hit], first_seq: int, *, worker: bool) -> _Batch:
+        batch = _Batch(hits, first_seq, worker=worker)
+        self._in_flight[id(batch)] = batch
+        return batch
+
+    def _untrack(self, batch: _Batch) -> None:
+        self._in_flight.pop(id(batch), None)
+
+    async def _send_batch(self, batch: _Batch) -> None:
+        assert self._slots is not None
+        try:
+            left = await self._deliver(batch, span=self._retry_deadline)
+        except Exception as exc:  # a bug or a broken user client: never kill the worker
+            left = batch.hits
+            logger.error("asgi_matomo: sending a batch failed unexpectedly: %r", exc)
+        finally:
+            # On cancellation (aclose past its deadline) the batch stays in
+            # _in_flight, where aclose finds it for the spool.
+            self._slots.release()
+        if left:
+            await self._spool_or_drop(left, "retry_deadline")
+        self._untrack(batch)
+        self._notify_progress()
+        if not left and self._spool_pending:
+            # Matomo answers again: time to bring back what was spooled.
+            await self._replay()
+
+    def _use_token(self) -> bool:
+        return self._token_state in (_Token.UNKNOWN, _Token.VERIFIED)
+
+    async def _deliver(
+        self, batch: _Batch, *, span: float, attempts: int | None = None
+    ) -> list[Hit]:
+        """Deliver `batch.hits`, retrying; returns the hits that could not be delivered."""
+        # Until Matomo has confirmed the token, authenticated batches go one at a
+        # time: a wrong token then costs a couple of failed logins, not dozens
+        # (Matomo blocks the IP after about 20).
+        lock = self._token_lock
+        if lock is not None and self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
+            async with lock:
+                return await self._deliver_unlocked(batch, span, attempts)
+        return await self._deliver_unlocked(batch, span, attempts)
+
+    async def _deliver_unlocked(
+        self, batch: _Batch, span: float, attempts: int | None
+    ) -> list[Hit]:
+        give_up_at = self._clock() + span
+        if self._shutdown_deadline is not None:
+            give_up_at = min(give_up_at, self._shutdown_deadline)
+        attempt = 0
+        without_token = probing = False
+        while True:
+            authenticated = not without_token and self._use_token()
+            if not authenticated:
+                batch.hits = self._drop_too_old(batch.hits)
+            hits = batch.hits
+            if not hits:
+                return []
+            answer = await self._post(hits, authenticated=authenticated)
+            if answer.kind is _Kind.OK:
+                batch.tracked += answer.tracked
+                resend = self._settle(hits, answer, authenticated=authenticated, probing=probing)
+                if resend is None:
+                    batch.hits = []
+                    return []
+                batch.hits, without_token = resend, True
+                if self._token_state is _Token.UNKNOWN:
+                    probing = True
+                    self._probes_left -= 1
+                continue
+            if answer.kind is _Kind.REFUSED:
+                if authenticated and answer.status in (401, 403):
+                    self._reject_token(f"HTTP {answer.status}")
+                    continue
+                self._refused(hits, answer)
+                batch.hits = []
+                return []
+            attempt += 1
+            delay = answer.retry_after
+            if delay is None:
+                delay = backoff_delay(attempt)
+            if (attempts is not None and attempt >= attempts) or self._clock() + delay > give_up_at:
+                self._warn("gave_up", "Matomo unavailable (%s): giving up on a batch", answer.cause)
+                return hits
+            self._warn("retry", "Matomo unavailable (%s): retrying", answer.cause)
+            self._counters.retried += 1
+            await self._sleep(delay)
+
+    def _settle(
+        self, hits: list[Hit], answer: _Answer, *, authenticated: bool, probing: bool
+    ) -> list[Hit] | None:
+        """Count a 2xx answer; returns the hits to resend without the token, if any."""
+        auth_hits = _auth_hits(hits)
+        self._counters.sent += answer.tracked
+        if authenticated and auth_hits and self._token_state is _Token.UNKNOWN:
+            if answer.invalid == 0:
+                self._token_state = _Token.VERIFIED
+            elif answer.invalid == len(auth_hits) and self._probes_left > 0:
+                # The pattern of a token Matomo does not accept: exactly the hits
+                # carrying cip were refused, the others tracked. Resending the
+                # cip hits without the token tells a bad token from a bad idsite.
+                return auth_hits
+        elif (
+            authenticated
+            and auth_hits
+            and self._token_state is _Token.REJECTED
+            and answer.invalid == len(auth_hits)
+        ):
+            # Sent with the token before it was found out: same cure, no new probe.
+            return auth_hits
+        self._counters.invalid += answer.invalid
+        if probing:
+            self._conclude_probe(answer, len(hits))
+        if answer.invalid:
+            self._warn(
+                "invalid",
+                "Matomo counted %d of %d hits invalid (wrong idsite? a bad parameter?)",
+                answer.invalid,
+                len(hits),
+            )
+        return None
+
+    def _conclude_probe(self, answer: _Answer, n: int) -> None:
+        if answer.tracked == n:
+            self._reject_token("hits with cip were invalid with it, tracked without it")
+        elif answer.tracked == 0:
+            self._log_once(
+                "idsite",
+                logging.ERROR,
+                "asgi_matomo: Matomo refused every hit of a batch, with and without the "
+                "access_token: the site id (idsite) is probably wrong or the site does not "
+                "exist in this Matomo. Check idsite and the Matomo URL.",
+            )
+
+    def _reject_token(self, why: str) -> None:
+        self._token_state = _Token.REJECTED
+        self._log_once(
+            "token",
+            logging.ERROR,
+            "asgi_matomo: Matomo rejected the access_token (%s). Tracking continues "
+            "without it: visitor IPs (cip) are not sent and hits older than 24 h are "
+            "dropped. Fix: use the token_auth of a Matomo user with write access to the "
+            "site (Administration > Personal > Security > Auth tokens).",
+            why,
+        )
+
+    def _refused(self, hits: list[Hit], answer: _Answer) -> None:
+        self._counters.rejected += len(hits)
+        body = answer.cause
+        if self._token:
+            body = body.replace(self._token, "***")
+        self._log_once(
+            f"{answer.status}:{body}",
+            logging.ERROR,
+            "asgi_matomo: Matomo refused a batch of %d hits with HTTP %s: %s "
+            "(not retried; logged once per distinct answer)",
+            len(hits),
+            answer.status,
+            body,
+        )
+
+    def _drop_too_old(self, hits: list[Hit]) -> list[Hit]:
+        now = self._wall_clock()
+        keep = [h for h in hits if not h.too_old(now, authenticated=False)]
+        if len(keep) != len(hits):
+            self._drop(len(hits) - len(keep), "too_old", _WHY["too_old"])
+        return keep
+
+    async def _post(self, hits: list[Hit], *, authenticated: bool) -> _Answer:
+        requests = [h.encode(authenticated=authenticated) for h in hits]
+        body: dict[str, object] = {"requests": requests}
+        if authenticated:
+            body["token_auth"] = self._token
+        content = json.dumps(body, separators=(",", ":")).encode()
+        self._counters.batches += 1
+        try:
+            client = await self._client()
+            # Caps the whole exchange: httpx's own timeout is per operation.
+            with anyio.fail_after(self._http_timeout):
+                response = await client.post(self._endpoint, content=content, headers=_HEADERS)
+        except TimeoutError:
+            return _Answer(_Kind.RETRY, cause="timeout")
+        except Exception as exc:  # connection errors, and whatever a user's client raises
+            return _Answer(_Kind.RETRY, cause=type(exc).__name__)
+        status = getattr(response, "status_code", None)
+        text = getattr(response, "text", "")
+        text = text if isinstance(text, str) else ""
+        logger.debug("asgi_matomo: bulk request of %d hits answered %s", len(hits), status)
+        if not isinstance(status, int) or isinstance(status, bool):
+            return _Answer(_Kind.REFUSED, cause="an answer without a status code")
+        if 200 <= status < 300:
+            tracked, invalid = _parse_counts(text, len(hits))
+            return _Answer(_Kind.OK, tracked=tracked, invalid=invalid, status=status)
+        if status in _RETRY_STATUSES or status >= 500:
+            retry_after = parse_retry_after(_header(response, "Retry-After"), self._wall_clock())
+            return _Answer(
+                _Kind.RETRY, status=status, cause=f"HTTP {status}", retry_after=retry_after
+            )
+        return _Answer(_Kind.REFUSED, status=status, cause=" ".join(text.split())[:_BODY_EXCERPT])
+
+    async def _client(self) -> httpx.AsyncClient:
+        if self._user_client is not None:
+            return self._user_client
+        # Connections belong to the event loop that opened them, and Starlette's
+        # TestClient runs every request in a new loop.
+        token = anyio.lowlevel.current_token()
+        old = self._owned
+        if old is not None and old[0] == token:
+            return old[1]
+        client = httpx.AsyncClient(timeout=self._http_timeout)
+        self._owned = (token, client)
+        if old is not None:
+            await _close_quietly(old[1])
+        return client
+
+    # -- spool ------------------------------------------------------------------------
+
+    async def _spool_or_drop(self, hits: list[Hit], reason: str) -> None:
+        if self._spool is not None:
+            try:
+                await anyio.to_thread.run_sync(self._spool.put, hits)
+            except Exception as exc:
+                self._warn("spool_put", "asgi_matomo: writing to the spool failed: %r", exc)
+            else:
+                self._counters.spooled += len(hits)
+                self._spool_pending = True
+                return
+        self._drop(len(hits), reason, _WHY[reason])
+
+    async def _replay(self, max_batches: int | None = None) -> None:
+        """Send spooled hits, oldest first, while Matomo accepts them."""
+        spool = self._spool
+        if spool is None or self._replaying:
+            return
+        self._replaying = True
+        try:
+            if self._spool_pending is None:
+                self._spool_pending = await anyio.to_thread.run_sync(spool.count) > 0
+            done = 0
+            while self._spool_pending and (max_batches is None or done < max_batches):
+                # The worker stops replaying at shutdown: the spool keeps the rest.
+                if max_batches is None and self._state is not _State.RUNNING:
+                    return
+                if not await self._replay_batch(spool):
+                    return
+                done += 1
+        except Exception as exc:
+            self._warn("spool_read", "asgi_matomo: reading the spool failed: %r", exc)
+        finally:
+            self._replaying = False
+
+    async def _replay_batch(self, spool: SpoolProtocol) -> bool:
+        """Claim, send and ack one batch; False when the spool is empty or Matomo failed."""
+        slots = self._slots if self._state is _State.RUNNING else None
+        if slots is not None:
+            await slots.acquire()
+        try:
+            claimed = await anyio.to_thread.run_sync(spool.claim, self._batch_size)
+            if not claimed:
+                self._spool_pending = False
+                return False
+            ids = {id(hit): sid for sid, hit in claimed}
+            batch = _Batch([hit for _, hit in claimed], 0, worker=False)
+            try:
+                left = await self._deliver(batch, span=0.0, attempts=1)
+            except BaseException:
+                # Cancelled (or a bug): give the lease back so the hits are not
+                # stuck until it expires.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(spool.release, list(ids.values()))
+                raise
+            left_ids = {ids[id(hit)] for hit in left}
+            done_ids = [sid for sid in ids.values() if sid not in left_ids]
+            if done_ids:
+                await anyio.to_thread.run_sync(spool.ack, done_ids)
+            self._counters.replayed += batch.tracked
+            if left_ids:
+                await anyio.to_thread.run_sync(spool.release, sorted(left_ids))
+                return False
+            return True
+        finally:
+            if slots is not None:
+                slots.release()
+
+    # -- accounting and logging -------------------------------------------------------
+
+    def _drop(self, n: int, key: str, why: str) -> None:
+        self._counters.dropped += n
+        self._warn(f"drop:{key}", "asgi_matomo: dropped %d hits: %s", n, why)
+
+    def _warn(self, key: str, message: str, *args: object) -> None:
+        suppressed = self._throttle.allow(key)
+        if suppressed is None:
+            return
+        if suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        logger.warning(message, *args)
+
+    def _log_once(self, key: str, level: int, message: str, *args: object) -> None:
+        if key in self._causes or len(self._causes) >= _MAX_CAUSES:
+            return
+        self._causes.add(key)
+        logger.log(level, message, *args)
+
+
+_WHY = {
+    "queue_full": "the queue is full (Matomo too slow or down)",
+    "retry_deadline": "Matomo did not accept them before the retry deadline",
+    "shutdown": "they were still undelivered at shutdown",
+    "too_old": "hits older than 24 h cannot be tracked without a valid access_token",
+}
+
+
+def _auth_hits(hits: list[Hit]) -> list[Hit]:
+    """The hits Matomo refuses without a valid token (they carry cip)."""
+    return [h for h in hits if h.cip is not None]
+
+
+def _set(event: anyio.Event | None) -> None:
+    if event is not None:
+        event.set()
+
+
+def _call(hook: weakref.WeakMethod[Callable[[], None]]) -> None:
+    method = hook()
+    if method is not None:
+        method()
+
+
+async def _close_quietly(client: httpx.AsyncClient) -> None:
+    # A client from a finished event loop cannot always be closed cleanly; its
+    # connections died with that loop, so failing here loses nothing.
+    try:
+        with anyio.move_on_after(1.0):
+            await client.aclose()
+    except Exception as exc:
+        logger.debug("asgi_matomo: closing an old HTTP client failed: %r", exc)
