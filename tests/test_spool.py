@@ -491,6 +491,17 @@ def test_an_unwritable_directory_is_refused(tmp_path: Path) -> None:
         locked.chmod(stat.S_IRWXU)
 
 
+def test_a_read_only_spool_is_refused(path: Path) -> None:
+    SqliteSpool(path).close()
+    path.chmod(stat.S_IRUSR)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("this user (root?) may write to a read-only file")
+        _assert_spool_error(path, "cannot be opened for writing", "readonly")
+    finally:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
 def test_a_foreign_database_is_refused_untouched(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE users (name TEXT)")

@@ -308,7 +308,9 @@ def _prepare(conn: sqlite3.Connection, path: str) -> None:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # Written even when unchanged: a read-only file fails here, at startup,
+        # rather than when the first hit needs saving.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     (rows,) = conn.execute("SELECT COUNT(*) FROM hits").fetchone()
     logger.debug("spool %s opened with %d hits waiting", path, rows)
 
