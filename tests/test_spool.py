@@ -14,6 +14,7 @@ import pytest
 
 from asgi_matomo import _spool
 from asgi_matomo._hit import Hit
+from asgi_matomo._sender import SpoolProtocol
 from asgi_matomo._spool import SCHEMA_VERSION, SpoolError, SqliteSpool
 
 if TYPE_CHECKING:
@@ -74,10 +75,15 @@ def hits_of(rows: list[tuple[int, Hit]]) -> list[Hit]:
     ],
 )
 def test_round_trip_keeps_query_timestamp_and_cip_exactly(spool: SqliteSpool, hit: Hit) -> None:
-    assert spool.put([hit]) == 0
+    spool.put([hit])
     [(_, got)] = spool.claim(10)
     assert got == hit
     assert type(got.timestamp) is float
+
+
+def test_it_is_the_spool_the_sender_expects(spool: SqliteSpool) -> None:
+    expected: SpoolProtocol = spool  # checked by mypy
+    assert expected is spool
 
 
 def test_rows_survive_close_and_reopen(path: Path) -> None:
@@ -375,8 +381,11 @@ def test_max_rows_drops_the_oldest(
         for size in batches:
             hits = make_hits(size, start=START + len(everything))
             everything += hits
-            results.append(spool.put(hits))
+            before = spool.dropped
+            spool.put(hits)
+            results.append(spool.dropped - before)
         assert results == dropped
+        assert spool.dropped == sum(dropped)
         assert spool.count() == left
         assert hits_of(spool.claim(100)) == everything[-left:]
     finally:
@@ -387,14 +396,15 @@ def test_max_rows_keeps_the_oldest_by_hit_time_not_insertion(path: Path) -> None
     spool = SqliteSpool(path, max_rows=2)
     try:
         spool.put([Hit("new", START + 100)])
-        assert spool.put([Hit("old", START), Hit("middle", START + 50)]) == 1
+        spool.put([Hit("old", START), Hit("middle", START + 50)])
+        assert spool.dropped == 1
         assert [hit.query for hit in hits_of(spool.claim(10))] == ["middle", "new"]
     finally:
         spool.close()
 
 
 def test_put_nothing(spool: SqliteSpool) -> None:
-    assert spool.put([]) == 0
+    spool.put([])
     assert spool.count() == 0
 
 
@@ -413,7 +423,7 @@ def test_a_failed_put_changes_nothing(spool: SqliteSpool) -> None:
     with pytest.raises(UnicodeEncodeError):
         spool.put([*make_hits(3), Hit("lone \udc80 surrogate", START)])
     assert spool.count() == 2
-    assert spool.put(make_hits(1)) == 0
+    spool.put(make_hits(1))
     assert spool.count() == 3
 
 

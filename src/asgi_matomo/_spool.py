@@ -73,7 +73,7 @@ class SqliteSpool:
     its own connection).
 
         spool = SqliteSpool("/var/lib/myapp/matomo-spool.sqlite3", max_rows=100_000)
-        dropped = spool.put(hits)
+        spool.put(hits)
         for row_id, hit in spool.claim(100): ...
         spool.ack(ids)
 
@@ -83,6 +83,9 @@ class SqliteSpool:
         lease_seconds: how long claimed rows stay reserved for this instance.
         max_rows: keep at most this many rows; `put` drops the oldest beyond it.
         clock: the time source for leases (unix seconds), for tests.
+
+    `dropped` counts the rows this instance deleted to honour `max_rows` (hits
+    lost); `put` returns nothing, so read it before and after to tell how many.
 
     Raises `SpoolError` (at construction only) when the file cannot be used.
     Afterwards, I/O failures (disk full, lock timeout) raise `sqlite3.Error`
@@ -105,6 +108,7 @@ class SqliteSpool:
         self.path = os.fspath(path)
         self.lease_seconds = lease_seconds
         self.max_rows = max_rows
+        self.dropped = 0
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -113,34 +117,39 @@ class SqliteSpool:
         self._conn: sqlite3.Connection | None = _open(self.path)
         _SPOOLS.add(self)
 
-    def put(self, hits: Sequence[Hit]) -> int:
-        """Store hits in one transaction; return how many old rows were dropped.
+    def put(self, hits: Sequence[Hit]) -> None:
+        """Store hits in one transaction, dropping the oldest rows beyond `max_rows`.
 
         With `max_rows` set, the oldest rows (by hit timestamp, leased or not) are
-        deleted until at most `max_rows` remain; the return value counts them (they
-        are lost). Without `max_rows` it is always 0.
+        deleted until at most `max_rows` remain, and `dropped` grows by their number
+        (those hits are lost).
         """
         if not hits:
-            return 0
-        with self._transaction() as conn:
-            conn.executemany(
-                "INSERT INTO hits (query, timestamp, cip) VALUES (?, ?, ?)",
-                [(hit.query, hit.timestamp, hit.cip) for hit in hits],
+            return
+        excess = 0
+        with self._locked() as conn:
+            with _immediate(conn):
+                conn.executemany(
+                    "INSERT INTO hits (query, timestamp, cip) VALUES (?, ?, ?)",
+                    [(hit.query, hit.timestamp, hit.cip) for hit in hits],
+                )
+                if self.max_rows is not None:
+                    (rows,) = conn.execute("SELECT COUNT(*) FROM hits").fetchone()
+                    excess = max(0, rows - self.max_rows)
+                    conn.execute(
+                        "DELETE FROM hits WHERE id IN"
+                        " (SELECT id FROM hits ORDER BY timestamp, id LIMIT ?)",
+                        (excess,),
+                    )
+            # Counted once committed, under the lock: threads share the counter.
+            self.dropped += excess
+        if excess:
+            logger.debug(
+                "spool %s full (max_rows=%d): dropped the %d oldest",
+                self.path,
+                self.max_rows,
+                excess,
             )
-            if self.max_rows is None:
-                return 0
-            (rows,) = conn.execute("SELECT COUNT(*) FROM hits").fetchone()
-            excess: int = rows - self.max_rows
-            if excess <= 0:
-                return 0
-            conn.execute(
-                "DELETE FROM hits WHERE id IN (SELECT id FROM hits ORDER BY timestamp, id LIMIT ?)",
-                (excess,),
-            )
-        logger.debug(
-            "spool %s full (max_rows=%d): dropped the %d oldest", self.path, self.max_rows, excess
-        )
-        return excess
 
     def claim(self, limit: int) -> list[tuple[int, Hit]]:
         """Lease up to `limit` of the oldest claimable rows to this instance.
