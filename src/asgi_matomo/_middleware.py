@@ -1,0 +1,354 @@
+"""The ASGI middleware: watches each request, hands finished hits to the sender."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from asgi_matomo import _sender
+from asgi_matomo._config import access_token as _check_token
+from asgi_matomo._config import build_config, positive_int, positive_number, tracking_endpoint
+from asgi_matomo._core import (
+    STATE_KEY,
+    RequestInfo,
+    build_hits,
+    inspect_request,
+    route_template,
+)
+from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import re
+
+    import httpx
+
+    from asgi_matomo._sender import Stats
+
+logger = logging.getLogger("asgi_matomo")
+
+# nginx's convention for "the client went away before we answered".
+CLIENT_CLOSED_REQUEST = 499
+
+
+class MatomoMiddleware:
+    """Report every request the wrapped ASGI app serves to Matomo.
+
+    Hits are built on the request path and delivered by a background sender in
+    batches through Matomo's bulk API; tracking never raises into the app and
+    never changes a response.
+
+        app = Starlette(
+            routes=[Route("/", homepage)],
+            middleware=[Middleware(MatomoMiddleware, matomo_url="https://matomo.example.org",
+                                   idsite=1)],
+        )
+
+    Parameters:
+        matomo_url: your Matomo, with or without `/matomo.php`.
+        idsite: the site id the hits belong to.
+        access_token: a token with write access to the site; enables the visitor
+            IP (`cip`) and hits older than 24 h. Sent in the request body only.
+        See the option reference in the documentation for the others.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        matomo_url: str,
+        idsite: int,
+        access_token: str | None = None,
+        assume_https: bool = True,
+        client: httpx.AsyncClient | None = None,
+        http_timeout: float = 5,
+        exclude_paths: Iterable[str] | None = None,
+        exclude_patterns: Iterable[str | re.Pattern[str]] | None = None,
+        route_details: Mapping[str, Mapping[str, Any]] | None = None,
+        allowed_methods: Iterable[str] | Literal["all-methods"] = "all-methods",
+        ignored_methods: Iterable[str] | None = None,
+        ignored_user_agents: Iterable[str | re.Pattern[str]] | None = None,
+        action_name_from_route: bool = False,
+        custom_dimensions: Mapping[str, int] | None = None,
+        trusted_proxies: Iterable[str] | None = None,
+        anonymize_ip_bytes: int = 0,
+        batch_size: int = _sender.DEFAULT_BATCH_SIZE,
+        flush_interval: float = _sender.DEFAULT_FLUSH_INTERVAL,
+        max_queue_size: int = _sender.DEFAULT_MAX_QUEUE_SIZE,
+        max_concurrent_batches: int = _sender.DEFAULT_MAX_CONCURRENT_BATCHES,
+        retry_deadline: float = _sender.DEFAULT_RETRY_DEADLINE,
+        shutdown_timeout: float = _sender.DEFAULT_SHUTDOWN_TIMEOUT,
+        spool_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.app = app
+        token = _check_token(access_token)
+        self._config = build_config(
+            idsite=idsite,
+            track_visitor_ip=token is not None,
+            assume_https=assume_https,
+            exclude_paths=exclude_paths,
+            exclude_patterns=exclude_patterns,
+            allowed_methods=allowed_methods,
+            ignored_methods=ignored_methods,
+            ignored_user_agents=ignored_user_agents,
+            route_details=route_details,
+            action_name_from_route=action_name_from_route,
+            custom_dimensions=custom_dimensions,
+            trusted_proxies=trusted_proxies,
+            anonymize_ip_bytes=anonymize_ip_bytes,
+        )
+        if client is not None and not callable(getattr(client, "post", None)):
+            raise TypeError("client must be an httpx.AsyncClient (or have its async post method)")
+        self._sender_options: dict[str, Any] = {
+            "endpoint": tracking_endpoint(matomo_url),
+            "access_token": token,
+            "client": client,
+            "http_timeout": positive_number("http_timeout", http_timeout),
+            "batch_size": positive_int("batch_size", batch_size),
+            "flush_interval": positive_number("flush_interval", flush_interval),
+            "max_queue_size": positive_int("max_queue_size", max_queue_size),
+            "max_concurrent_batches": positive_int(
+                "max_concurrent_batches", max_concurrent_batches
+            ),
+            "retry_deadline": positive_number("retry_deadline", retry_deadline),
+            "shutdown_timeout": positive_number("shutdown_timeout", shutdown_timeout),
+        }
+        self._spool_path = spool_path
+        self._lifespans = 0
+        self._sender = self._new_sender()
+
+    def _new_sender(self) -> _sender.BatchSender:
+        # The spool is opened here, at start-up, so that a corrupt or unwritable
+        # file is a clear error before the first request, never inside one.
+        spool = _open_spool(self._spool_path)
+        return _sender.BatchSender(**self._sender_options, spool=spool)
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the delivery counters (queued, sent, retried, dropped, ...)."""
+        return self._sender.stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope.get("type")
+        if scope_type == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope_type != "http":
+            await self.app(scope, receive, send)
+            return
+        started_at = time.time()
+        start = time.perf_counter()
+        try:
+            info = inspect_request(self._config, scope, started_at)
+            state = _fresh_state(scope) if info is not None else None
+        except Exception:  # tracking must never break a request
+            logger.debug("asgi_matomo: could not inspect a request", exc_info=True)
+            info = state = None
+        if info is None:
+            await self.app(scope, receive, send)
+            return
+
+        status: int | None = None
+        finished: float | None = None
+        disconnected = False
+
+        async def receive_and_watch() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, finished
+            message_type = message.get("type")
+            if message_type == "http.response.start":
+                status = message.get("status")
+            await send(message)
+            if (
+                message_type == "http.response.body" and not message.get("more_body", False)
+            ) or message_type == "http.response.pathsend":
+                finished = time.perf_counter()
+
+        try:
+            await self.app(scope, receive_and_watch, send_and_watch)
+        except Exception:
+            # The app's error is the server's to report; we only record the 500.
+            await self._track(scope, state, info, status or 500, start, finished)
+            raise
+        except BaseException:
+            # Cancelled (server shutdown, or a client gone on servers that cancel):
+            # record it without awaiting anything, the task must stop promptly.
+            self._track_nowait(scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished)
+            raise
+        if status is None:
+            status = CLIENT_CLOSED_REQUEST if disconnected else 500
+        await self._track(scope, state, info, status, start, finished)
+
+    def _hits(
+        self,
+        scope: Scope,
+        state: MutableMapping[str, Any] | None,
+        info: RequestInfo,
+        status: int,
+        start: float,
+        finished: float | None,
+    ) -> list[Any]:
+        elapsed_ms = ((finished or time.perf_counter()) - start) * 1000
+        return build_hits(
+            self._config,
+            info,
+            status=status,
+            elapsed_ms=elapsed_ms,
+            template=route_template(scope),
+            overrides=_overrides(scope, state),
+            rand=_rand,
+        )
+
+    def _track_nowait(
+        self,
+        scope: Scope,
+        state: MutableMapping[str, Any] | None,
+        info: RequestInfo,
+        status: int,
+        start: float,
+        finished: float | None,
+    ) -> None:
+        try:
+            hits = self._hits(scope, state, info, status, start, finished)
+            if self._sender.running:
+                for hit in hits:
+                    self._sender.submit(hit)
+        except Exception:
+            logger.debug("asgi_matomo: could not track a request", exc_info=True)
+
+    async def _track(
+        self,
+        scope: Scope,
+        state: MutableMapping[str, Any] | None,
+        info: RequestInfo,
+        status: int,
+        start: float,
+        finished: float | None,
+    ) -> None:
+        try:
+            hits = self._hits(scope, state, info, status, start, finished)
+            if self._sender.running:
+                for hit in hits:
+                    self._sender.submit(hit)
+            else:
+                # No lifespan ran (server started with lifespan off, TestClient
+                # without `with`): nothing would flush a queue, so send now. The
+                # response is already complete at this point.
+                await self._sender.send_now(hits)
+        except Exception:
+            logger.debug("asgi_matomo: could not track a request", exc_info=True)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the sender for as long as the app lives, around the app's own lifespan.
+
+        An app that does not speak lifespan raises on this scope; per the ASGI spec
+        the server then carries on without lifespan events, which would leave us
+        without a place to run the sender. So we answer the events ourselves.
+        """
+        if self._lifespans:
+            # A second lifespan on the same app object (tests do this): the first
+            # one closed its sender, so start afresh.
+            self._sender = self._new_sender()
+        self._lifespans += 1
+        sender = self._sender
+        startup_received = False
+        app_answered = False
+
+        async def receive_and_watch() -> Message:
+            nonlocal startup_received
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                startup_received = True
+            return message
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal app_answered
+            message_type = message.get("type", "")
+            if message_type.startswith("lifespan.startup."):
+                app_answered = True
+            if message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") or (
+                message_type == "lifespan.startup.failed"
+            ):
+                # Flush before the server is told it may exit.
+                await sender.aclose()
+            await send(message)
+
+        app_error: Exception | None = None
+        async with sender.running_in_background():
+            try:
+                await self.app(scope, receive_and_watch, send_and_watch)
+            except Exception as exc:
+                if app_answered:
+                    # Raised outside the task group below, so that the server
+                    # sees the app's own exception, not an exception group.
+                    app_error = exc
+                else:
+                    logger.debug("asgi_matomo: the app does not support lifespan; answering it")
+                    await _answer_lifespan(receive, send, sender, startup_received)
+            else:
+                if not app_answered:
+                    await _answer_lifespan(receive, send, sender, startup_received)
+        if app_error is not None:
+            raise app_error
+
+
+async def _answer_lifespan(
+    receive: Receive, send: Send, sender: _sender.BatchSender, startup_received: bool
+) -> None:
+    if not startup_received:
+        await receive()
+    await send({"type": "lifespan.startup.complete"})
+    while (await receive()).get("type") != "lifespan.shutdown":
+        pass
+    await sender.aclose()
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def _rand() -> int:
+    return random.getrandbits(31)
+
+
+def _fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
+    """Give the request its own override dict, so both documented patterns work.
+
+    Handlers may replace `scope["state"]["asgi_matomo"]` or mutate it. Servers
+    copy app-level state into each request shallowly, so an inherited dict would
+    be shared by every request: it is copied, never reused.
+    """
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    if not isinstance(state, MutableMapping):
+        return None
+    inherited = state.get(STATE_KEY)
+    state[STATE_KEY] = dict(inherited) if isinstance(inherited, Mapping) else {}
+    return state
+
+
+def _overrides(scope: Scope, state: MutableMapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """What the handler set, read when the response ends."""
+    for candidate in (scope.get("state"), state):
+        if isinstance(candidate, Mapping):
+            overrides = candidate.get(STATE_KEY)
+            if isinstance(overrides, Mapping):
+                return overrides
+    return None
+
+
+def _open_spool(spool_path: str | os.PathLike[str] | None) -> Any:
+    if spool_path is None:
+        return None
+    if not isinstance(spool_path, str | os.PathLike):
+        raise TypeError(f"spool_path must be a path, got {spool_path!r}")
+    from asgi_matomo._spool import SqliteSpool  # sqlite3 is loaded only when a spool is used
+
+    return SqliteSpool(spool_path)
