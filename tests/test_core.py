@@ -592,3 +592,13 @@ def test_route_template_from_the_scope() -> None:
     assert route_template({"route": SimpleNamespace(path="/m", routes=[])}) is None
     assert route_template({"route": SimpleNamespace(path="relative")}) is None
     assert route_template({"route": SimpleNamespace(path="/x"), "root_path": None}) == "/x"
+
+
+def test_unmatched_404s_share_one_action_name() -> None:
+    (hit,) = hits_for(http_scope("/wp-admin.php"), status=404, template=None)
+    assert hit["action_name"] == "(not found)"
+    assert hit["url"] == "https://example.org/wp-admin.php"
+    (matched,) = hits_for(http_scope("/users/9"), status=404, template="/users/{id}")
+    assert matched["action_name"] == "/users/9"
+    (named,) = hits_for(status=404, overrides={"action_name": "Custom"})
+    assert named["action_name"] == "Custom"

@@ -441,7 +441,8 @@ async def test_fastapi_route_templates_and_prefixes(matomo: Matomo) -> None:
     assert show_hit["uid"] == "user-7"
     assert show_hit["dimension1"] == "users"
     assert json.loads(missing["cvar"])["1"] == ["http_status_code", "404"]
-    assert missing["action_name"] == "/nowhere"
+    assert missing["action_name"] == "(not found)"
+    assert missing["url"] == "https://t/nowhere"
 
 
 async def test_token_only_in_the_body_never_in_urls_or_logs(

@@ -46,6 +46,8 @@ STATUS_VARIABLE = "http_status_code"
 METHOD_VARIABLE = "http_method"
 
 STATE_KEY = "asgi_matomo"
+NOT_FOUND = 404
+NOT_FOUND_ACTION_NAME = "(not found)"
 EVENT_KEYS = ("e_c", "e_a", "e_n", "e_v")
 # Parameters that describe the page view only. An event hit must not repeat them:
 # `new_visit` twice would start two visits, a second `urlref` could re-attribute it.
@@ -445,7 +447,11 @@ def build_hits(
     title and `pf_srv` (MATOMO.md), so an event travels as a second hit (`ca=1`).
     """
     action_name = info.path
-    if config.action_name_from_route and template is not None:
+    if template is None and status == NOT_FOUND:
+        # Scanners probe thousands of made-up paths: one name for all of them
+        # keeps Matomo's page-title report readable. The URL still has the path.
+        action_name = NOT_FOUND_ACTION_NAME
+    elif config.action_name_from_route and template is not None:
         action_name = template
     params: dict[str, str] = {
         "idsite": str(config.idsite),
