@@ -711,6 +711,8 @@ class Collector:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._fault = None
+                # Lets a test wait until a faulted request has arrived.
+                self._cond.notify_all()
             return fault
 
     def _tracking(self, handler: _Handler, query: str, body: bytes) -> _Answer | None:
