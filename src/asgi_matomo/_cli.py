@@ -161,9 +161,10 @@ def _describe_error(exc: httpx.HTTPError, url: str) -> str:
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = getattr(cause, "verify_message", None) or cause
             return (
-                f"TLS certificate of {url} not trusted ({cause.verify_message}): fix the"
-                " server's certificate chain, or use the URL its certificate is issued for"
+                f"TLS certificate of {url} not trusted ({reason}): fix the server's"
+                " certificate chain, or use the URL its certificate is issued for"
             )
         if isinstance(cause, ssl.SSLError):
             return f"TLS handshake with {url} failed ({cause}): is it really an https server?"
@@ -305,8 +306,18 @@ def _check_cip(client: httpx.Client, base: str, idsite: int, token: str, report:
     )
 
 
-def check(matomo_url: str, idsite: int, token: str | None, *, out: TextIO | None = None) -> bool:
-    """Check a Matomo server without recording a visit; True when all is well."""
+def check(
+    matomo_url: str,
+    idsite: int,
+    token: str | None,
+    *,
+    out: TextIO | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> bool:
+    """Check a Matomo server without recording a visit; True when all is well.
+
+    `transport` replaces the network, e.g. with `httpx.MockTransport` in tests.
+    """
     report = _Report(out or sys.stdout)
     try:
         base = _base_url(matomo_url)
@@ -314,7 +325,9 @@ def check(matomo_url: str, idsite: int, token: str | None, *, out: TextIO | None
         report.fail("url", str(exc))
         return False
     headers = {"User-Agent": USER_AGENT}
-    with httpx.Client(timeout=CHECK_TIMEOUT, headers=headers, verify=True) as client:
+    with httpx.Client(
+        timeout=CHECK_TIMEOUT, headers=headers, verify=True, transport=transport
+    ) as client:
         if not _check_tracker(client, base, report):
             return False
         if token is None:
