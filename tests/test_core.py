@@ -602,3 +602,33 @@ def test_unmatched_404s_share_one_action_name() -> None:
     assert matched["action_name"] == "/users/9"
     (named,) = hits_for(status=404, overrides={"action_name": "Custom"})
     assert named["action_name"] == "Custom"
+
+
+def test_route_template_from_litestar_path_template() -> None:
+    assert route_template({"path_template": "/users/{user_id}"}) == "/users/{user_id}"
+    scope = {"path_template": "/items/{id}", "root_path": "/shop"}
+    assert route_template(scope) == "/shop/items/{id}"
+    assert route_template({"path_template": ""}) is None
+    assert route_template({"path_template": None}) is None
+    # A Starlette route wins over a stale template left by an inner framework.
+    both = {"route": SimpleNamespace(path="/a/{x}"), "path_template": "/b"}
+    assert route_template(both) == "/a/{x}"
+
+
+@pytest.mark.parametrize(
+    ("route", "root_path", "expected"),
+    [
+        # Django's ResolverMatch, stored by app code in scope["route"].
+        (SimpleNamespace(route="users/<int:pk>/", url_name="user"), "", "/users/<int:pk>/"),
+        (SimpleNamespace(route="", url_name="home"), "", "/"),
+        (SimpleNamespace(route="users/<int:pk>/"), "/site", "/site/users/<int:pk>/"),
+        (SimpleNamespace(route="^articles/(?P<year>[0-9]{4})/$"), "", None),
+        (SimpleNamespace(route=None), "", None),
+        # A template string (Quart's request.url_rule.rule, or any framework).
+        ("/users/<int:user_id>", "", "/users/<int:user_id>"),
+        ("/users/<int:user_id>", "/api", "/api/users/<int:user_id>"),
+        ("relative", "", None),
+    ],
+)
+def test_route_template_from_app_code(route: object, root_path: str, expected: str | None) -> None:
+    assert route_template({"route": route, "root_path": root_path}) == expected

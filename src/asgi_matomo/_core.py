@@ -295,13 +295,31 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
 def route_template(scope: Scope) -> str | None:
     """The matched route's template (`/users/{id}`) where the framework exposes it.
 
-    Starlette and FastAPI leave the innermost matched route in `scope["route"]`
-    and the mount prefixes in `root_path`. A `Mount` itself is not a template.
+    Read by duck typing, so that no framework is imported at runtime:
+
+    - Starlette and FastAPI leave the innermost matched route in `scope["route"]`
+      and the mount prefixes in `root_path`. A `Mount` itself is not a template.
+    - Litestar writes the matched template to `scope["path_template"]`.
+    - Django and Quart put nothing in the scope; a few lines of app code can store
+      `request.resolver_match` (Django) or the template string itself (Quart's
+      `request.url_rule.rule`) in `scope["route"]`. Django's routes are relative
+      (`users/<int:pk>/`) and its regex routes (`^...`) are no template to show.
+
+    Templates are relative to the app, so `root_path` is put in front.
     """
     route = scope.get("route")
-    if route is None or hasattr(route, "routes"):
-        return None
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    path: object = None
+    if isinstance(route, str):
+        path = route
+    elif route is not None and not hasattr(route, "routes"):
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if path is None:
+            # Django's ResolverMatch: `route` is the matched pattern without the slash.
+            django_route = getattr(route, "route", None)
+            if isinstance(django_route, str) and not django_route.startswith("^"):
+                path = "/" + django_route.removeprefix("/")
+    if path is None:
+        path = scope.get("path_template")
     if not isinstance(path, str) or not path.startswith("/"):
         return None
     root = scope.get("root_path")
