@@ -20,20 +20,23 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], timeout: float, host: str = "127.0.0.1"
+) -> None:
     """Block until something accepts connections on the port, or fail with the server's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.05)  # polling a condition with a deadline, not timing a result
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
@@ -44,10 +47,12 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -65,17 +70,32 @@ class Server:
         return self.process.returncode
 
 
-def server_command(kind: str, port: int, extra: Sequence[str]) -> list[str]:
+def server_command(
+    kind: str, port: int, extra: Sequence[str], host: str = "127.0.0.1"
+) -> list[str]:
+    """The command line for `kind`: uvicorn, hypercorn[-asyncio|-trio], granian, gunicorn."""
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if kind == "uvicorn":
         return [
             sys.executable, "-m", "uvicorn", "--factory", "tests.apps:from_env",
-            "--host", "127.0.0.1", "--port", str(port), *extra,
+            "--host", host, "--port", str(port), *extra,
         ]  # fmt: skip
     if kind.startswith("hypercorn"):
         worker = kind.partition("-")[2] or "asyncio"
         return [
             sys.executable, "-m", "hypercorn", "tests.apps:from_env()",
-            "--bind", f"127.0.0.1:{port}", "--worker-class", worker, *extra,
+            "--bind", bind, "--worker-class", worker, *extra,
+        ]  # fmt: skip
+    if kind == "granian":
+        return [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
+            "--host", host, "--port", str(port), *extra, "tests.apps:from_env",
+        ]  # fmt: skip
+    if kind == "gunicorn":
+        # The uvicorn-worker package is the maintained home of uvicorn's worker class.
+        return [
+            sys.executable, "-m", "gunicorn", "--worker-class", "uvicorn_worker.UvicornWorker",
+            "--bind", bind, *extra, "tests.apps:from_env()",
         ]  # fmt: skip
     raise ValueError(f"unknown server kind {kind!r}")
 
@@ -89,9 +109,10 @@ def serve(
     kind: str = "uvicorn",
     options: dict[str, Any] | None = None,
     extra: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[Server]:
     """Run `app` (module:attribute) under a real server pointed at `matomo_url`."""
-    port = free_port()
+    port = free_port(host)
     log_path = tmp_path / f"{kind}-{port}.log"
     env = {
         **os.environ,
@@ -102,11 +123,11 @@ def serve(
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            server_command(kind, port, extra), cwd=ROOT, env=env, stdout=log, stderr=log
+            server_command(kind, port, extra, host), cwd=ROOT, env=env, stdout=log, stderr=log
         )
-    server = Server(process, port, log_path)
+    server = Server(process, port, log_path, host)
     try:
-        wait_for_port(port, process, START_TIMEOUT)
+        wait_for_port(port, process, START_TIMEOUT, host)
         yield server
     except BaseException:
         sys.stderr.write(server.log())
