@@ -657,7 +657,7 @@ def test_fault_status_for_count_requests(collector: Collector, client: httpx.Cli
     assert collector.hits() == []
     assert bulk(client, collector, ["?idsite=1&rec=1"]).status_code == 200
     assert [r.faulted for r in collector.requests] == [True, True, False]
-    assert collector.requests[0] == ReceivedRequest("bulk", 503, 0, 0, 0, False, faulted=True)
+    assert collector.requests[0] == ReceivedRequest("bulk", 503, 0, 0, 1, False, faulted=True)
 
 
 def test_fault_until_cleared_with_body(collector: Collector, client: httpx.Client) -> None:
@@ -682,11 +682,40 @@ def test_fault_delay_only_is_a_slow_matomo(collector: Collector, client: httpx.C
     assert len(collector.wait_for_hits(1)) == 1
 
 
+def test_fault_delay_stores_nothing_when_the_client_gave_up(collector: Collector) -> None:
+    collector.set_fault(delay=0.5, count=1)
+    with httpx.Client(timeout=0.05) as impatient, pytest.raises(httpx.ReadTimeout):
+        track(impatient, collector, token_auth=TOKEN)
+    (request,) = collector.wait_for_requests(1)
+    assert request == ReceivedRequest("single", 0, 0, 0, 1, True, faulted=True)
+    assert collector.hits() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "elements", "has_token"),
+    [
+        (b'{"requests": ["?idsite=1&rec=1", "?idsite=1&rec=1"]}', 2, False),
+        (b'{"requests": ["?idsite=1&rec=1"], "token_auth": "x"}', 1, True),
+        (b'{"requests": ["?idsite=1&rec=1&token_auth=x"]}', 1, True),
+        (b'{"requests": "?idsite=1"}', 0, False),
+        (b'{"requests": [', 0, False),
+    ],
+)
+def test_faulted_requests_are_described(
+    collector: Collector, client: httpx.Client, body: bytes, elements: int, has_token: bool
+) -> None:
+    collector.set_fault(status=500)
+    assert client.post(collector.tracking_url, content=body).status_code == 500
+    assert collector.requests == [
+        ReceivedRequest("bulk", 500, 0, 0, elements, has_token, faulted=True)
+    ]
+
+
 def test_fault_drop_closes_without_answer(collector: Collector, client: httpx.Client) -> None:
     collector.set_fault(drop=True, count=1)
     with pytest.raises(httpx.RemoteProtocolError):
         track(client, collector)
-    assert collector.requests == [ReceivedRequest("single", 0, 0, 0, 0, False, faulted=True)]
+    assert collector.requests == [ReceivedRequest("single", 0, 0, 0, 1, False, faulted=True)]
     assert track(client, collector).status_code == 204
 
 
@@ -714,7 +743,7 @@ def test_fault_delay_does_not_block_other_requests_and_stop_interrupts_it(
     thread.join(10)
     assert not thread.is_alive()
     assert len(errors) == 1
-    assert collector.requests[-1] == ReceivedRequest("single", 0, 0, 0, 0, False, faulted=True)
+    assert collector.requests[-1] == ReceivedRequest("single", 0, 0, 0, 1, False, faulted=True)
     assert len(collector.hits()) == 1
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import select
 import signal
 import socket
 import sqlite3
@@ -202,6 +203,10 @@ class _Answer:
     body: bytes = b""
     content_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+# What _faulted() returns when the request is to be handled normally.
+_PROCEED = _Answer(0)
 
 
 @dataclass
@@ -594,7 +599,8 @@ class Collector:
         Each faulted request waits `delay` seconds (stop() interrupts the wait),
         then: with `drop`, closes the connection without an answer; with a
         `status`, answers it with `body` and `headers` and stores nothing;
-        otherwise it is handled normally (a slow Matomo).
+        otherwise it is handled normally (a slow Matomo), unless the client gave
+        up waiting meanwhile (a client timeout): then nothing is stored.
         """
         if count is not None and count < 1:
             raise ValueError(f"count: a positive number of requests or None, got {count!r}")
@@ -718,28 +724,47 @@ class Collector:
 
     def _tracking(self, handler: _Handler, query: str, body: bytes) -> _Answer | None:
         bulk = handler.command == "POST" and _is_bulk(body)
-        kind: Literal["single", "bulk"] = "bulk" if bulk else "single"
         fault = self._take_fault()
         if fault is not None:
-            if fault.delay and self._stopping.wait(fault.delay):
-                # stop() during the delay: the server went away mid-request.
-                self._record(ReceivedRequest(kind, 0, 0, 0, 0, False, faulted=True))
-                return None
-            if fault.drop or fault.status is not None:
-                status = 0 if fault.drop else fault.status or 0
-                self._record(ReceivedRequest(kind, status, 0, 0, 0, False, faulted=True))
-                if fault.drop:
-                    return None
-                default = b"" if status == 204 else ERROR_TEXT
-                return _Answer(
-                    status,
-                    default if fault.body is None else fault.body,
-                    "text/html; charset=utf-8",
-                    fault.headers,
-                )
+            answer = self._faulted(handler, fault, query, body, bulk=bulk)
+            if answer is not _PROCEED:
+                return answer
         if bulk:
             return self._bulk(handler, body)
         return self._single(handler, query, body)
+
+    def _faulted(
+        self, handler: _Handler, fault: _Fault, query: str, body: bytes, *, bulk: bool
+    ) -> _Answer | None:
+        """The answer of a faulted request: None for no answer, _PROCEED to handle it."""
+        elements, has_token = _shape(query, body, bulk=bulk)
+
+        def record(status: int) -> None:
+            kind: Literal["single", "bulk"] = "bulk" if bulk else "single"
+            self._record(ReceivedRequest(kind, status, 0, 0, elements, has_token, faulted=True))
+
+        if fault.delay and self._stopping.wait(fault.delay):
+            # stop() during the delay: the server went away mid-request.
+            record(0)
+            return None
+        if fault.drop:
+            record(0)
+            return None
+        if fault.status is None:
+            if _peer_gone(handler.connection):
+                # The client gave up waiting (a timeout): like a request that
+                # never reached Matomo, it stores nothing.
+                record(0)
+                return None
+            return _PROCEED
+        record(fault.status)
+        default = b"" if fault.status == 204 else ERROR_TEXT
+        return _Answer(
+            fault.status,
+            default if fault.body is None else fault.body,
+            "text/html; charset=utf-8",
+            fault.headers,
+        )
 
     def _single(self, handler: _Handler, query: str, body: bytes) -> _Answer:
         params = _query_params(query)
@@ -981,6 +1006,30 @@ def _json_answer(status: int, data: object) -> _Answer:
 def _api_error(message: str) -> _Answer:
     # Matomo's reporting API answers errors with HTTP 200.
     return _json_answer(200, {"result": "error", "message": message})
+
+
+def _shape(query: str, body: bytes, *, bulk: bool) -> tuple[int, bool]:
+    """How many elements a tracking request carries and whether it has a token."""
+    if not bulk:
+        return 1, "token_auth=" in query or b"token_auth=" in body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return 0, False
+    if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
+        return 0, False
+    return len(data["requests"]), b"token_auth" in body
+
+
+def _peer_gone(connection: socket.socket) -> bool:
+    """True when the client closed its side of the connection."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # pragma: no cover - a connection reset by the client
+        return True
 
 
 def _shutdown_socket(connection: socket.socket) -> None:
