@@ -73,9 +73,12 @@ logger = logging.getLogger("asgi_matomo")
 
 
 class SpoolProtocol(Protocol):
-    """Durable storage for hits that could not be delivered (blocking methods)."""
+    """Durable storage for hits that could not be delivered (blocking methods).
 
-    def put(self, hits: Sequence[Hit]) -> None: ...
+    `put` may return how many older hits it evicted to stay within its size limit.
+    """
+
+    def put(self, hits: Sequence[Hit]) -> int | None: ...
     def claim(self, limit: int) -> list[tuple[int, Hit]]: ...
     def ack(self, ids: Sequence[int]) -> None: ...
     def release(self, ids: Sequence[int]) -> None: ...
@@ -90,7 +93,8 @@ class Stats:
     Every hit given to `submit`/`send_now` ends up in exactly one of `queued`,
     `in_flight`, `sent`, `invalid`, `rejected`, `dropped` or `spooled`. Hits read
     back from the spool are counted again in `sent`/`invalid`/`rejected`/`dropped`
-    and, when Matomo tracked them, in `replayed`.
+    and, when Matomo tracked them, in `replayed`; hits the spool evicts to stay
+    within its size limit are counted in `dropped`.
     """
 
     submitted: int = 0  # hits handed to submit() or send_now()
@@ -100,7 +104,7 @@ class Stats:
     retried: int = 0  # HTTP requests repeated after a retryable failure
     invalid: int = 0  # counted invalid by Matomo (bulk answer)
     rejected: int = 0  # in a batch refused with a non-retryable HTTP status
-    dropped: int = 0  # lost: queue full, retry deadline passed, closed, too old
+    dropped: int = 0  # lost: queue full, retry deadline passed, closed, too old, spool full
     spooled: int = 0  # written to the spool
     replayed: int = 0  # read back from the spool and tracked
     batches: int = 0  # HTTP requests made
@@ -333,6 +337,7 @@ class BatchSender:
         self._owned: tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient] | None = None
         self._spool_pending: bool | None = None  # None: not checked yet in this process
         self._replaying = False
+        self._spool_puts = 0
         self._shutdown_deadline: float | None = None
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
@@ -703,9 +708,13 @@ class BatchSender:
             if delay is None:
                 delay = backoff_delay(attempt)
             if (attempts is not None and attempt >= attempts) or self._clock() + delay > give_up_at:
-                self._warn("gave_up", "Matomo unavailable (%s): giving up on a batch", answer.cause)
+                self._warn(
+                    "gave_up",
+                    "asgi_matomo: Matomo unavailable (%s): giving up on a batch",
+                    answer.cause,
+                )
                 return hits
-            self._warn("retry", "Matomo unavailable (%s): retrying", answer.cause)
+            self._warn("retry", "asgi_matomo: Matomo unavailable (%s): retrying", answer.cause)
             self._counters.retried += 1
             await self._sleep(delay)
 
@@ -737,7 +746,7 @@ class BatchSender:
         if answer.invalid:
             self._warn(
                 "invalid",
-                "Matomo counted %d of %d hits invalid (wrong idsite? a bad parameter?)",
+                "asgi_matomo: Matomo counted %d of %d hits invalid (wrong idsite? bad parameter?)",
                 answer.invalid,
                 len(hits),
             )
@@ -841,12 +850,15 @@ class BatchSender:
     async def _spool_or_drop(self, hits: list[Hit], reason: str) -> None:
         if self._spool is not None:
             try:
-                await anyio.to_thread.run_sync(self._spool.put, hits)
+                evicted = await anyio.to_thread.run_sync(self._spool.put, hits)
             except Exception as exc:
                 self._warn("spool_put", "asgi_matomo: writing to the spool failed: %r", exc)
             else:
                 self._counters.spooled += len(hits)
                 self._spool_pending = True
+                self._spool_puts += 1
+                if evicted:
+                    self._drop(evicted, "spool_full", _WHY["spool_full"])
                 return
         self._drop(len(hits), reason, _WHY[reason])
 
@@ -858,7 +870,10 @@ class BatchSender:
         self._replaying = True
         try:
             if self._spool_pending is None:
-                self._spool_pending = await anyio.to_thread.run_sync(spool.count) > 0
+                waiting = await anyio.to_thread.run_sync(spool.count)
+                # A put while count() ran already knows better.
+                if self._spool_pending is None:
+                    self._spool_pending = waiting > 0
             done = 0
             while self._spool_pending and (max_batches is None or done < max_batches):
                 # The worker stops replaying at shutdown: the spool keeps the rest.
@@ -878,9 +893,11 @@ class BatchSender:
         if slots is not None:
             await slots.acquire()
         try:
+            puts = self._spool_puts
             claimed = await anyio.to_thread.run_sync(spool.claim, self._batch_size)
             if not claimed:
-                self._spool_pending = False
+                # Unless hits were put while claim() ran, the spool is empty.
+                self._spool_pending = puts != self._spool_puts
                 return False
             ids = {id(hit): sid for sid, hit in claimed}
             batch = _Batch([hit for _, hit in claimed], 0, worker=False)
@@ -931,6 +948,7 @@ _WHY = {
     "queue_full": "the queue is full (Matomo too slow or down)",
     "retry_deadline": "Matomo did not accept them before the retry deadline",
     "shutdown": "they were still undelivered at shutdown",
+    "spool_full": "the spool is full: it evicted its oldest hits",
     "too_old": "hits older than 24 h cannot be tracked without a valid access_token",
 }
 

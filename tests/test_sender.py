@@ -1,0 +1,1441 @@
+"""The batch sender: queueing, bulk requests, retries, token fallback, spool, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gc
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+from urllib.parse import parse_qsl
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+
+from asgi_matomo import _sender
+from asgi_matomo._hit import UNAUTHENTICATED_MAX_AGE, Hit
+from asgi_matomo._sender import (
+    DEFAULT_BATCH_SIZE,
+    RETRY_BASE,
+    RETRY_CAP,
+    BatchSender,
+    Stats,
+    backoff_delay,
+    parse_retry_after,
+)
+
+ENDPOINT = "https://matomo.example.com/matomo.php"
+TOKEN = "s3cr3t-token-0123456789abcdef"
+GOOD_TOKEN = "g00d-token-0123456789abcdef"
+# Hits are stamped "now" (whole seconds, for HTTP dates): older than 24 h needs a token.
+NOW = float(int(time.time()))
+DEADLINE = 10  # seconds a test may wait for a condition before it fails
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+def hit(n: int, *, cip: str | None = None, timestamp: float | None = None) -> Hit:
+    return Hit(
+        query=f"idsite=1&rec=1&url=https%3A%2F%2Fexample.com%2F{n}",
+        timestamp=NOW + n if timestamp is None else timestamp,
+        cip=cip,
+    )
+
+
+def numbers(requests: Sequence[str]) -> list[int]:
+    """The `n` of each hit() in a bulk body's `requests`, in order."""
+    return [int(dict(parse_qsl(r[1:]))["url"].rsplit("/", 1)[1]) for r in requests]
+
+
+class Matomo:
+    """A fake Matomo behind httpx.MockTransport: records bodies, answers with `answer`."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], httpx.Response] | None = None) -> None:
+        self.answer = answer or success
+        self.requests: list[httpx.Request] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.active = 0
+        self.max_active = 0
+        self.gate: anyio.Event | None = None  # set to hold requests until it is set
+        self._changed: anyio.Event | None = None
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append(request)
+        self.bodies.append(body)
+        self._notify()
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return self.answer(body)
+        finally:
+            self.active -= 1
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_for(self, n: int) -> None:
+        """Wait until `n` requests arrived (with a deadline)."""
+        with anyio.fail_after(DEADLINE):
+            while len(self.bodies) < n:
+                self._changed = event = anyio.Event()
+                await event.wait()
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(self.handler)) as client:
+            yield client
+
+    @property
+    def hits(self) -> list[int]:
+        return [n for body in self.bodies for n in numbers(body["requests"])]
+
+
+def success(body: dict[str, Any]) -> httpx.Response:
+    n = len(body["requests"])
+    return httpx.Response(200, json={"status": "success", "tracked": n, "invalid": 0})
+
+
+def matomo_with_token(valid: str | None) -> Callable[[dict[str, Any]], httpx.Response]:
+    """Matomo 5.1's bulk answer: with a bad token, elements carrying cip are invalid."""
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        ok = valid is not None and body.get("token_auth") == valid
+        invalid = 0 if ok else sum("&cip=" in r for r in body["requests"])
+        tracked = len(body["requests"]) - invalid
+        return httpx.Response(
+            200, json={"status": "success", "tracked": tracked, "invalid": invalid}
+        )
+
+    return answer
+
+
+def all_invalid(body: dict[str, Any]) -> httpx.Response:
+    n = len(body["requests"])
+    return httpx.Response(200, json={"status": "success", "tracked": 0, "invalid": n})
+
+
+class FakeClock:
+    """Monotonic time that moves only when the sender sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+class FakeSpool:
+    """An in-memory SpoolProtocol with leases, like the SQLite one."""
+
+    def __init__(self, hits: Sequence[Hit] = (), *, evict: int = 0) -> None:
+        self.rows: dict[int, Hit] = {}
+        self.leased: set[int] = set()
+        self.next_id = 1
+        self.closed = False
+        self.evict = evict
+        self.fail: set[str] = set()  # method names that raise
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+        self._store(hits)
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise OSError(f"spool {name} failed")
+
+    def put(self, hits: Sequence[Hit]) -> int | None:
+        self._call("put")
+        self._store(hits)
+        return self.evict or None
+
+    def _store(self, hits: Sequence[Hit]) -> None:
+        with self._lock:
+            for h in hits:
+                self.rows[self.next_id] = h
+                self.next_id += 1
+
+    def claim(self, limit: int) -> list[tuple[int, Hit]]:
+        self._call("claim")
+        with self._lock:
+            free = [i for i in sorted(self.rows) if i not in self.leased][:limit]
+            self.leased.update(free)
+            return [(i, self.rows[i]) for i in free]
+
+    def ack(self, ids: Sequence[int]) -> None:
+        self._call("ack")
+        with self._lock:
+            for i in ids:
+                self.rows.pop(i, None)
+                self.leased.discard(i)
+
+    def release(self, ids: Sequence[int]) -> None:
+        self._call("release")
+        with self._lock:
+            self.leased.difference_update(ids)
+
+    def count(self) -> int:
+        self._call("count")
+        return len(self.rows)
+
+    def close(self) -> None:
+        self._call("close")
+        self.closed = True
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, letting other tasks run (with a deadline)."""
+    with anyio.fail_after(DEADLINE):
+        while not condition():
+            await anyio.sleep(0)
+
+
+def check_books(stats: Stats) -> None:
+    """Every submitted hit is in exactly one place (no spool replay involved)."""
+    assert stats.submitted == (
+        stats.queued
+        + stats.in_flight
+        + stats.sent
+        + stats.invalid
+        + stats.rejected
+        + stats.dropped
+        + stats.spooled
+    )
+
+
+def sender_for(client: Any, **options: Any) -> BatchSender:
+    options.setdefault("flush_interval", 3600.0)
+    return BatchSender(endpoint=ENDPOINT, client=client, **options)
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("http_timeout", 0, "http_timeout must be > 0, got 0"),
+        ("batch_size", 0, "batch_size must be >= 1, got 0"),
+        ("flush_interval", -1.0, "flush_interval must be > 0, got -1.0"),
+        ("max_queue_size", 0, "max_queue_size must be >= 1, got 0"),
+        ("max_concurrent_batches", 0, "max_concurrent_batches must be >= 1, got 0"),
+        ("retry_deadline", -0.5, "retry_deadline must be >= 0, got -0.5"),
+        ("shutdown_timeout", float("nan"), "shutdown_timeout must be >= 0, got nan"),
+    ],
+)
+def test_numbers_are_validated(name: str, value: object, message: str) -> None:
+    kwargs: dict[str, Any] = {name: value}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        BatchSender(endpoint=ENDPOINT, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("batch_size", 1.5), ("batch_size", True), ("http_timeout", "5"), ("access_token", 42)],
+)
+def test_types_are_validated(name: str, value: object) -> None:
+    kwargs: dict[str, Any] = {name: value}
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        BatchSender(endpoint=ENDPOINT, **kwargs)
+
+
+@pytest.mark.parametrize("endpoint", ["", "matomo.example.com/matomo.php", None])
+def test_endpoint_must_be_an_http_url(endpoint: Any) -> None:
+    with pytest.raises(ValueError, match="endpoint must be an http"):
+        BatchSender(endpoint=endpoint)
+
+
+def test_defaults_are_exported() -> None:
+    sender = BatchSender(endpoint=ENDPOINT)
+    assert sender._batch_size == DEFAULT_BATCH_SIZE == 100
+    assert not sender.running
+    assert sender.stats == Stats()
+    assert not sender.force_flush()
+
+
+# -- batching ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_batches_by_size_oldest_first() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=3)
+        running = [sender.running]
+        async with sender.running_in_background():
+            running.append(sender.running)
+            for n in range(7):
+                sender.submit(hit(n))
+            await matomo.wait_for(2)
+            assert [numbers(b["requests"]) for b in matomo.bodies] == [[0, 1, 2], [3, 4, 5]]
+            # The seventh waits for its interval (an hour here) or a flush.
+            assert sender.stats.queued == 1
+            assert await sender.aflush(DEADLINE)
+            assert matomo.hits == list(range(7))
+        running.append(sender.running)
+    assert running == [False, True, False]
+    stats = sender.stats
+    assert (stats.sent, stats.batches, stats.queued, stats.in_flight) == (7, 3, 0, 0)
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_batches_by_interval() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=100, flush_interval=0.01)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+            await matomo.wait_for(1)
+            sender.submit(hit(2))
+            await matomo.wait_for(2)
+    assert [numbers(b["requests"]) for b in matomo.bodies] == [[0, 1], [2]]
+
+
+@pytest.mark.anyio
+async def test_bulk_request_shape() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            sender.submit(hit(1))
+    (request,) = matomo.requests
+    assert request.method == "POST"
+    assert str(request.url) == ENDPOINT
+    assert request.headers["content-type"] == "application/json"
+    assert matomo.bodies[0] == {
+        "requests": [
+            hit(0, cip="203.0.113.7").encode(authenticated=True),
+            hit(1).encode(authenticated=True),
+        ],
+        "token_auth": TOKEN,
+    }
+    assert "&cip=203.0.113.7" in matomo.bodies[0]["requests"][0]
+
+
+@pytest.mark.anyio
+async def test_no_token_no_token_auth_and_no_cip() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token="")  # an unset environment variable
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+    assert matomo.bodies == [{"requests": [hit(0).encode(authenticated=False)]}]
+
+
+@pytest.mark.anyio
+async def test_bounded_queue_drops_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_queue_size=2)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                for n in range(5):
+                    sender.submit(hit(n))
+            assert sender.stats.queued == 2
+            assert sender.stats.dropped == 3
+    assert matomo.hits == [0, 1]
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1
+    assert "queue is full" in warnings_[0].getMessage()
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+async def test_concurrent_batches_are_bounded() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=1, max_concurrent_batches=2)
+        async with sender.running_in_background():
+            for n in range(5):
+                sender.submit(hit(n))
+            await matomo.wait_for(2)
+            stats = sender.stats
+            assert (stats.in_flight, stats.queued) == (2, 3)
+            matomo.gate.set()
+            assert await sender.aflush(DEADLINE)
+    assert matomo.max_active == 2
+    assert sorted(matomo.hits) == list(range(5))
+    assert sender.stats.sent == 5
+
+
+@pytest.mark.anyio
+async def test_queue_grows_into_full_batches_while_slots_are_busy() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=3, max_concurrent_batches=1, flush_interval=0.001)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            await matomo.wait_for(1)
+            for n in range(1, 5):
+                sender.submit(hit(n))
+            matomo.gate.set()
+            await matomo.wait_for(3)
+    assert [numbers(b["requests"]) for b in matomo.bodies] == [[0], [1, 2, 3], [4]]
+
+
+@pytest.mark.anyio
+async def test_aflush_times_out_while_matomo_hangs() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            assert not await sender.aflush(0.01)
+            matomo.gate.set()
+            assert await sender.aflush()
+    assert sender.stats.sent == 1
+
+
+@pytest.mark.anyio
+async def test_aflush_when_not_running_is_trivially_done() -> None:
+    assert await BatchSender(endpoint=ENDPOINT).aflush(0)
+
+
+# -- answers -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(204),
+        httpx.Response(200, content=b"GIF89a\x01\x00", headers={"content-type": "image/gif"}),
+        httpx.Response(200, text="not json"),
+        httpx.Response(200, json=["a list"]),
+        httpx.Response(200, json={"status": "success"}),
+        httpx.Response(200, json={"tracked": True}),
+    ],
+)
+async def test_answers_without_counts_mean_success(response: httpx.Response) -> None:
+    matomo = Matomo(lambda body: response)
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+    assert (sender.stats.sent, sender.stats.invalid, sender.stats.retried) == (2, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_invalid_counts_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, json={"status": "success", "tracked": 2, "invalid": 1})
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=3)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                for n in range(6):
+                    sender.submit(hit(n))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.sent, stats.invalid, stats.retried) == (4, 2, 0)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert messages == [
+        "asgi_matomo: Matomo counted 1 of 3 hits invalid (wrong idsite? bad parameter?)"
+    ]
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_elements_matomo_skips_silently_count_as_invalid() -> None:
+    # Matomo answers `tracked 0, invalid 0` to a body it cannot parse.
+    matomo = Matomo(lambda body: httpx.Response(200, json={"tracked": 0, "invalid": 0}))
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+    assert (sender.stats.sent, sender.stats.invalid) == (0, 1)
+
+
+@pytest.mark.anyio
+async def test_client_errors_are_not_retried_and_logged_once_per_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        n = numbers(body["requests"])[0]
+        text = "<html>\n  Bad   request</html>" if n < 2 else f"Unknown site {TOKEN}"
+        return httpx.Response(400, text=text)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=1, access_token=TOKEN)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.ERROR, "asgi_matomo"):
+                for n in range(4):
+                    sender.submit(hit(n))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.rejected, stats.retried, stats.batches) == (4, 0, 4)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert messages == [
+        "asgi_matomo: Matomo refused a batch of 1 hits with HTTP 400: <html> Bad request</html> "
+        "(not retried; logged once per distinct answer)",
+        "asgi_matomo: Matomo refused a batch of 1 hits with HTTP 400: Unknown site *** "
+        "(not retried; logged once per distinct answer)",
+    ]
+    check_books(stats)
+
+
+def test_duplicate_filter_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    sender = BatchSender(endpoint=ENDPOINT)
+    with caplog.at_level(logging.ERROR, "asgi_matomo"):
+        for n in range(_sender._MAX_CAUSES + 10):
+            sender._log_once(f"cause {n}", logging.ERROR, "cause %d", n)
+    assert len(caplog.records) == _sender._MAX_CAUSES
+
+
+# -- retries -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 6, 7, 8, 100, 10_000])
+def test_backoff_is_full_jitter_up_to_the_cap(attempt: int) -> None:
+    ceiling = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempt - 1, 64))
+    assert backoff_delay(attempt, lambda: 0.0) == 0.0
+    assert backoff_delay(attempt, lambda: 0.999999) == pytest.approx(ceiling, rel=1e-5)
+    for _ in range(50):
+        assert 0.0 <= backoff_delay(attempt) <= ceiling <= RETRY_CAP
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("nan", None),
+        ("120", 120.0),
+        (" 1.5 ", 1.5),
+        ("-3", 0.0),
+        (email.utils.formatdate(NOW + 30, usegmt=True), 30.0),
+        (email.utils.formatdate(NOW - 30, usegmt=True), 0.0),
+        ("Wed, 99 Foo 2024 99:99:99 GMT", None),
+    ],
+)
+def test_retry_after_parsing(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def failing(*answers: httpx.Response | Exception) -> Callable[[dict[str, Any]], httpx.Response]:
+    """Answers (or raises) each of `answers` once, then succeeds."""
+    pending = list(answers)
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if pending:
+            outcome = pending.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        return success(body)
+
+    return answer
+
+
+@pytest.mark.anyio
+async def test_retries_with_backoff_until_success() -> None:
+    clock = FakeClock()
+    matomo = Matomo(
+        failing(
+            httpx.Response(500, json={"status": "error"}),
+            httpx.ConnectError("refused"),
+            httpx.ReadTimeout("slow"),
+            httpx.Response(502),
+            httpx.Response(408),
+            httpx.Response(503),
+        )
+    )
+    async with matomo.client() as client:
+        sender = sender_for(client, clock=clock, sleep=clock.sleep)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+            assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.sent, stats.retried, stats.batches) == (2, 6, 7)
+    # The whole batch again each time: Matomo rolls a failed bulk back.
+    assert all(body == matomo.bodies[0] for body in matomo.bodies)
+    assert len(clock.sleeps) == 6
+    for attempt, delay in enumerate(clock.sleeps, start=1):
+        assert 0.0 <= delay <= min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("header", ["7", "date"])
+async def test_retry_after_is_honoured(header: str) -> None:
+    clock = FakeClock()
+    value = "7" if header == "7" else email.utils.formatdate(NOW + 7, usegmt=True)
+    matomo = Matomo(failing(httpx.Response(429, headers={"Retry-After": value})))
+    async with matomo.client() as client:
+        sender = sender_for(client, clock=clock, sleep=clock.sleep, wall_clock=lambda: NOW)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+    assert clock.sleeps == [7.0]
+    assert sender.stats.sent == 1
+
+
+@pytest.mark.anyio
+async def test_timeout_of_a_hanging_client_is_retried() -> None:
+    clock = FakeClock()
+    calls = 0
+
+    async def post(url: str, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await anyio.sleep_forever()
+        return SimpleNamespace(status_code=204, text="")
+
+    client = SimpleNamespace(post=post)
+    sender = sender_for(client, http_timeout=0.01, clock=clock, sleep=clock.sleep)
+    async with sender.running_in_background():
+        sender.submit(hit(0))
+    assert (sender.stats.sent, sender.stats.retried, sender.stats.batches) == (1, 1, 2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_retry_deadline_then_spool_or_drop(
+    with_spool: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    spool = FakeSpool() if with_spool else None
+    matomo = Matomo(lambda body: httpx.Response(503))
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, clock=clock, sleep=clock.sleep, retry_deadline=60.0, spool=spool
+        )
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                sender.submit(hit(0))
+                sender.submit(hit(1))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert sum(clock.sleeps) <= 60.0
+    assert stats.retried == len(clock.sleeps) >= 3
+    if spool is not None:
+        assert stats.spooled == 2
+        assert stats.dropped == 0
+        assert list(spool.rows.values()) == [hit(0), hit(1)]
+        assert spool.closed
+    else:
+        assert stats.dropped == 2
+        assert stats.spooled == 0
+    check_books(stats)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "asgi_matomo: Matomo unavailable (HTTP 503): retrying" in messages
+    # Rate limited: one line per kind, not one per attempt.
+    assert len(messages) == len(set(messages))
+
+
+def test_throttle_counts_suppressed_lines() -> None:
+    now = [0.0]
+    throttle = _sender._Throttle(lambda: now[0], interval=60.0)
+    assert throttle.allow("k") == 0
+    assert throttle.allow("k") is None
+    assert throttle.allow("other") == 0
+    assert throttle.allow("k") is None
+    now[0] = 61.0
+    assert throttle.allow("k") == 2
+
+
+def test_warn_mentions_suppressed_lines(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    sender = BatchSender(endpoint=ENDPOINT, clock=clock)
+    with caplog.at_level(logging.WARNING, "asgi_matomo"):
+        for _ in range(3):
+            sender._drop(1, "x", "because")
+        clock.now += _sender.LOG_INTERVAL
+        sender._drop(1, "x", "because")
+    assert [r.getMessage() for r in caplog.records] == [
+        "asgi_matomo: dropped 1 hits: because",
+        "asgi_matomo: dropped 1 hits: because (2 similar messages suppressed)",
+    ]
+    assert sender.stats.dropped == 4
+
+
+# -- the token -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_token_is_never_logged_nor_in_a_url(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    matomo = Matomo(
+        failing(
+            httpx.Response(500, text=f"error {TOKEN}"),
+            httpx.ConnectError(f"boom {TOKEN}"),
+            httpx.Response(400, text=f"bad token_auth={TOKEN}"),
+        )
+    )
+    caplog.set_level(logging.DEBUG)
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, access_token=TOKEN, clock=clock, sleep=clock.sleep, batch_size=1
+        )
+        async with sender.running_in_background():
+            for n in range(3):
+                sender.submit(hit(n, cip="203.0.113.7"))
+    assert caplog.records
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+    for request in matomo.requests:
+        assert TOKEN not in str(request.url)
+        assert TOKEN not in str(request.headers)
+    assert all(body["token_auth"] == TOKEN for body in matomo.bodies)
+    assert TOKEN not in repr(sender)
+
+
+@pytest.mark.anyio
+async def test_rejected_token_is_detected_and_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    matomo = Matomo(matomo_with_token(valid=GOOD_TOKEN))
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=3)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                for n in range(9):
+                    sender.submit(hit(n, cip="203.0.113.7" if n != 1 else None))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.sent, stats.invalid, stats.dropped) == (9, 0, 0)
+    assert stats.token_rejected
+    # One request with the bad token, then never again: Matomo counts each as a
+    # failed login and blocks the IP after about 20.
+    assert [("token_auth" in b) for b in matomo.bodies] == [True, False, False, False]
+    # The resend carries only the hits that needed the token (hit 1 had no cip and
+    # was tracked the first time), without cip.
+    assert numbers(matomo.bodies[1]["requests"]) == [0, 2]
+    assert all("cip=" not in r for b in matomo.bodies[1:] for r in b["requests"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "Matomo rejected the access_token" in errors[0]
+    assert "write access" in errors[0]
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_batches_in_flight_when_the_token_is_revoked_are_resent() -> None:
+    resent = anyio.Event()
+    second_sent = anyio.Event()
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        n = numbers(body["requests"])[0]
+        if "token_auth" not in body:
+            if n == 1:
+                resent.set()
+            return success(body)
+        if n == 0:  # the token is good at first
+            return success(body)
+        if n == 1:  # then revoked, while hit 2 is on its way with the token too
+            await second_sent.wait()
+            return httpx.Response(403)
+        second_sent.set()
+        await resent.wait()
+        return all_invalid(body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=1)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+            sender.submit(hit(1, cip="203.0.113.7"))
+            sender.submit(hit(2, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+    assert [(numbers(b["requests"]), "token_auth" in b) for b in bodies] == [
+        ([0], True),
+        ([1], True),
+        ([2], True),
+        ([1], False),
+        ([2], False),
+    ]
+    stats = sender.stats
+    assert stats.token_rejected
+    assert (stats.sent, stats.invalid) == (3, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [401, 403])
+async def test_http_401_403_with_token_means_rejected_token(status: int) -> None:
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if "token_auth" in body:
+            return httpx.Response(status, text="Forbidden")
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            sender.submit(hit(1))
+    stats = sender.stats
+    assert stats.token_rejected
+    assert (stats.sent, stats.rejected, stats.batches) == (2, 0, 2)
+
+
+@pytest.mark.anyio
+async def test_http_403_without_token_is_a_refusal() -> None:
+    matomo = Matomo(lambda body: httpx.Response(403))
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+    assert (sender.stats.rejected, sender.stats.token_rejected) == (1, False)
+
+
+@pytest.mark.anyio
+async def test_good_token_is_verified_and_never_probed_again() -> None:
+    valid = matomo_with_token(valid=TOKEN)
+    calls = 0
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return valid(body) if calls == 1 else all_invalid(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=1)
+        async with sender.running_in_background():
+            for n in range(3):
+                sender.submit(hit(n, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+    assert sender._token_state is _sender._Token.VERIFIED
+    assert all("token_auth" in b for b in matomo.bodies)
+    assert (sender.stats.sent, sender.stats.invalid, sender.stats.batches) == (1, 2, 3)
+
+
+@pytest.mark.anyio
+async def test_all_invalid_with_and_without_token_blames_idsite(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    matomo = Matomo(all_invalid)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=1)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.ERROR, "asgi_matomo"):
+                for n in range(6):
+                    sender.submit(hit(n, cip="203.0.113.7"))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert not stats.token_rejected
+    assert (stats.sent, stats.invalid) == (0, 6)
+    # A few probes without the token, then the token is kept for good.
+    with_token = [("token_auth" in b) for b in matomo.bodies]
+    assert with_token.count(False) == _sender.TOKEN_PROBES
+    assert with_token[-1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "idsite" in errors[0]
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_inconclusive_probe_keeps_the_token() -> None:
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if "token_auth" in body:
+            return all_invalid(body)
+        return httpx.Response(200, json={"tracked": 1, "invalid": 1})
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            sender.submit(hit(1, cip="203.0.113.7"))
+    assert sender._token_state is _sender._Token.UNKNOWN
+    assert (sender.stats.sent, sender.stats.invalid) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_old_hits_without_a_valid_token_are_dropped() -> None:
+    matomo = Matomo()
+    old = NOW - UNAUTHENTICATED_MAX_AGE - 1
+    async with matomo.client() as client:
+        sender = sender_for(client, wall_clock=lambda: NOW)
+        async with sender.running_in_background():
+            sender.submit(hit(0, timestamp=old))
+            sender.submit(hit(1))
+            sender.submit(hit(2, timestamp=old))
+            assert await sender.aflush(DEADLINE)
+            sender.submit(hit(3, timestamp=old))
+    assert matomo.hits == [1]
+    assert (sender.stats.sent, sender.stats.dropped) == (1, 3)
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+async def test_authenticated_batches_go_one_at_a_time_until_the_token_is_confirmed() -> None:
+    matomo = Matomo(matomo_with_token(valid=TOKEN))
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=1, max_concurrent_batches=4)
+        async with sender.running_in_background():
+            for n in range(3):
+                sender.submit(hit(n, cip="203.0.113.7"))
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.in_flight == 3)
+            # All three taken, two wait for the first answer.
+            assert len(matomo.bodies) == 1
+            matomo.gate.set()
+            assert await sender.aflush(DEADLINE)
+            # Confirmed: now batches run side by side.
+            matomo.gate = anyio.Event()
+            for n in range(3, 6):
+                sender.submit(hit(n, cip="203.0.113.7"))
+            sender.force_flush()
+            await matomo.wait_for(6)
+            matomo.gate.set()
+    assert matomo.max_active == 3
+    assert sender.stats.sent == 6
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_user_client_is_not_closed() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+        assert not client.is_closed
+        await sender.send_now([hit(1)])  # closed: dropped
+    assert sender.stats.dropped == 1
+
+
+@pytest.fixture
+def owned_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
+    """Make the sender's own clients talk to a MockTransport; yields them as created."""
+    created: list[httpx.AsyncClient] = []
+    real = httpx.AsyncClient
+
+    def factory(**kwargs: Any) -> httpx.AsyncClient:
+        transport = httpx.MockTransport(lambda request: success(json.loads(request.content)))
+        client = real(transport=transport, **kwargs)
+        created.append(client)
+        return client
+
+    monkeypatch.setattr(httpx, "AsyncClient", factory)
+    return created
+
+
+@pytest.mark.anyio
+async def test_own_client_is_created_and_closed(owned_clients: list[httpx.AsyncClient]) -> None:
+    sender = BatchSender(endpoint=ENDPOINT, http_timeout=2.5)
+    async with sender.running_in_background():
+        sender.submit(hit(0))
+        await sender.send_now([hit(1)])  # same loop: same client
+    assert len(owned_clients) == 1
+    assert owned_clients[0].is_closed
+    assert owned_clients[0].timeout == httpx.Timeout(2.5)
+    assert sender.stats.sent == 2
+
+
+def test_direct_mode_across_event_loops(owned_clients: list[httpx.AsyncClient]) -> None:
+    # Starlette's TestClient runs each request in a new event loop.
+    sender = BatchSender(endpoint=ENDPOINT)
+    anyio.run(sender.send_now, [hit(0)])
+    anyio.run(sender.send_now, [hit(1)], backend="trio")
+    anyio.run(sender.send_now, [hit(2)])
+    assert len(owned_clients) == 3
+    assert [c.is_closed for c in owned_clients] == [True, True, False]
+    anyio.run(sender.aclose)
+    assert owned_clients[2].is_closed
+    assert sender.stats.sent == 3
+
+
+@pytest.mark.anyio
+async def test_mock_async_client_pattern() -> None:
+    # The documented way to test an app without a Matomo.
+    client = mock.AsyncMock(httpx.AsyncClient)
+    client.post.return_value = SimpleNamespace(status_code=204, text="")
+    sender = sender_for(client, access_token=TOKEN)
+    async with sender.running_in_background():
+        sender.submit(hit(0, cip="203.0.113.7"))
+    await sender.send_now([hit(1)])
+    client.post.assert_awaited_once()
+    (url,), kwargs = client.post.call_args
+    assert url == ENDPOINT
+    assert set(kwargs) == {"content", "headers"}
+    assert json.loads(kwargs["content"])["token_auth"] == TOKEN
+    client.aclose.assert_not_called()
+    assert (sender.stats.sent, sender.stats.dropped) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_a_mock_without_a_status_code_is_a_refusal() -> None:
+    client = mock.AsyncMock(httpx.AsyncClient)  # post() returns a MagicMock
+    sender = sender_for(client)
+    async with sender.running_in_background():
+        sender.submit(hit(0))
+    assert (sender.stats.rejected, sender.stats.retried) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_retry_after_read_from_a_plain_dict_or_broken_headers() -> None:
+    clock = FakeClock()
+    answers = [
+        SimpleNamespace(status_code=503, text="", headers={"retry-after": "3"}),
+        SimpleNamespace(status_code=503, text=b"bytes", headers=None),
+        SimpleNamespace(status_code=204, text=None),
+    ]
+
+    async def post(url: str, **kwargs: Any) -> Any:
+        return answers.pop(0)
+
+    sender = sender_for(SimpleNamespace(post=post), clock=clock, sleep=clock.sleep)
+    async with sender.running_in_background():
+        sender.submit(hit(0))
+    assert clock.sleeps[0] == 3.0
+    assert len(clock.sleeps) == 2
+    assert sender.stats.sent == 1
+
+
+# -- direct mode ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_send_now_sends_one_bulk_request() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        await sender.send_now([hit(0), hit(1)])
+        await sender.send_now([])
+        assert not sender.running
+    assert [numbers(b["requests"]) for b in matomo.bodies] == [[0, 1]]
+    assert sender.stats.sent == 2
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_send_now_retries_a_few_times_then_spools_or_drops(with_spool: bool) -> None:
+    clock = FakeClock()
+    spool = FakeSpool() if with_spool else None
+    matomo = Matomo(lambda body: httpx.Response(500))
+    async with matomo.client() as client:
+        sender = sender_for(client, clock=clock, sleep=clock.sleep, spool=spool)
+        await sender.send_now([hit(0)])
+    assert sender.stats.batches == _sender.DIRECT_ATTEMPTS
+    assert sum(clock.sleeps) <= sender._http_timeout
+    assert (sender.stats.spooled, sender.stats.dropped) == ((1, 0) if with_spool else (0, 1))
+
+
+@pytest.mark.anyio
+async def test_send_now_replays_one_spooled_batch_per_call() -> None:
+    spool = FakeSpool([hit(10), hit(11), hit(12)])
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, batch_size=2)
+        await sender.send_now([hit(0)])
+        assert matomo.hits == [0, 10, 11]
+        await sender.send_now([hit(1)])
+        await sender.send_now([hit(2)])
+    assert matomo.hits == [0, 10, 11, 1, 12, 2]
+    assert spool.rows == {}
+    assert (sender.stats.replayed, sender.stats.sent) == (3, 6)
+
+
+@pytest.mark.anyio
+async def test_send_now_survives_a_broken_hit(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(Hit):
+        __slots__ = ()
+
+        def encode(self, *, authenticated: bool) -> str:
+            raise RuntimeError("bug")
+
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        with caplog.at_level(logging.ERROR, "asgi_matomo"):
+            await sender.send_now([Broken("q", NOW)])
+            async with sender.running_in_background():
+                sender.submit(Broken("q", NOW))
+    assert sender.stats.dropped == 2
+    assert len(caplog.records) == 2
+
+
+# -- lifecycle -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_submit_before_start_and_after_close_is_dropped() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        sender.submit(hit(0))
+        async with sender.running_in_background():
+            sender.submit(hit(1))
+        sender.submit(hit(2))
+    assert matomo.hits == [1]
+    assert (sender.stats.submitted, sender.stats.sent, sender.stats.dropped) == (3, 1, 2)
+
+
+@pytest.mark.anyio
+async def test_aclose_is_idempotent_and_logs_one_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        with caplog.at_level(logging.INFO, "asgi_matomo"):
+            async with sender.running_in_background(), anyio.create_task_group() as tg:
+                sender.submit(hit(0))
+                tg.start_soon(sender.aclose)
+                tg.start_soon(sender.aclose)
+                await matomo.wait_for(1)
+                assert not sender.running
+                matomo.gate.set()
+            await sender.aclose()
+    summaries = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert summaries == [
+        "asgi_matomo: sender closed: submitted=1 sent=1 invalid=0 rejected=0 dropped=0 "
+        "spooled=0 replayed=0 retried=0 batches=1 token_rejected=False"
+    ]
+    with pytest.raises(RuntimeError, match="closed; a sender runs once"):
+        async with sender.running_in_background():
+            pass  # pragma: no cover
+
+
+@pytest.mark.anyio
+async def test_aclose_without_start_closes_the_spool() -> None:
+    spool = FakeSpool()
+    sender = BatchSender(endpoint=ENDPOINT, spool=spool)
+    await sender.aclose()
+    assert spool.closed
+    assert spool.calls == ["close"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_shutdown_timeout_spools_or_drops_what_is_left(with_spool: bool) -> None:
+    spool = FakeSpool() if with_spool else None
+    matomo = Matomo()
+    matomo.gate = anyio.Event()  # never set: Matomo hangs
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, batch_size=2, max_concurrent_batches=1, shutdown_timeout=0.05, spool=spool
+        )
+        async with sender.running_in_background():
+            for n in range(5):
+                sender.submit(hit(n))
+            await matomo.wait_for(1)
+    stats = sender.stats
+    assert (stats.queued, stats.in_flight, stats.sent) == (0, 0, 0)
+    if spool is not None:
+        assert stats.spooled == 5
+        assert sorted(h.timestamp for h in spool.rows.values()) == [
+            hit(n).timestamp for n in range(5)
+        ]
+    else:
+        assert stats.dropped == 5
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_shutdown_flushes_the_queue() -> None:
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=2)
+        async with sender.running_in_background():
+            for n in range(5):
+                sender.submit(hit(n))
+    assert matomo.hits == list(range(5))
+
+
+@pytest.mark.anyio
+async def test_retries_stop_at_the_shutdown_deadline() -> None:
+    clock = FakeClock()
+    spool = FakeSpool()
+    matomo = Matomo(lambda body: httpx.Response(503, headers={"Retry-After": "100"}))
+    async with matomo.client() as client:
+        sender = sender_for(client, clock=clock, sleep=clock.sleep, spool=spool, retry_deadline=1e9)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.force_flush()
+            await matomo.wait_for(2)
+    # Retried while running, gave up as soon as shutdown began.
+    assert sender.stats.spooled == 1
+    assert list(spool.rows.values()) == [hit(0)]
+
+
+@pytest.mark.anyio
+async def test_cancelled_body_still_closes_cleanly() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    spool = FakeSpool()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, batch_size=1)
+        with anyio.CancelScope() as scope:
+            async with sender.running_in_background():
+                sender.submit(hit(0))
+                await matomo.wait_for(1)
+                scope.cancel()
+                await anyio.sleep_forever()
+    assert sender.stats.spooled == 1
+    assert spool.closed
+
+
+@pytest.mark.anyio
+async def test_fork_child_starts_afresh(owned_clients: list[httpx.AsyncClient]) -> None:
+    sender = BatchSender(endpoint=ENDPOINT, access_token=TOKEN)
+    sender._token_state = _sender._Token.REJECTED
+    with anyio.CancelScope() as scope:  # a real child has no worker task to stop
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            await sender.send_now([hit(1)])
+            sender.submit(hit(2))
+            assert sender.stats.queued == 2
+            # What os.register_at_fork runs in a child process:
+            sender._after_fork_in_child()
+            assert not sender.running
+            assert sender.stats == Stats(token_rejected=True)
+            assert sender._owned is None
+            sender.submit(hit(3))  # the child has not started its own worker yet
+            assert sender.stats.dropped == 1
+            scope.cancel()
+    # The child left the parent's connections alone.
+    assert not owned_clients[0].is_closed
+    await owned_clients[0].aclose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_register_at_fork_resets_the_child() -> None:
+    sender = BatchSender(endpoint=ENDPOINT)
+    sender._counters.sent = 5
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking a process that has threads.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os._exit(0 if sender.stats.sent == 0 and sender._pid == os.getpid() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sender.stats.sent == 5
+
+
+def test_fork_hook_does_not_keep_the_sender_alive() -> None:
+    sender = BatchSender(endpoint=ENDPOINT)
+    hook = weakref.WeakMethod(sender._after_fork_in_child)
+    del sender
+    gc.collect()
+    assert hook() is None
+    _sender._call(hook)  # a dead sender's hook does nothing
+
+
+# -- spool ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_spool_left_by_a_previous_process_is_replayed_at_start() -> None:
+    spool = FakeSpool([hit(n) for n in range(5)])
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, batch_size=2)
+        async with sender.running_in_background():
+            await matomo.wait_for(3)
+    assert matomo.hits == list(range(5))
+    assert spool.rows == {}
+    assert (sender.stats.replayed, sender.stats.sent) == (5, 5)
+
+
+@pytest.mark.anyio
+async def test_spooled_hits_come_back_when_matomo_recovers() -> None:
+    clock = FakeClock()
+    spool = FakeSpool()
+    down = True
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(503) if down else success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, clock=clock, sleep=clock.sleep, retry_deadline=5)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+            assert await sender.aflush(DEADLINE)
+            assert sender.stats.spooled == 2
+            down = False
+            sender.submit(hit(2))
+            assert await sender.aflush(DEADLINE)
+            await until(lambda: not spool.rows)
+    assert matomo.hits[-3:] == [2, 0, 1]
+    assert (sender.stats.sent, sender.stats.replayed) == (3, 2)
+
+
+@pytest.mark.anyio
+async def test_replay_releases_on_failure_and_acks_refusals() -> None:
+    spool = FakeSpool([hit(0), hit(1)])
+    spool_answers = [503, 400]
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if numbers(body["requests"])[0] < 5 and spool_answers:
+            return httpx.Response(spool_answers.pop(0), text="bad")
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, batch_size=1)
+        await sender.send_now([hit(5)])  # Matomo answers: replay one batch, it fails
+        assert spool.calls == ["count", "claim", "release"]
+        assert len(spool.rows) == 2
+        assert not spool.leased
+        await sender.send_now([hit(6)])  # replay: refused with 400, not kept
+        assert len(spool.rows) == 1
+        await sender.send_now([hit(7)])
+    assert spool.rows == {}
+    assert matomo.hits == [5, 0, 6, 0, 7, 1]
+    stats = sender.stats
+    assert (stats.sent, stats.rejected, stats.replayed) == (4, 1, 1)
+
+
+@pytest.mark.anyio
+async def test_queue_overflow_goes_to_the_spool() -> None:
+    spool = FakeSpool(evict=1)
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, max_queue_size=2, batch_size=2)
+        async with sender.running_in_background():
+            for n in range(2):
+                sender.submit(hit(n))
+            await matomo.wait_for(1)
+            for n in range(2, 8):
+                sender.submit(hit(n))
+            # 2 wait in the queue, 2 overflow to the spool, then the overflow is full.
+            await until(lambda: "put" in spool.calls)
+            matomo.gate.set()
+    stats = sender.stats
+    assert stats.spooled == 2
+    assert stats.dropped == 2 + 1  # overflow full, and the spool evicted one
+    assert sorted(numbers([h.encode(authenticated=False) for h in spool.rows.values()])) == [4, 5]
+
+
+@pytest.mark.anyio
+async def test_spool_failures_are_survived(caplog: pytest.LogCaptureFixture) -> None:
+    spool = FakeSpool([hit(0)])
+    spool.fail = {"count", "put", "close"}
+    matomo = Matomo(lambda body: httpx.Response(400))
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, retry_deadline=0)
+        with caplog.at_level(logging.WARNING, "asgi_matomo"):
+            async with sender.running_in_background():
+                sender.submit(hit(1))
+    assert sender.stats.rejected == 1
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "reading the spool failed" in messages
+    assert "closing the spool failed" in messages
+
+
+@pytest.mark.anyio
+async def test_failed_spool_write_drops() -> None:
+    clock = FakeClock()
+    spool = FakeSpool()
+    spool.fail = {"put"}
+    matomo = Matomo(lambda body: httpx.Response(503))
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, clock=clock, sleep=clock.sleep, retry_deadline=1)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+    assert (sender.stats.spooled, sender.stats.dropped) == (0, 1)
+
+
+@pytest.mark.anyio
+async def test_replay_stops_at_shutdown() -> None:
+    spool = FakeSpool([hit(0), hit(1)])
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, batch_size=1, shutdown_timeout=0.05)
+        async with sender.running_in_background():
+            await matomo.wait_for(1)
+    # The claimed batch was given back, the other never claimed.
+    assert len(spool.rows) == 2
+    assert not spool.leased
+    assert sender.stats.replayed == 0
+
+
+# -- a real HTTP server, two real event loops --------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    bodies: list[dict[str, Any]] = []  # noqa: RUF012 (set per server below)
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        self.bodies.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    bodies: list[dict[str, Any]] = []
+    handler = type("Handler", (_Handler,), {"bodies": bodies})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/matomo.php", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_real_connections_across_event_loops(
+    http_server: tuple[str, list[dict[str, Any]]],
+) -> None:
+    endpoint, bodies = http_server
+    sender = BatchSender(endpoint=endpoint)
+
+    def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        asyncio.run(coro())
+
+    run(lambda: sender.send_now([hit(0)]))
+    run(lambda: sender.send_now([hit(1)]))
+    run(sender.aclose)
+    gc.collect()  # an unclosed socket would warn (an error under filterwarnings=error)
+    assert [numbers(b["requests"]) for b in bodies] == [[0], [1]]
+    assert sender.stats.sent == 2
