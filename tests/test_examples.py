@@ -28,7 +28,7 @@ HEADERS = {
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    with Collector(sites=[12345]) as running:
+    with Collector(sites=[1, 12345]) as running:
         yield running
 
 
@@ -37,9 +37,9 @@ def get(url: str) -> httpx.Response:
         return client.get(url)
 
 
-def common_checks(hit: StoredHit, base_url: str, path: str) -> None:
+def common_checks(hit: StoredHit, base_url: str, path: str, idsite: int = 12345) -> None:
     host = base_url.removeprefix("http://")
-    assert hit.idsite == 12345
+    assert hit.idsite == idsite
     assert hit.url == f"https://{host}{path}"
     assert hit.ua == USER_AGENT
     assert hit.lang == "sv-SE,sv;q=0.9"
@@ -98,3 +98,23 @@ def test_placeholder_url_is_a_clear_error_at_startup() -> None:
 
     with pytest.raises(ValueError, match="matomo_url must be an http"):
         MatomoMiddleware(lambda s, r, w: None, matomo_url="YOUR MATOMO TRACKING URL", idsite=1)  # type: ignore[arg-type,return-value]
+
+
+def test_readme_starlette_example(collector: Collector, tmp_path: Path) -> None:
+    with serve("docs_src.usage.starlette_app:app", collector.tracking_url, tmp_path) as server:
+        assert get(server.url + "/").json() == {"hello": "world"}
+        assert get(server.url + "/health").status_code == 404  # excluded: not tracked
+        assert get(server.url + "/?after=1").status_code == 200
+        hits = collector.wait_for_hits(2)
+    common_checks(hits[0], server.url, "/", idsite=1)
+    assert [hit.url.rsplit("/", 1)[1] for hit in hits if hit.url] == ["", "?after=1"]
+
+
+def test_readme_fastapi_example(collector: Collector, tmp_path: Path) -> None:
+    app = "docs_src.usage.fastapi_app:app"
+    with serve(app, collector.tracking_url, tmp_path) as server:
+        assert get(server.url + "/items/42").json() == {"item_id": 42}
+        (hit,) = collector.wait_for_hits(1)
+    common_checks(hit, server.url, "/items/42", idsite=1)
+    assert hit.action_name == "/items/{item_id}"
+    assert hit.http_status == 200
