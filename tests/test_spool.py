@@ -534,6 +534,38 @@ def test_a_spool_of_another_schema_version_is_refused(path: Path) -> None:
     _assert_spool_error(path, f"schema version {SCHEMA_VERSION + 1}", "move the file away")
 
 
+@pytest.fixture
+def creating(path: Path) -> Iterator[sqlite3.Connection]:
+    # Another worker in the middle of creating the spool: it holds the write lock
+    # of a new file that is not in WAL mode yet.
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    yield other
+    other.close()
+
+
+def test_waits_for_another_worker_creating_the_file(
+    path: Path, creating: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[float] = []
+
+    def other_worker_finishes(seconds: float) -> None:
+        pauses.append(seconds)
+        creating.execute("COMMIT")
+
+    monkeypatch.setattr(time, "sleep", other_worker_finishes)
+    SqliteSpool(path).close()
+    assert pauses == [_spool.WAL_RETRY_SECONDS]
+
+
+def test_a_file_locked_for_too_long_is_refused(
+    path: Path, creating: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_spool, "BUSY_TIMEOUT_SECONDS", 0.0)
+    error = _assert_spool_error(path, "stayed locked by another process", "sqlite3 shell")
+    assert isinstance(error.__cause__, sqlite3.OperationalError)
+
+
 def test_a_path_without_wal_support_is_refused() -> None:
     with pytest.raises(SpoolError, match=r"spool_path ':memory:' cannot use SQLite's WAL"):
         SqliteSpool(":memory:")

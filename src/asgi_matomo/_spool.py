@@ -30,6 +30,8 @@ SCHEMA_VERSION = 1
 # with "database is locked". Writers hold it for a few milliseconds at most.
 BUSY_TIMEOUT_SECONDS = 10.0
 DEFAULT_LEASE_SECONDS = 60.0
+# Pause between attempts to switch a new file to WAL while another worker holds it.
+WAL_RETRY_SECONDS = 0.01
 
 # AUTOINCREMENT so that an id is never reused: a process still holding the id of a
 # row that was dropped (max_rows) must not ack or release a newer row by mistake.
@@ -302,7 +304,7 @@ def _open(path: str) -> sqlite3.Connection:
 def _prepare(conn: sqlite3.Connection, path: str) -> None:
     # Refuse a foreign database before changing anything in it (WAL is persistent).
     _check_schema(conn, path)
-    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    mode = _use_wal(conn)
     if mode != "wal":
         raise SpoolError(
             f"spool_path {path!r} cannot use SQLite's WAL journal (got {mode!r}): "
@@ -324,11 +326,30 @@ def _prepare(conn: sqlite3.Connection, path: str) -> None:
     logger.debug("spool %s opened with %d hits waiting", path, rows)
 
 
+def _use_wal(conn: sqlite3.Connection) -> str:
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            # Switching needs an exclusive lock, and SQLite fails at once instead of
+            # waiting (deadlock avoidance) while another worker is creating the spool.
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_SECONDS)
+        else:
+            return str(mode)
+
+
 def _check_schema(conn: sqlite3.Connection, path: str) -> bool:
     """True when the database is empty and needs the schema, raise if not ours."""
-    (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    (objects,) = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    # One statement, so one consistent snapshot: read one by one, the header could
+    # change in between as another worker creates the spool.
+    application_id, version, objects = conn.execute(
+        "SELECT (SELECT application_id FROM pragma_application_id),"
+        " (SELECT user_version FROM pragma_user_version),"
+        " (SELECT COUNT(*) FROM sqlite_master)"
+    ).fetchone()
     if application_id == 0 and version == 0 and objects == 0:
         return True
     if application_id != APPLICATION_ID:
@@ -352,6 +373,12 @@ def _open_error(path: str, exc: sqlite3.Error) -> SpoolError:
             f"e.g. {os.path.join(path, 'asgi-matomo-spool.sqlite3')!r}"
         )
     reason = str(exc)
+    if "locked" in reason:
+        return SpoolError(
+            f"spool_path {path!r} stayed locked by another process for more than "
+            f"{BUSY_TIMEOUT_SECONDS:g} s ({reason}): check that no other program keeps "
+            "it open in a transaction (an sqlite3 shell, a backup tool)"
+        )
     if "not a database" in reason or "malformed" in reason:
         return SpoolError(
             f"spool_path {path!r} is not a usable SQLite database ({reason}): "
