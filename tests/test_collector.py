@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from asgi_matomo._collector import (
     StoredHit,
     serve,
 )
+from asgi_matomo._collector_page import cells
 
 TOKEN = "right-token-0123456789"
 WRONG = "wrong-token"
@@ -999,3 +1002,66 @@ def test_index_php_without_api_module(collector: Collector, client: httpx.Client
     response = client.get(collector.base_url + "/index.php")
     assert response.status_code == 200
     assert b"Matomo" in response.content
+
+
+NODE = shutil.which("node")
+# A minimal DOM for the page's script, and `fetch` aimed at the collector.
+NODE_HARNESS = """
+const _nodes = {};
+function _element(tag) {
+  return {
+    tag, children: [], textContent: "", className: "", dataset: {}, value: "", listeners: {},
+    appendChild(child) { this.children.push(child); },
+    replaceChildren(...children) { this.children = children; },
+    addEventListener(name, listener) { this.listeners[name] = listener; },
+  };
+}
+globalThis.document = {
+  getElementById(id) { return _nodes[id] ??= _element("#" + id); },
+  createElement: _element,
+};
+const _fetch = globalThis.fetch;
+globalThis.fetch = (url) => _fetch(BASE_URL + url);
+globalThis.setInterval = () => 0;
+"""
+NODE_RUN = """
+(async () => {
+  _nodes.filter.value = FILTER;
+  await _nodes.filter.listeners.input();
+  const rows = _nodes["hits-body"].children.map((tr) => ({
+    className: tr.className, id: tr.dataset.id, cells: tr.children.map((td) => td.textContent),
+    errors: tr.children.map((td) => td.className),
+  }));
+  const state = _nodes.state.textContent;
+  console.log(JSON.stringify({state, count: _nodes.count.textContent, rows}));
+})();
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node to run the page's script")
+@pytest.mark.parametrize("text", ["", "shoe"])
+def test_page_script_renders_like_the_server(
+    collector: Collector, client: httpx.Client, text: str
+) -> None:
+    assert NODE is not None
+    track(client, collector, url="https://a.test/shoes", action_name="<b>Shoes</b>")
+    track(client, collector, e_c="Video", e_a="Play", e_n="<i>", e_v="1.5", url="https://a.test/v")
+    track(client, collector, cvar=json.dumps({"1": ["http_status_code", "404"], "2": ["m", "GET"]}))
+    collector.wait_for_hits(3)
+    page = client.get(collector.base_url + "/").text
+    script = page.split("<script nonce=", 1)[1].split(">", 1)[1].split("</script>", 1)[0]
+    code = (
+        NODE_HARNESS.replace("BASE_URL", json.dumps(collector.base_url))
+        + script
+        + NODE_RUN.replace("FILTER", json.dumps(text))
+    )
+    done = subprocess.run([NODE, "-e", code], capture_output=True, timeout=60, check=True)
+    result = json.loads(done.stdout)
+    expected = [hit.to_json() for hit in collector.api_hits(limit=200, q=text)]
+    assert result["state"] == "live"
+    assert result["count"] == str(len(expected))
+    assert [row["cells"] for row in result["rows"]] == [cells(hit) for hit in expected]
+    assert [row["id"] for row in result["rows"]] == [str(hit["id"]) for hit in expected]
+    assert {row["className"] for row in result["rows"]} == {"hit"}
+    errors = [row["errors"][4] for row in result["rows"]]
+    assert errors == ["status-error" if hit["http_status"] == 404 else "" for hit in expected]
