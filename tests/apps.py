@@ -19,8 +19,15 @@ import functools
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from asgi_matomo import MatomoMiddleware
 from asgi_matomo._types import ASGIApp
@@ -65,3 +72,60 @@ def from_env() -> ASGIApp:
     if hasattr(app, "user_middleware"):
         point_at(app, url, options)
     return app  # type: ignore[no-any-return]
+
+
+# --- an app with every kind of response the server tests need -----------------
+
+
+async def _plain(request: Request) -> Response:
+    # The client's port tells the test which connection served the request.
+    client = request.scope.get("client") or ("", 0)
+    return PlainTextResponse(f"{client[0]} {client[1]}")
+
+
+async def _stream(request: Request) -> Response:
+    chunks = int(request.query_params.get("chunks", "5"))
+
+    async def body() -> AsyncIterator[bytes]:
+        for index in range(chunks):
+            await anyio.sleep(0.02)
+            yield b"chunk %d\n" % index
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+async def _file(request: Request) -> Response:
+    pathsend = "http.response.pathsend" in request.scope.get("extensions", {})
+    return FileResponse(__file__, headers={"x-pathsend": str(int(pathsend))})
+
+
+async def _endless(request: Request) -> Response:
+    """Streams until the client goes away (bounded, so a broken test cannot hang)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(ENDLESS_CHUNKS):
+            yield b"x" * 1024
+            await anyio.sleep(0.01)
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+async def _wait_for_disconnect(request: Request) -> Response:
+    """Answers only once the client is gone: the answer reaches nobody."""
+    with anyio.move_on_after(ENDLESS_CHUNKS * 0.01):
+        while not await request.is_disconnected():
+            await anyio.sleep(0.01)
+    return PlainTextResponse("too late")
+
+
+ENDLESS_CHUNKS = 3000
+server_app = Starlette(
+    routes=[
+        Route("/", _plain),
+        Route("/stream", _stream),
+        Route("/file", _file),
+        Route("/endless", _endless),
+        Route("/wait-for-disconnect", _wait_for_disconnect),
+    ],
+    middleware=[Middleware(MatomoMiddleware, matomo_url="http://matomo.invalid", idsite=1)],
+)
