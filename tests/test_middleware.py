@@ -10,6 +10,7 @@ from typing import Any
 from unittest import mock
 from urllib.parse import parse_qsl
 
+import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -560,3 +561,31 @@ def test_spool_path_opens_at_startup(tmp_path: Any) -> None:
 
 
 _: Callable[..., Awaitable[None]] = plain_app
+
+
+async def test_a_cancelled_request_is_still_queued(matomo: Matomo) -> None:
+    started = anyio.Event()
+
+    async def hangs(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        started.set()
+        await anyio.sleep_forever()
+
+    app = middleware(hangs, matomo)
+    async with app._sender.running_in_background():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, app, http_scope("/slow"))
+            await started.wait()
+            tg.cancel_scope.cancel()
+        assert app.stats.queued == 1
+    (hit,) = matomo.hits
+    assert json.loads(hit["cvar"])["1"] == ["http_status_code", "200"]
+
+
+async def test_a_cancelled_request_without_a_sender_is_not_awaited(matomo: Matomo) -> None:
+    async def hangs(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep_forever()
+
+    with anyio.move_on_after(0.01):
+        await call(middleware(hangs, matomo), http_scope("/"))
+    assert matomo.bodies == []

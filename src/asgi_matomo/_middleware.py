@@ -19,6 +19,7 @@ from asgi_matomo._core import (
     inspect_request,
     route_template,
 )
+from asgi_matomo._hit import Hit
 from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -181,8 +182,9 @@ class MatomoMiddleware:
             raise
         except BaseException:
             # Cancelled (server shutdown, or a client gone on servers that cancel):
-            # record it without awaiting anything, the task must stop promptly.
-            self._track_nowait(scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished)
+            # queue the hit without awaiting anything, the task must stop promptly.
+            # In direct mode (no lifespan) there is no queue, and the hit is lost.
+            self._submit(scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished)
             raise
         if status is None:
             status = CLIENT_CLOSED_REQUEST if disconnected else 500
@@ -196,7 +198,7 @@ class MatomoMiddleware:
         status: int,
         start: float,
         finished: float | None,
-    ) -> list[Any]:
+    ) -> list[Hit]:
         elapsed_ms = ((finished or time.perf_counter()) - start) * 1000
         return build_hits(
             self._config,
@@ -208,7 +210,7 @@ class MatomoMiddleware:
             rand=_rand,
         )
 
-    def _track_nowait(
+    def _submit(
         self,
         scope: Scope,
         state: MutableMapping[str, Any] | None,
@@ -216,14 +218,18 @@ class MatomoMiddleware:
         status: int,
         start: float,
         finished: float | None,
-    ) -> None:
+    ) -> list[Hit]:
+        """Build the request's hits and queue them; returns those no queue took."""
         try:
             hits = self._hits(scope, state, info, status, start, finished)
-            if self._sender.running:
-                for hit in hits:
-                    self._sender.submit(hit)
-        except Exception:
+        except Exception:  # tracking must never break a request
             logger.debug("asgi_matomo: could not track a request", exc_info=True)
+            return []
+        if not self._sender.running:
+            return hits
+        for hit in hits:
+            self._sender.submit(hit)
+        return []
 
     async def _track(
         self,
@@ -234,18 +240,12 @@ class MatomoMiddleware:
         start: float,
         finished: float | None,
     ) -> None:
-        try:
-            hits = self._hits(scope, state, info, status, start, finished)
-            if self._sender.running:
-                for hit in hits:
-                    self._sender.submit(hit)
-            else:
-                # No lifespan ran (server started with lifespan off, TestClient
-                # without `with`): nothing would flush a queue, so send now. The
-                # response is already complete at this point.
-                await self._sender.send_now(hits)
-        except Exception:
-            logger.debug("asgi_matomo: could not track a request", exc_info=True)
+        unsent = self._submit(scope, state, info, status, start, finished)
+        if unsent:
+            # No lifespan ran (server started with lifespan off, TestClient
+            # without `with`): nothing would flush a queue, so send now. The
+            # response is already complete here, and send_now never raises.
+            await self._sender.send_now(unsent)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the sender for as long as the app lives, around the app's own lifespan.
