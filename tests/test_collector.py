@@ -668,9 +668,16 @@ def test_fault_until_cleared_with_body(collector: Collector, client: httpx.Clien
     for _ in range(3):
         response = track(client, collector)
         assert (response.status_code, response.content) == (500, b'{"status":"error"}')
+        assert response.headers["content-type"] == "application/json"
     collector.clear_fault()
     assert track(client, collector).status_code == 204
     assert len(collector.hits()) == 1
+
+
+def test_fault_content_type_header_wins(collector: Collector, client: httpx.Client) -> None:
+    collector.set_fault(status=502, body=b"bad gateway", headers={"Content-Type": "text/plain"})
+    response = track(client, collector)
+    assert response.headers.get_list("content-type") == ["text/plain"]
 
 
 def test_fault_204_has_no_body(collector: Collector, client: httpx.Client) -> None:

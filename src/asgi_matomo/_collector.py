@@ -1,6 +1,6 @@
 """A local stand-in for a Matomo 5.1 server: what tests and the demo send hits to.
 
-Every answer follows /work/shared/MATOMO.md (facts read from Matomo's tracker and
+Every answer follows what Matomo's tracker does (read from its source and
 verified on a real Matomo 5.1.2). Standard library only: the package's one runtime
 dependency is httpx and the collector must not add another.
 """
@@ -762,13 +762,13 @@ class Collector:
                 return None
             return _PROCEED
         record(fault.status)
-        default = b"" if fault.status == 204 else ERROR_TEXT
-        return _Answer(
-            fault.status,
-            default if fault.body is None else fault.body,
-            "text/html; charset=utf-8",
-            fault.headers,
-        )
+        body = (b"" if fault.status == 204 else ERROR_TEXT) if fault.body is None else fault.body
+        content_type: str | None = "text/html; charset=utf-8"
+        if any(name.lower() == "content-type" for name in fault.headers):
+            content_type = None
+        elif body.startswith((b"{", b"[")):
+            content_type = "application/json"
+        return _Answer(fault.status, body, content_type, fault.headers)
 
     def _single(self, handler: _Handler, query: str, body: bytes) -> _Answer:
         params = _query_params(query)
