@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import runpy
 import select
 import signal
@@ -77,12 +78,15 @@ def test_check_all_good(
     url = collector.base_url + suffix
     assert main(["check", "--matomo-url", url, "--idsite", "3", "--token", TOKEN]) == 0
     out = capsys.readouterr().out
-    assert out.count("[ok]") == 3
+    assert out.count("[ok]") == 4
     assert "All checks passed." in out
     assert TOKEN not in out
     # Nothing recorded: the tracker was only asked whether it answers.
     assert collector.hits() == []
-    assert [(r.tracked, r.has_token) for r in collector.requests] == [(0, False)]
+    assert [(r.kind, r.has_token) for r in collector.requests] == [
+        ("single", False),
+        ("bulk", False),
+    ]
 
 
 def test_check_unknown_site(collector: Collector, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,6 +154,8 @@ def matomo(api: Callable[[dict[str, str]], httpx.Response]) -> Handler:
 
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/matomo.php"):
+            if request.method == "POST":
+                return httpx.Response(200, json={"status": "success", "tracked": 1})
             return httpx.Response(204)
         assert "token_auth" not in str(request.url)
         form = dict(httpx.QueryParams(request.content.decode()))
@@ -167,6 +173,36 @@ def mocked_check(handler: Handler, token: str | None = TOKEN) -> tuple[bool, str
 
 
 SITE = {"idsite": "1", "name": "Shop", "main_url": "https://shop.test"}
+
+
+@pytest.mark.parametrize(
+    ("bulk", "ok", "message"),
+    [
+        (
+            httpx.Response(204),
+            True,
+            "[--]   bulk tracking: POST https://m.test/matomo.php answers 204",
+        ),
+        (httpx.Response(200, content=b"GIF89a..."), True, "QueuedTracking"),
+        (httpx.Response(413), False, "too large (413)"),
+        (httpx.Response(405), False, "HTTP 405, not Matomo's JSON"),
+        (httpx.Response(200, text="<html>"), False, "HTTP 200, not Matomo's JSON"),
+        (httpx.Response(200, json={"status": "error"}), False, "HTTP 200, not Matomo's JSON"),
+        (None, False, "[FAIL] bulk tracking: connection refused"),
+    ],
+)
+def test_check_bulk_tracking(bulk: httpx.Response | None, ok: bool, message: str) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(204)
+        assert json.loads(request.content) == {"requests": ["?idsite=1&send_image=0"]}
+        if bulk is None:
+            raise httpx.ConnectError("Connection refused")
+        return bulk
+
+    result, out = mocked_check(handle, token=None)
+    assert result is ok
+    assert message in out
 
 
 def test_check_with_a_gif_answering_tracker() -> None:

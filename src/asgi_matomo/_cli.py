@@ -227,6 +227,39 @@ def _check_tracker(client: httpx.Client, base: str, report: _Report) -> bool:
     return False
 
 
+def _check_bulk(client: httpx.Client, base: str, idsite: int, report: _Report) -> None:
+    what = "bulk tracking"
+    url = f"{base}/matomo.php"
+    # The sender batches hits in bulk POSTs: a proxy may refuse POST or JSON
+    # bodies. An element without rec=1 is answered and not recorded (MATOMO.md).
+    try:
+        response = client.post(url, json={"requests": [f"?idsite={idsite}&send_image=0"]})
+    except httpx.HTTPError as exc:
+        report.fail(what, _describe_error(exc, url))
+        return
+    status = response.status_code
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if status == 200 and isinstance(data, dict) and data.get("status") == "success":
+        report.ok(what, f"POST {url} answers Matomo's JSON: batches are accepted")
+    elif status == 204 or (status == 200 and response.content.startswith(GIF_MAGIC)):
+        report.note(
+            what,
+            f"POST {url} answers {status} without counts (the QueuedTracking plugin?):"
+            " batches are accepted but invalid hits are not reported",
+        )
+    elif status == 413:
+        report.fail(what, f"POST {url} refused as too large (413): raise the body limit")
+    else:
+        report.fail(
+            what,
+            f"POST {url} answers HTTP {status}, not Matomo's JSON: batched hits would be"
+            " lost. Is a proxy or firewall refusing POST requests or JSON bodies?",
+        )
+
+
 def _api(client: httpx.Client, base: str, method: str, token: str, **params: str) -> Any:
     """One reporting-API call; the token travels in the POST body, never in the URL."""
     url = f"{base}/index.php"
@@ -330,6 +363,7 @@ def check(
     ) as client:
         if not _check_tracker(client, base, report):
             return False
+        _check_bulk(client, base, idsite, report)
         if token is None:
             report.note("site", "not checked: needs --token (the reporting API needs it)")
             report.note(
