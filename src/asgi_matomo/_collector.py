@@ -480,6 +480,10 @@ class Collector:
             isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
+        # A file database: one fsync per checkpoint rather than per hit, and
+        # readers (e.g. `sqlite3 hits.sqlite`) do not block the collector.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
         weakref.finalize(self, self._db.close)
         self._hit_count: int = self._db.execute("SELECT count(*) FROM hits").fetchone()[0]
