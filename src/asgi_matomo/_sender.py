@@ -16,7 +16,7 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -64,6 +64,7 @@ LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
 _MAX_CAUSES = 64
 _BODY_EXCERPT = 200
+_CLOSE_TIMEOUT = 1.0
 
 _HEADERS = {"Content-Type": "application/json"}
 # 408 and 429 say "later"; 5xx covers a rolled-back bulk transaction and an overloaded proxy.
@@ -334,7 +335,7 @@ class BatchSender:
         self._in_flight: dict[int, _Batch] = {}
         self._seq = 0
         self._flush_upto = 0
-        self._owned: tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient] | None = None
+        self._owned: _OwnedClient | None = None
         self._spool_pending: bool | None = None  # None: not checked yet in this process
         self._replaying = False
         self._spool_puts = 0
@@ -352,8 +353,11 @@ class BatchSender:
     def _after_fork_in_child(self) -> None:
         # The parent still owns its queue, worker task and connections; the child
         # must neither send the parent's hits twice nor write into its sockets.
-        # The owned client is dropped, not closed: closing would shut down TLS
-        # sessions the parent is still using. What was learnt about the token stays.
+        # The owned client is set aside, never closed nor collected: that would
+        # shut down TLS sessions the parent is still using. What was learnt about
+        # the token stays.
+        if self._owned is not None:
+            _INHERITED.append(self._owned)
         self._reset()
 
     @property
@@ -572,9 +576,10 @@ class BatchSender:
                 await anyio.to_thread.run_sync(self._spool.close)
             except Exception as exc:
                 logger.warning("asgi_matomo: closing the spool failed: %r", exc)
-        if self._owned is not None:
-            client, self._owned = self._owned[1], None
-            await _close_quietly(client)
+        owned, self._owned = self._owned, None
+        if owned is not None and owned.loop == anyio.lowlevel.current_token():
+            await owned.closer.aclose()  # closes the client
+        # A client of another event loop is closed by that loop when it ends.
         self._state = _State.CLOSED
         s = self.stats
         logger.info(
@@ -673,8 +678,6 @@ class BatchSender:
         self, batch: _Batch, span: float, attempts: int | None
     ) -> list[Hit]:
         give_up_at = self._clock() + span
-        if self._shutdown_deadline is not None:
-            give_up_at = min(give_up_at, self._shutdown_deadline)
         attempt = 0
         without_token = probing = False
         while True:
@@ -707,7 +710,11 @@ class BatchSender:
             delay = answer.retry_after
             if delay is None:
                 delay = backoff_delay(attempt)
-            if (attempts is not None and attempt >= attempts) or self._clock() + delay > give_up_at:
+            # Shutdown may begin while a batch is retrying: it bounds the retries too.
+            limit = give_up_at
+            if self._shutdown_deadline is not None:
+                limit = min(limit, self._shutdown_deadline)
+            if (attempts is not None and attempt >= attempts) or self._clock() + delay > limit:
                 self._warn(
                     "gave_up",
                     "asgi_matomo: Matomo unavailable (%s): giving up on a batch",
@@ -834,15 +841,15 @@ class BatchSender:
         if self._user_client is not None:
             return self._user_client
         # Connections belong to the event loop that opened them, and Starlette's
-        # TestClient runs every request in a new loop.
-        token = anyio.lowlevel.current_token()
-        old = self._owned
-        if old is not None and old[0] == token:
-            return old[1]
+        # TestClient runs every request in a new loop: one client per loop.
+        loop = anyio.lowlevel.current_token()
+        if self._owned is not None and self._owned.loop == loop:
+            return self._owned.client
         client = httpx.AsyncClient(timeout=self._http_timeout)
-        self._owned = (token, client)
-        if old is not None:
-            await _close_quietly(old[1])
+        closer = _close_when_loop_ends(client)
+        # The previous client, if any, is left to its own loop's closer.
+        self._owned = _OwnedClient(loop, client, closer)
+        await closer.__anext__()
         return client
 
     # -- spool ------------------------------------------------------------------------
@@ -969,11 +976,32 @@ def _call(hook: weakref.WeakMethod[Callable[[], None]]) -> None:
         method()
 
 
-async def _close_quietly(client: httpx.AsyncClient) -> None:
-    # A client from a finished event loop cannot always be closed cleanly; its
-    # connections died with that loop, so failing here loses nothing.
+@dataclass(frozen=True, slots=True)
+class _OwnedClient:
+    loop: anyio.lowlevel.EventLoopToken
+    client: httpx.AsyncClient
+    closer: AsyncGenerator[None, None]
+
+
+# Clients inherited through a fork: the child must never close (nor let the
+# garbage collector finalize) connections that belong to its parent.
+_INHERITED: list[_OwnedClient] = []
+
+
+async def _close_when_loop_ends(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+    """Closes `client` inside its event loop when that loop finishes.
+
+    In direct mode nothing tells us when a loop ends (TestClient runs each
+    request in its own), and a client cannot be closed from another loop: its
+    keep-alive sockets would leak. A suspended async generator is finalized by
+    the loop itself on the way out (asyncio's shutdown_asyncgens, trio's
+    end-of-run finalizer), while the loop can still close sockets.
+    """
     try:
-        with anyio.move_on_after(1.0):
-            await client.aclose()
-    except Exception as exc:
-        logger.debug("asgi_matomo: closing an old HTTP client failed: %r", exc)
+        yield
+    finally:
+        try:
+            with anyio.move_on_after(_CLOSE_TIMEOUT):
+                await client.aclose()
+        except Exception as exc:
+            logger.debug("asgi_matomo: closing the HTTP client failed: %r", exc)
