@@ -229,6 +229,13 @@ def test_check_with_a_gif_answering_tracker() -> None:
             lambda form: httpx.Response(200, json={"result": "error", "message": "log in"}),
             "not accepted",
         ),
+        (
+            lambda form: httpx.Response(
+                401, json={"result": "error", "message": "Unable to authenticate with the token"}
+            ),
+            "not accepted",
+        ),
+        (lambda form: httpx.Response(500, json={"result": "success"}), "HTTP 500"),
     ],
 )
 def test_check_site_failures(api: Callable[[dict[str, str]], httpx.Response], message: str) -> None:

@@ -975,7 +975,7 @@ def test_get_site_from_id(collector: Collector, client: httpx.Client) -> None:
     [
         ({"idSite": "3", "token_auth": TOKEN}, "unexpected website"),
         ({"idSite": "x", "token_auth": TOKEN}, "unexpected website"),
-        ({"idSite": "1", "token_auth": WRONG}, "requires 'view' access"),
+        ({"idSite": "1", "token_auth": WRONG}, "Unable to authenticate"),
         ({"idSite": "1"}, "requires 'view' access"),
         ({"token_auth": TOKEN}, "idSite"),
     ],

@@ -268,17 +268,24 @@ def _api(client: httpx.Client, base: str, method: str, token: str, **params: str
         response = client.post(url, data=form)
     except httpx.HTTPError as exc:
         raise CheckError(_describe_error(exc, url)) from exc
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    # Matomo answers errors with HTTP 200, some versions with 401 for a bad
+    # token: its JSON error says more than the status.
+    if _api_error(data) is not None:
+        return data
     if response.status_code != 200:
         raise CheckError(
             f"the reporting API at {url} answers HTTP {response.status_code}: it may be"
             " blocked for this client (the tracker itself may still work)"
         )
-    try:
-        return response.json()
-    except ValueError:
+    if data is None:
         raise CheckError(
             f"{url} does not answer like Matomo's reporting API (no JSON): check the URL"
-        ) from None
+        )
+    return data
 
 
 def _api_error(data: Any) -> str | None:
@@ -298,7 +305,7 @@ def _check_site(client: httpx.Client, base: str, idsite: int, token: str, report
         lowered = error.lower()
         if "unexpected website" in lowered or "does not exist" in lowered:
             report.fail("site", f"site {idsite} does not exist in this Matomo: check --idsite")
-        elif "access" in lowered or "token" in lowered or "log in" in lowered:
+        elif any(word in lowered for word in ("access", "token", "authenticat", "log in")):
             report.fail(
                 "token",
                 f"the token is not accepted for site {idsite} (Matomo says: {error})."

@@ -972,6 +972,10 @@ class Collector:
         id_site = params.get("idSite", "")
         if not id_site:
             return _api_error("Please specify a value for 'idSite'.")
+        if token and not authorized:
+            return _api_error(
+                "Unable to authenticate with the provided token. It is either invalid or expired."
+            )
         if not authorized:
             return _api_error(
                 "You can't access this resource as it requires 'view' access for the"
