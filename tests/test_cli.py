@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import runpy
@@ -436,3 +437,8 @@ def test_python_dash_m(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
         runpy.run_module("asgi_matomo", run_name="__main__")
     assert exited.value.code == 0
     assert "collector" in capsys.readouterr().out
+
+
+def test_importing_main_runs_nothing() -> None:
+    module = importlib.import_module("asgi_matomo.__main__")
+    assert module.main is main
