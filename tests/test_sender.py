@@ -808,6 +808,74 @@ async def test_http_401_403_with_token_means_rejected_token(status: int) -> None
 
 
 @pytest.mark.anyio
+async def test_lockout_500s_with_the_token_are_detected() -> None:
+    # Matomo 5.1 answers HTTP 500 to authenticated bulk requests from a blocked IP.
+    clock = FakeClock()
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if "token_auth" in body:
+            return httpx.Response(500, json={"status": "error"})
+        return success(body)
+
+    old = NOW - UNAUTHENTICATED_MAX_AGE - 1
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, access_token=TOKEN, clock=clock, sleep=clock.sleep, wall_clock=lambda: NOW
+        )
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            sender.submit(hit(1, timestamp=old))
+            sender.submit(hit(2))
+            assert await sender.aflush(DEADLINE)
+            sender.submit(hit(3, cip="203.0.113.7"))
+    assert [("token_auth" in b) for b in matomo.bodies] == [True, True, False, False]
+    assert numbers(matomo.bodies[2]["requests"]) == [0, 2]
+    stats = sender.stats
+    assert stats.token_rejected
+    assert (stats.sent, stats.dropped, stats.retried) == (3, 1, 1)
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_matomo_down_for_everyone_keeps_the_token() -> None:
+    clock = FakeClock()
+    token_answers = [500, 500, 500]
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if "token_auth" not in body:
+            return httpx.Response(503)
+        if token_answers:
+            return httpx.Response(token_answers.pop())
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, clock=clock, sleep=clock.sleep)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+    assert [("token_auth" in b) for b in matomo.bodies] == [True, True, False, True, True]
+    assert not sender.stats.token_rejected
+    assert sender.stats.sent == 1
+
+
+@pytest.mark.anyio
+async def test_no_lockout_probe_when_every_hit_is_too_old() -> None:
+    clock = FakeClock()
+    old = NOW - UNAUTHENTICATED_MAX_AGE - 1
+    answers = [500, 500]
+    matomo = Matomo(lambda body: httpx.Response(answers.pop()) if answers else success(body))
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, access_token=TOKEN, clock=clock, sleep=clock.sleep, wall_clock=lambda: NOW
+        )
+        async with sender.running_in_background():
+            sender.submit(hit(0, timestamp=old))
+    assert [("token_auth" in b) for b in matomo.bodies] == [True, True, True]
+    assert sender.stats.sent == 1
+
+
+@pytest.mark.anyio
 async def test_http_403_without_token_is_a_refusal() -> None:
     matomo = Matomo(lambda body: httpx.Response(403))
     async with matomo.client() as client:

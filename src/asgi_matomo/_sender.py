@@ -59,6 +59,9 @@ DIRECT_ATTEMPTS = 3
 # Until Matomo has confirmed the token, this many all-invalid batches are resent
 # without it to find out whether the token or something else is wrong.
 TOKEN_PROBES = 3
+# A batch sent with a not yet confirmed token that gets this many 5xx answers is
+# tried once without it: Matomo answers 500 to an IP it locked out.
+LOCKOUT_PROBE_AFTER = 2
 # A repeated warning (Matomo down, queue full) is logged at most once per this many seconds.
 LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
@@ -678,7 +681,7 @@ class BatchSender:
         self, batch: _Batch, span: float, attempts: int | None
     ) -> list[Hit]:
         give_up_at = self._clock() + span
-        attempt = 0
+        attempt = token_errors = 0
         without_token = probing = False
         while True:
             authenticated = not without_token and self._use_token()
@@ -707,6 +710,14 @@ class BatchSender:
                 batch.hits = []
                 return []
             attempt += 1
+            if (
+                authenticated
+                and self._token_state is _Token.UNKNOWN
+                and (answer.status or 0) >= 500
+            ):
+                token_errors += 1
+                if token_errors == LOCKOUT_PROBE_AFTER and await self._probe_lockout(batch):
+                    continue
             delay = answer.retry_after
             if delay is None:
                 delay = backoff_delay(attempt)
@@ -724,6 +735,31 @@ class BatchSender:
             self._warn("retry", "asgi_matomo: Matomo unavailable (%s): retrying", answer.cause)
             self._counters.retried += 1
             await self._sleep(delay)
+
+    async def _probe_lockout(self, batch: _Batch) -> bool:
+        """True when Matomo takes without the token what it answered 5xx to with it.
+
+        Matomo answers HTTP 500 to every authenticated bulk request from an IP it
+        blocked after about 20 failed logins (a wrong token, maybe sent by other
+        processes or earlier runs): "down" and "locked out" look the same until a
+        request without the token tells them apart.
+        """
+        now = self._wall_clock()
+        fresh = [h for h in batch.hits if not h.too_old(now, authenticated=False)]
+        if not fresh:
+            return False
+        answer = await self._post(fresh, authenticated=False)
+        if answer.kind is not _Kind.OK:
+            return False
+        self._reject_token(
+            "HTTP 5xx with it, accepted without it: a wrong token, or this server's IP "
+            "is blocked after failed logins"
+        )
+        batch.tracked += answer.tracked
+        self._settle(fresh, answer, authenticated=False, probing=False)
+        sent = {id(h) for h in fresh}
+        batch.hits = [h for h in batch.hits if id(h) not in sent]
+        return True
 
     def _settle(
         self, hits: list[Hit], answer: _Answer, *, authenticated: bool, probing: bool
