@@ -89,10 +89,10 @@ class SqliteSpool:
     `dropped` counts the rows this instance deleted to honour `max_rows` (hits
     lost); `put` returns nothing, so read it before and after to tell how many.
 
-    Raises `SpoolError` (at construction only) when the file cannot be used.
-    Afterwards, I/O failures (disk full, lock timeout) raise `sqlite3.Error`
-    and leave the spool unchanged; methods called after `close()` raise
-    `RuntimeError`.
+    Raises `SpoolError` when the file cannot be used: at construction, or in the
+    rare reopen after a fork. Otherwise I/O failures (disk full, lock timeout)
+    raise `sqlite3.Error` and leave the spool unchanged; methods called after
+    `close()` raise `RuntimeError`.
     """
 
     def __init__(
@@ -269,8 +269,9 @@ def _new_owner() -> str:
 
 @contextmanager
 def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    # BEGIN IMMEDIATE takes the write lock up front: a transaction that reads and
-    # then writes can never fail half-way with "database is locked" (deadlock).
+    # BEGIN IMMEDIATE takes the write lock up front, waiting for it under the busy
+    # timeout. A deferred transaction that reads and then writes would instead get
+    # "database is locked" at once when another writer came first.
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -342,7 +343,7 @@ def _use_wal(conn: sqlite3.Connection) -> str:
 
 
 def _check_schema(conn: sqlite3.Connection, path: str) -> bool:
-    """True when the database is empty and needs the schema, raise if not ours."""
+    # True when the database is empty and needs the schema; raises if not ours.
     # One statement, so one consistent snapshot: read one by one, the header could
     # change in between as another worker creates the spool.
     application_id, version, objects = conn.execute(
