@@ -420,6 +420,41 @@ async def test_aflush_times_out_while_matomo_hangs() -> None:
 
 
 @pytest.mark.anyio
+async def test_cancelled_send_now_does_not_hold_up_aflush() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background(), anyio.create_task_group() as tg:
+            tg.start_soon(sender.send_now, [hit(0)])
+            await matomo.wait_for(1)
+            assert sender.stats.in_flight == 1
+            tg.cancel_scope.cancel()
+        assert sender.stats.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_aflush_returns_when_the_sender_closes() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, shutdown_timeout=0.01)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            async with anyio.create_task_group() as tg:
+                flushed: list[bool] = []
+
+                async def flush() -> None:
+                    flushed.append(await sender.aflush(DEADLINE))
+
+                tg.start_soon(flush)
+                await matomo.wait_for(1)
+                await sender.aclose()
+    assert flushed == [True]
+    assert sender.stats.dropped == 1
+
+
+@pytest.mark.anyio
 async def test_aflush_when_not_running_is_trivially_done() -> None:
     assert await BatchSender(endpoint=ENDPOINT).aflush(0)
 

@@ -51,7 +51,7 @@ DEFAULT_MAX_CONCURRENT_BATCHES = 4
 DEFAULT_RETRY_DEADLINE = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
-# Full-jitter exponential backoff: attempt n sleeps uniformly in [0, min(cap, base * 2**n)].
+# Full-jitter exponential backoff: retry n sleeps uniformly in [0, min(cap, base * 2**(n-1))].
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
 # Direct mode sends while a request finishes; a few quick attempts, no long backoff.
@@ -599,6 +599,7 @@ class BatchSender:
             s.batches,
             s.token_rejected,
         )
+        self._notify_progress()
         assert self._closed_event is not None
         self._closed_event.set()
 
@@ -620,13 +621,18 @@ class BatchSender:
         self._seq += 1
         batch = self._track(hits, self._seq, worker=False)
         try:
-            left = await self._deliver(batch, span=self._http_timeout, attempts=DIRECT_ATTEMPTS)
-        except Exception as exc:
-            left = batch.hits
-            logger.error("asgi_matomo: sending hits failed unexpectedly: %r", exc)
-        if left:
-            await self._spool_or_drop(left, "retry_deadline")
-        self._untrack(batch)
+            try:
+                left = await self._deliver(batch, span=self._http_timeout, attempts=DIRECT_ATTEMPTS)
+            except Exception as exc:
+                left = batch.hits
+                logger.error("asgi_matomo: sending hits failed unexpectedly: %r", exc)
+            if left:
+                await self._spool_or_drop(left, "retry_deadline")
+        finally:
+            # Also when the request's task is cancelled: a stale batch would
+            # hold up aflush() forever.
+            self._untrack(batch)
+            self._notify_progress()
         if not left and self._spool is not None:
             # One spooled batch per request at most: direct mode runs on the
             # request's task, it must not turn into a long replay.
