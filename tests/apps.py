@@ -83,6 +83,11 @@ async def _plain(request: Request) -> Response:
     return PlainTextResponse(f"{client[0]} {client[1]}")
 
 
+async def _pid(request: Request) -> Response:
+    """Which worker process served the request."""
+    return PlainTextResponse(str(os.getpid()))
+
+
 async def _stream(request: Request) -> Response:
     chunks = int(request.query_params.get("chunks", "5"))
 
@@ -122,6 +127,7 @@ ENDLESS_CHUNKS = 3000
 server_app = Starlette(
     routes=[
         Route("/", _plain),
+        Route("/pid", _pid),
         Route("/stream", _stream),
         Route("/file", _file),
         Route("/endless", _endless),

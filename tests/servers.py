@@ -95,7 +95,7 @@ def server_command(
         # The uvicorn-worker package is the maintained home of uvicorn's worker class.
         return [
             sys.executable, "-m", "gunicorn", "--worker-class", "uvicorn_worker.UvicornWorker",
-            "--bind", bind, *extra, "tests.apps:from_env()",
+            "--bind", bind, "--no-control-socket", *extra, "tests.apps:from_env()",
         ]  # fmt: skip
     raise ValueError(f"unknown server kind {kind!r}")
 
