@@ -546,6 +546,19 @@ async def test_client_errors_are_not_retried_and_logged_once_per_cause(
     check_books(stats)
 
 
+@pytest.mark.anyio
+async def test_a_redirect_is_reported_with_its_target(caplog: pytest.LogCaptureFixture) -> None:
+    target = "https://matomo.example.com/new/matomo.php"
+    matomo = Matomo(lambda body: httpx.Response(301, headers={"Location": target}))
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        with caplog.at_level(logging.ERROR, "asgi_matomo"):
+            async with sender.running_in_background():
+                sender.submit(hit(0))
+    assert sender.stats.rejected == 1
+    assert f"HTTP 301: redirected to {target}: use that URL" in caplog.records[0].getMessage()
+
+
 def test_duplicate_filter_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     sender = BatchSender(endpoint=ENDPOINT)
     with caplog.at_level(logging.ERROR, "asgi_matomo"):

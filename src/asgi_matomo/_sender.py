@@ -262,15 +262,27 @@ class BatchSender:
     Example:
         sender = BatchSender(endpoint="https://matomo.example.com/matomo.php")
         async with sender.running_in_background():
-            sender.submit(hit)
+            sender.submit(hit)  # on the request path: O(1), never blocks
 
-    Parameters: `endpoint` is the full URL of matomo.php; `access_token` a
-    token_auth with write access to the site (needed for `cip` and old `cdt`);
-    `client` an httpx.AsyncClient to use (never closed here); `batch_size`,
-    `flush_interval` when to send; `max_queue_size` how many hits wait in memory;
-    `max_concurrent_batches` how many requests may be in flight; `retry_deadline`
-    how long a failing batch is retried; `shutdown_timeout` how long `aclose`
-    may take; `spool` where undeliverable hits go instead of being dropped.
+    Parameters:
+        endpoint: the full URL of matomo.php.
+        access_token: a token_auth with write access to the site; needed for `cip`
+            and for hits older than 24 h. Sent in the request body only. If Matomo
+            rejects it, the sender notices within a few batches and goes on without it.
+        client: an httpx.AsyncClient to send with (never closed here); by default
+            the sender creates its own, one per event loop, and closes it.
+        http_timeout: seconds one request may take.
+        batch_size, flush_interval: a batch leaves when this many hits wait or the
+            oldest waited this many seconds.
+        max_queue_size: hits waiting in memory; beyond it they go to the spool or
+            are dropped.
+        max_concurrent_batches: requests in flight at once.
+        retry_deadline: seconds a failing batch is retried before it is spooled
+            or dropped.
+        shutdown_timeout: seconds `aclose()` may spend delivering what is left.
+        spool: durable storage for what cannot be delivered (see `SpoolProtocol`);
+            closed by `aclose()`.
+        clock, wall_clock, sleep: time sources, for tests.
     """
 
     def __init__(
@@ -876,6 +888,12 @@ class BatchSender:
             retry_after = parse_retry_after(_header(response, "Retry-After"), self._wall_clock())
             return _Answer(
                 _Kind.RETRY, status=status, cause=f"HTTP {status}", retry_after=retry_after
+            )
+        if 300 <= status < 400:
+            # httpx does not follow redirects, and a redirected POST would lose its body.
+            location = _header(response, "Location")
+            return _Answer(
+                _Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL"
             )
         return _Answer(_Kind.REFUSED, status=status, cause=" ".join(text.split())[:_BODY_EXCERPT])
 
