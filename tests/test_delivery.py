@@ -202,3 +202,31 @@ def test_client_error_is_not_retried_and_is_counted(collector: Collector, tmp_pa
     assert numbers(collector.hits()) == Counter(range(5, 10))
     assert counters["retried"] == 0
     assert counters["rejected"] == 5
+
+
+def test_a_wrong_token_is_dropped_before_matomo_blocks_the_server(tmp_path: Path) -> None:
+    with Collector(sites=[1], token="the-right-token") as collector:
+        options = {"access_token": "a-wrong-token", "batch_size": 5, "flush_interval": 0.2}
+        with serve(APP, collector.tracking_url, tmp_path, options=options) as server:
+            for start in range(0, 60, 5):
+                # One batch at a time, so that every batch is a separate chance to fail.
+                load(server, range(start, start + 5), concurrency=5)
+                collector.wait_for_hits(start + 5, timeout=WAIT)
+            counters = stats(server)
+        with_token = [request for request in collector.requests if request.has_token]
+    # Matomo blocks an IP after about 20 failed logins (MATOMO.md): stay far below.
+    assert 1 <= len(with_token) <= 3
+    assert counters["token_rejected"] is True
+    assert numbers(collector.hits()) == Counter(range(60))
+    assert all("cip" not in hit.params for hit in collector.hits())
+
+
+def test_the_right_token_sends_the_visitor_ip(tmp_path: Path) -> None:
+    with Collector(sites=[1], token="the-right-token") as collector:
+        options = {"access_token": "the-right-token", "flush_interval": 0.2}
+        with serve(APP, collector.tracking_url, tmp_path, options=options) as server:
+            load(server, range(3), concurrency=1)
+            hits = collector.wait_for_hits(3, timeout=WAIT)
+    assert {hit.visitor_ip for hit in hits} == {"127.0.0.1"}
+    assert all(hit.params["cip"] == "127.0.0.1" for hit in hits)
+    assert "token_auth" not in hits[0].params
