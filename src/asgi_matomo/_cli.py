@@ -86,10 +86,26 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--token", help="the token_auth the tracker will use")
     check.set_defaults(handler=_run_check)
 
-    # --- `demo` subcommand: added here by the demo's developer -----------------
-    # Register it like the two above: commands.add_parser("demo", ...) and
-    # set_defaults(handler=_run_demo), where _run_demo(args) -> int.
-    # ---------------------------------------------------------------------------
+    demo = commands.add_parser(
+        "demo",
+        help="run an instrumented example app with traffic and show what Matomo received",
+        description="Start a local Matomo stand-in and an example app under uvicorn"
+        " (needs: pip install uvicorn starlette), send it a few dozen realistic requests,"
+        " stop it cleanly and print every hit Matomo received.",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the app and the collector running and print the page's address",
+    )
+    demo.add_argument(
+        "--matomo-url", help="send the traffic to this real Matomo instead of the stand-in"
+    )
+    demo.add_argument(
+        "--idsite", type=_positive_int, help="the site id in that Matomo (with --matomo-url)"
+    )
+    demo.add_argument("--token", help="a token_auth for that site (sends visitor IPs)")
+    demo.set_defaults(handler=_run_demo)
     return parser
 
 
@@ -115,6 +131,16 @@ def _run_collector(args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# -- demo ----------------------------------------------------------------------
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    # Imported here: the demo's module is only needed by this command.
+    from asgi_matomo._demo import run_from_args
+
+    return run_from_args(args)
 
 
 # -- check ---------------------------------------------------------------------

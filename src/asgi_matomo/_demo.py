@@ -1,0 +1,567 @@
+"""`asgi-matomo demo`: an instrumented app, realistic traffic, and what Matomo received.
+
+The demo runs a local Matomo stand-in (the collector) in this process and an
+example app under uvicorn in a subprocess, the way users run their apps. The app
+combines the documentation's examples (route details with an event, per-request
+overrides with a custom variable, `PerfMsTracker`) with a failing route and a
+404. Uvicorn and Starlette are not dependencies of the library: the demo checks
+for them and says how to install them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import httpx
+
+from asgi_matomo._collector import Collector, StoredHit, _terminate_on_sigterm
+from asgi_matomo._collector_page import COLUMNS, cells
+from asgi_matomo._config import tracking_endpoint
+
+if TYPE_CHECKING:
+    import argparse
+
+    from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["REQUIREMENTS", "Visit", "create_app", "run_demo", "traffic"]
+
+HOST = "127.0.0.1"
+DEMO_SITE = 12345
+DEMO_SITES = (1, DEMO_SITE)
+# What the app needs and the library does not depend on (the dev extra has both).
+REQUIREMENTS = ("uvicorn", "starlette")
+INSTALL_HINT = "pip install uvicorn starlette"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+HITS_TIMEOUT = 15.0
+FLUSH_INTERVAL = 0.2
+REQUEST_TIMEOUT = 10.0
+# Uvicorn re-raises the signal it stopped on once its shutdown is complete.
+CLEAN_EXIT = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
+# The environment that tells the app in the subprocess where to send its hits.
+ENV_URL = "ASGI_MATOMO_DEMO_URL"
+ENV_IDSITE = "ASGI_MATOMO_DEMO_IDSITE"
+ENV_TOKEN = "ASGI_MATOMO_DEMO_TOKEN"  # noqa: S105 - a variable name, not a token
+ENV_STATS = "ASGI_MATOMO_DEMO_STATS"
+PROGRESS_WIDTH = 30
+CELL_WIDTHS = (8, 8, 18, 34, 6, 6, 24, 56, 15)
+
+# Documentation addresses (RFC 5737, RFC 3849): the app sees them behind a
+# "proxy" (the demo itself), which the middleware is told to trust.
+VISITORS = (
+    (
+        "203.0.113.10",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        "en-US,en;q=0.8",
+    ),
+    (
+        "198.51.100.23",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Chrome/126.0.0.0 Safari/537.36",
+        "sv-SE,sv;q=0.9,en;q=0.7",
+    ),
+    (
+        "2001:db8::7",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15"
+        " (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+        "de-DE,de;q=0.9",
+    ),
+    (
+        "192.0.2.44",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like"
+        " Gecko) Version/17.5 Safari/605.1.15",
+        "fr-FR,fr;q=0.9,en;q=0.6",
+    ),
+    (
+        "203.0.113.77",
+        "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Chrome/126.0.0.0 Mobile Safari/537.36",
+        "ja-JP,ja;q=0.9",
+    ),
+    (
+        "198.51.100.5",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Chrome/126.0.0.0 Safari/537.36 Edg/126.0.0.0",
+        "es-ES,es;q=0.9",
+    ),
+)
+REFERRERS = (
+    None,
+    "https://www.google.com/",
+    "https://duckduckgo.com/",
+    "https://news.ycombinator.com/item?id=4242",
+    "https://blog.example.org/asgi-analytics",
+)
+# (path and query, Matomo hits it makes: a page view, plus one for an event).
+PAGES = (
+    ("/", 1),
+    ("/foo", 2),
+    ("/players/ana", 2),
+    ("/?utm_source=newsletter&utm_medium=email", 1),
+    ("/foo?level=2", 2),
+    ("/players/bo?tab=stats", 2),
+    ("/does-not-exist", 1),
+    ("/", 1),
+    ("/fail", 1),
+    ("/players/chris", 2),
+    ("/health", 0),  # excluded: a load balancer's probe is not a visit
+    ("/search?q=asgi+matomo", 1),
+)
+REQUESTS = 36
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One request of the demo's traffic and how many hits Matomo should get from it."""
+
+    path: str
+    headers: dict[str, str]
+    expected_hits: int
+
+
+def traffic(count: int = REQUESTS, seed: int = 4) -> list[Visit]:
+    """The demo's requests: every page, several visitors, languages and referrers."""
+    rng = random.Random(seed)
+    pages: list[tuple[str, int]] = []
+    while len(pages) < count:
+        # Every page once per round, in a different order each round.
+        pages += rng.sample(PAGES, len(PAGES))
+    visits = []
+    for path, hits in pages[:count]:
+        ip, user_agent, language = rng.choice(VISITORS)
+        headers = {
+            "User-Agent": user_agent,
+            "Accept-Language": language,
+            "X-Forwarded-For": ip,
+        }
+        referrer = rng.choice(REFERRERS)
+        if referrer is not None:
+            headers["Referer"] = referrer
+        visits.append(Visit(path, headers, hits))
+    return visits
+
+
+# -- the example app (runs in the uvicorn subprocess) -------------------------------
+
+
+def create_app() -> ASGIApp:
+    """The demo's app, configured from the environment (`uvicorn --factory`)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asgi_matomo import MatomoMiddleware
+    from asgi_matomo.trackers import PerfMsTracker
+
+    async def fetch_data() -> dict[str, int]:
+        await asyncio.sleep(random.uniform(0.005, 0.04))
+        return {"data": 4000}
+
+    async def homepage(request: Request) -> JSONResponse:
+        # The seed page's third example: time a part of the request.
+        with PerfMsTracker(scope=request.scope, key="pf_srv"):
+            data = await fetch_data()
+        return JSONResponse(data)
+
+    async def foo(request: Request) -> JSONResponse:
+        # Renamed, with an event, by `route_details` below (the first example).
+        return JSONResponse({"name": "foo"})
+
+    async def player(request: Request) -> JSONResponse:
+        # The second example: per-request details, a custom variable among them.
+        name = request.path_params["name"]
+        request.scope["state"]["asgi_matomo"] = {
+            "action_name": "Players/player",
+            "e_c": "Players",
+            "e_a": "Viewed",
+            "e_n": name,
+            "cvar": {"player": name},
+        }
+        return JSONResponse({"player": name})
+
+    async def search(request: Request) -> JSONResponse:
+        return JSONResponse({"results": [], "q": request.query_params.get("q", "")})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    async def fail(request: Request) -> JSONResponse:
+        raise RuntimeError("the demo's failing route (tracked as a 500)")
+
+    routes = [
+        Route("/", homepage),
+        Route("/foo", foo),
+        Route("/players/{name}", player),
+        Route("/search", search),
+        Route("/health", health),
+        Route("/fail", fail),
+    ]
+    tracked = MatomoMiddleware(
+        Starlette(routes=routes),
+        matomo_url=os.environ[ENV_URL],
+        idsite=int(os.environ[ENV_IDSITE]),
+        access_token=os.environ.get(ENV_TOKEN) or None,
+        # The demo serves plain http on loopback: report the URLs as they are.
+        assume_https=False,
+        # The demo's traffic comes "through a proxy" on loopback that names the
+        # visitor in X-Forwarded-For, like nginx in front of a real app.
+        trusted_proxies=[HOST],
+        exclude_paths=["/health"],
+        route_details={"/foo": {"action_name": "Foo/foo", "e_c": "Foo", "e_a": "Playing"}},
+        flush_interval=FLUSH_INTERVAL,
+    )
+    stats_path = os.environ.get(ENV_STATS)
+    if stats_path is None:
+        return tracked
+    return _ReportStats(tracked, Path(stats_path))
+
+
+class _ReportStats:
+    """Writes the sender's final counters to a file once the app has shut down."""
+
+    def __init__(self, app: Any, path: Path) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_and_report(message: Message) -> None:
+            # The middleware closes its sender (flushing every hit) before it
+            # passes shutdown.complete on: the counters are final here.
+            if message["type"] == "lifespan.shutdown.complete":
+                stats = self.app.stats
+                data = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+                self.path.write_text(json.dumps(data))
+            await send(message)
+
+        await self.app(scope, receive, send_and_report)
+
+
+# -- running it -----------------------------------------------------------------------
+
+
+class DemoError(Exception):
+    """The demo could not run; the message says why and what to do."""
+
+
+def missing_requirements() -> list[str]:
+    return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+
+
+@dataclass
+class _App:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> int:
+        """SIGTERM (the sender flushes), then wait; killed only if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def _run_app(env: dict[str, str], workdir: Path) -> Iterator[_App]:
+    # uvicorn serves a socket bound here: no race for a "free" port.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((HOST, 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        log_path = workdir / "app.log"
+        command = [
+            sys.executable, "-m", "uvicorn", "asgi_matomo._demo:create_app", "--factory",
+            "--fd", str(listener.fileno()), "--no-proxy-headers", "--no-access-log",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                command,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(listener.fileno(),),
+            )
+    finally:
+        listener.close()
+    app = _App(process, f"http://{HOST}:{port}", log_path)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+def _wait_until_ready(app: _App, client: httpx.Client) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if app.process.poll() is not None:
+            raise DemoError(
+                f"the example app exited with {app.process.returncode} before serving:\n"
+                + app.log_tail()
+            )
+        try:
+            client.get(app.url + "/health", timeout=1.0)
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the example app did not answer within {START_TIMEOUT:g}s:\n" + app.log_tail()
+                ) from None
+            # Polling a starting server with a deadline.
+            time.sleep(0.05)
+        else:
+            return
+
+
+def _progress(out: TextIO, done: int, total: int, *, live: bool) -> None:
+    if not live and done != total:
+        return
+    filled = PROGRESS_WIDTH * done // total
+    bar = "#" * filled + "-" * (PROGRESS_WIDTH - filled)
+    end = "\n" if done == total else ""
+    out.write(f"\r  requests [{bar}] {done}/{total}{end}")
+    out.flush()
+
+
+def send_traffic(app_url: str, visits: Sequence[Visit], out: TextIO) -> list[tuple[Visit, int]]:
+    """Send the visits one by one with a progress bar; returns each status code."""
+    live = out.isatty()
+    answered = []
+    with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
+        _progress(out, 0, len(visits), live=live)
+        for done, visit in enumerate(visits, 1):
+            response = client.get(app_url + visit.path, headers=visit.headers)
+            answered.append((visit, response.status_code))
+            _progress(out, done, len(visits), live=live)
+    return answered
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_table(hits: Sequence[StoredHit], base_url: str) -> str:
+    """What the collector stored, one row per hit, as the collector's page shows it."""
+    rows = []
+    for hit in hits:
+        row = cells(hit.to_json())
+        row[0] = row[0][11:]  # the time of day: the date is today's
+        if row[3].startswith(base_url):
+            row[3] = row[3][len(base_url) :] or "/"
+        rows.append([_fit(value, width) for value, width in zip(row, CELL_WIDTHS, strict=True)])
+    header = [name.removesuffix(" (UTC)") for name in COLUMNS]
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)).rstrip(),
+        "  ".join("-" * width for width in widths),
+    ]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def format_stats(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "  (the app did not report its counters: see its log)"
+    names = ("submitted", "sent", "invalid", "rejected", "dropped", "retried", "batches")
+    line = "  " + "  ".join(f"{name}={stats.get(name)}" for name in names)
+    if stats.get("token_rejected"):
+        line += "\n  Matomo rejected the token: visitor IPs were not sent."
+    return line
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _summary_of_requests(answered: Sequence[tuple[Visit, int]]) -> str:
+    counts: dict[int, int] = {}
+    for _, status in answered:
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{n} x {status}" for status, n in sorted(counts.items()))
+
+
+def _wait_forever() -> None:
+    print("  Ctrl-C stops both.", flush=True)
+    forever = threading.Event()
+    with _terminate_on_sigterm(), contextlib.suppress(KeyboardInterrupt):
+        forever.wait()
+
+
+def run_demo(
+    *,
+    keep: bool = False,
+    matomo_url: str | None = None,
+    idsite: int | None = None,
+    token: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Run the demo; returns the exit code. See the module docstring."""
+    out = out or sys.stdout
+    missing = missing_requirements()
+    if missing:
+        print(
+            f"error: the demo runs an example app that needs {' and '.join(missing)},"
+            f" which asgi-matomo does not depend on. Install them: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        if matomo_url is None:
+            return _demo_local(keep, out)
+        return _demo_remote(matomo_url, idsite, token, keep, out)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _demo_local(keep: bool, out: TextIO) -> int:
+    token = "demo-token-" + os.urandom(8).hex()
+    visits = traffic()
+    expected = sum(visit.expected_hits for visit in visits)
+    with (
+        Collector(token=token, sites=DEMO_SITES) as collector,
+        tempfile.TemporaryDirectory(prefix="asgi-matomo-demo-") as workdir,
+    ):
+        stats_path = Path(workdir) / "stats.json"
+        env = {
+            ENV_URL: collector.tracking_url,
+            ENV_IDSITE: str(DEMO_SITE),
+            ENV_TOKEN: token,
+            ENV_STATS: str(stats_path),
+        }
+        print(f"asgi-matomo demo: local Matomo stand-in at {collector.base_url}/", file=out)
+        with _run_app(env, Path(workdir)) as app:
+            _start(app, out)
+            answered = send_traffic(app.url, visits, out)
+            print(f"  answers: {_summary_of_requests(answered)}", file=out)
+            if keep:
+                collector.wait_for_hits(expected, HITS_TIMEOUT)
+                print(format_table(collector.hits(), app.url), file=out)
+                print(f"\nThe collector's page: {collector.base_url}/", file=out)
+                print(f"The example app:      {app.url}/  (try /foo, /players/you)", file=out)
+                out.flush()
+                _wait_forever()
+            # SIGTERM, as a process manager stops an app: the sender flushes.
+            code = app.stop()
+        stats = _read_stats(stats_path)
+        if code not in CLEAN_EXIT:
+            raise DemoError(f"the example app exited with {code}:\n{app.log_tail()}")
+        try:
+            hits = collector.wait_for_hits(expected, HITS_TIMEOUT)
+        except TimeoutError as exc:
+            raise DemoError(f"{exc}\n{format_stats(stats)}") from None
+        if keep:
+            print(f"\nStopped. What the sender reported:\n{format_stats(stats)}", file=out)
+            return 0
+        print(
+            f"\nWhat Matomo received: {len(hits)} hits from {len(answered)} requests"
+            f" (URLs relative to {app.url}; /health is excluded; an event is a hit"
+            " of its own):\n",
+            file=out,
+        )
+        print(format_table(hits, app.url), file=out)
+        print(
+            f"\nWhat the sender reported after the app shut down:\n{format_stats(stats)}", file=out
+        )
+        print(
+            "\nRun `asgi-matomo demo --keep` to browse them on the collector's page,"
+            " or `asgi-matomo collector` and point your own app at it.",
+            file=out,
+        )
+    return 0
+
+
+def _demo_remote(
+    matomo_url: str, idsite: int | None, token: str | None, keep: bool, out: TextIO
+) -> int:
+    if idsite is None:
+        raise DemoError("--matomo-url needs --idsite: the site the demo's hits belong to")
+    try:
+        endpoint = tracking_endpoint(matomo_url)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
+    visits = traffic()
+    with tempfile.TemporaryDirectory(prefix="asgi-matomo-demo-") as workdir:
+        stats_path = Path(workdir) / "stats.json"
+        env = {ENV_URL: endpoint, ENV_IDSITE: str(idsite), ENV_STATS: str(stats_path)}
+        if token:
+            env[ENV_TOKEN] = token
+        print(f"asgi-matomo demo: sending to {endpoint} (site {idsite})", file=out)
+        with _run_app(env, Path(workdir)) as app:
+            _start(app, out)
+            answered = send_traffic(app.url, visits, out)
+            print(f"  answers: {_summary_of_requests(answered)}", file=out)
+            if keep:
+                print(f"The example app: {app.url}/", file=out)
+                out.flush()
+                _wait_forever()
+            code = app.stop()
+        stats = _read_stats(stats_path)
+        if code not in CLEAN_EXIT:
+            raise DemoError(f"the example app exited with {code}:\n{app.log_tail()}")
+    print(
+        "\nThis Matomo is not the local stand-in: the demo cannot read back what it stored."
+        f" Look at Visitors > Visits Log of site {idsite}. What was sent:\n",
+        file=out,
+    )
+    for visit, status in answered:
+        print(f"  {status}  GET {visit.path}", file=out)
+    print(f"\nWhat the sender reported after the app shut down:\n{format_stats(stats)}", file=out)
+    if stats is None or stats.get("sent", 0) == 0:
+        return 1
+    return 0
+
+
+def _start(app: _App, out: TextIO) -> None:
+    with httpx.Client() as client:
+        _wait_until_ready(app, client)
+    print(f"  example app (uvicorn, pid {app.process.pid}) at {app.url}/", file=out)
+    out.flush()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """The `demo` subcommand's handler."""
+    return run_demo(
+        keep=args.keep, matomo_url=args.matomo_url, idsite=args.idsite, token=args.token
+    )
