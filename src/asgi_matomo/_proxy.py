@@ -14,9 +14,10 @@ from dataclasses import dataclass
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Matomo's own IP anonymisation masks 1, 2 or 3 bytes of an IPv4 address and,
-# for the same setting, 64, 80 or 104 bits of an IPv6 address (core/Network/IPv6.php,
-# used by plugins/PrivacyManager/IPAnonymizer.php).
+# Matomo's privacy setting masks 1, 2 or 3 bytes of an IPv4 address. For IPv6 the
+# same setting here masks 64, 80 or 104 bits: at least the whole interface
+# identifier, growing with the setting (our choice; Matomo's own IPv6 masking is
+# not documented in the tracking API).
 _IPV6_MASK_BITS = {0: 0, 1: 64, 2: 80, 3: 104}
 
 
