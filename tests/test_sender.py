@@ -1040,6 +1040,26 @@ async def test_authenticated_batches_go_one_at_a_time_until_the_token_is_confirm
     assert sender.stats.sent == 6
 
 
+@pytest.mark.anyio
+async def test_direct_mode_sends_an_unconfirmed_token_one_request_at_a_time() -> None:
+    matomo = Matomo(matomo_with_token(valid=GOOD_TOKEN))
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN)
+        async with anyio.create_task_group() as tg:
+            for n in range(5):
+                tg.start_soon(sender.send_now, [hit(n, cip="203.0.113.7")])
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.in_flight == 5)
+            assert len(matomo.bodies) == 1
+            matomo.gate.set()
+    # One request with the wrong token, the resend without it, then no token at all.
+    assert [("token_auth" in b) for b in matomo.bodies] == [True] + [False] * 5
+    assert matomo.max_active == 1
+    assert sender.stats.sent == 5
+    assert sender.stats.token_rejected
+
+
 # -- clients -------------------------------------------------------------------------
 
 
@@ -1483,6 +1503,7 @@ async def test_spool_failures_are_survived(caplog: pytest.LogCaptureFixture) -> 
         with caplog.at_level(logging.WARNING, "asgi_matomo"):
             async with sender.running_in_background():
                 sender.submit(hit(1))
+                await until(lambda: any("reading the spool" in r.msg for r in caplog.records))
     assert sender.stats.rejected == 1
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "reading the spool failed" in messages

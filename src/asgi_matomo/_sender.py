@@ -358,11 +358,12 @@ class BatchSender:
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
         self._overflow_event: anyio.Event | None = None
+        self._replay_wanted: anyio.Event | None = None
         self._progress: anyio.Event | None = None
         self._worker_done: anyio.Event | None = None
         self._closed_event: anyio.Event | None = None
         self._slots: anyio.Semaphore | None = None
-        self._token_lock: anyio.Lock | None = None
+        self._token_lock: tuple[anyio.lowlevel.EventLoopToken, anyio.Lock] | None = None
         self._scope: anyio.CancelScope | None = None
 
     def _after_fork_in_child(self) -> None:
@@ -483,10 +484,10 @@ class BatchSender:
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         self._wake = anyio.Event()
         self._overflow_event = anyio.Event()
+        self._replay_wanted = anyio.Event()
         self._progress = anyio.Event()
         self._worker_done = done = anyio.Event()
         self._slots = anyio.Semaphore(self._max_concurrent)
-        self._token_lock = anyio.Lock()
         self._pid = os.getpid()
         self._state = _State.RUNNING
         try:
@@ -495,7 +496,7 @@ class BatchSender:
                     task_status.started()
                     if self._spool is not None:
                         tg.start_soon(self._spool_overflow)
-                        tg.start_soon(self._replay)
+                        tg.start_soon(self._replayer)
                     await self._dispatch(tg)
         finally:
             done.set()
@@ -548,6 +549,16 @@ class BatchSender:
                 hits, self._overflow = self._overflow, []
                 await self._spool_or_drop(hits, "queue_full")
 
+    async def _replayer(self) -> None:
+        # A trigger that arrives while a replay runs sets the event again, so
+        # the spool is looked at once more: no "Matomo is back" is ever lost.
+        assert self._replay_wanted is not None
+        self._replay_wanted.set()  # hits left by a previous process
+        while self._state is _State.RUNNING:
+            await self._replay_wanted.wait()
+            self._replay_wanted = anyio.Event()
+            await self._replay()
+
     async def aclose(self) -> None:
         """Stop accepting hits, deliver what is queued within `shutdown_timeout`, spool
         or drop the rest, close the client we created and log a summary. Idempotent.
@@ -566,6 +577,7 @@ class BatchSender:
             if done is not None:
                 _set(self._wake)
                 _set(self._overflow_event)
+                _set(self._replay_wanted)
                 with anyio.move_on_after(self._shutdown_timeout):
                     await done.wait()
         finally:
@@ -677,7 +689,7 @@ class BatchSender:
         self._notify_progress()
         if not left and self._spool_pending:
             # Matomo answers again: time to bring back what was spooled.
-            await self._replay()
+            _set(self._replay_wanted)
 
     def _use_token(self) -> bool:
         return self._token_state in (_Token.UNKNOWN, _Token.VERIFIED)
@@ -689,11 +701,17 @@ class BatchSender:
         # Until Matomo has confirmed the token, authenticated batches go one at a
         # time: a wrong token then costs a couple of failed logins, not dozens
         # (Matomo blocks the IP after about 20).
-        lock = self._token_lock
-        if lock is not None and self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
-            async with lock:
+        # Direct mode too: a burst of requests must not send the token side by side.
+        if self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
+            async with self._token_lock_here():
                 return await self._deliver_unlocked(batch, span, attempts)
         return await self._deliver_unlocked(batch, span, attempts)
+
+    def _token_lock_here(self) -> anyio.Lock:
+        loop = anyio.lowlevel.current_token()
+        if self._token_lock is None or self._token_lock[0] != loop:
+            self._token_lock = (loop, anyio.Lock())
+        return self._token_lock[1]
 
     async def _deliver_unlocked(
         self, batch: _Batch, span: float, attempts: int | None
