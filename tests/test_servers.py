@@ -135,3 +135,26 @@ def test_client_gone_before_the_response(name: str, collector: Collector, tmp_pa
     assert hits_by_rid([hit]) == {request_id: [hit]}
     # nginx's 499 "client closed request", as for a client gone before any answer.
     assert hit.http_status == 499
+
+
+@pytest.mark.parametrize(
+    ("extra", "immediate"), [(("--lifespan", "off"), True), ((), False)], ids=["off", "on"]
+)
+def test_uvicorn_lifespan_off_sends_each_hit_after_its_response(
+    extra: tuple[str, ...], immediate: bool, collector: Collector, tmp_path: Path
+) -> None:
+    """Without lifespan nothing runs a batch sender: each hit goes out on its own."""
+    hold = {"flush_interval": 300, "batch_size": 10_000}
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=hold, extra=extra) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        for count in (1, 2):
+            client.get("/", params={"rid": rid()}).raise_for_status()
+            if immediate:
+                collector.wait_for_hits(count)
+        if not immediate:
+            assert collector.hits() == []  # batched, held until shutdown
+    assert len(collector.hits()) == 2
+    kinds = [request.kind for request in collector.requests]
+    assert kinds == (["bulk", "bulk"] if immediate else ["bulk"])
