@@ -9,6 +9,7 @@ from the handler, PerfMsTracker, a POST answered 201, and an unmatched path.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,3 +134,18 @@ def test_litestar_define_middleware_tracks_matched_routes_only(
     assert hit.action_name == "/users/{user_id}"
     assert hit.http_status == 200
     assert list(by_rid(collector.hits())) == [rid]
+
+
+def test_docs_page_shows_the_examples_as_they_are() -> None:
+    """docs/frameworks.md repeats each example verbatim; this keeps the copies honest."""
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "frameworks.md").read_text()
+    shown = dict(re.findall(r"Source: `([^`]+)`\n\n```python\n(.*?)```\n", page, re.DOTALL))
+    examples = sorted(
+        path.relative_to(root).as_posix()
+        for path in (root / "docs_src" / "frameworks").glob("*.py")
+        if path.name != "__init__.py"
+    )
+    assert sorted(shown) == examples
+    for name, code in shown.items():
+        assert code == (root / name).read_text(), name
