@@ -1,0 +1,347 @@
+"""Shared pieces of the delivery benchmarks (issue 3); not a benchmark itself.
+
+- `create_app`: the hello-world Starlette app uvicorn serves (`--factory`),
+  bare, with `MatomoMiddleware`, or with a naive one-POST-per-request middleware;
+  configured through `BENCH_*` environment variables.
+- `CollectorProcess`: the local Matomo stand-in in its own process, so that it
+  never competes with the app for its GIL.
+- `ReceiverProcess`: a minimal bulk endpoint (raw asyncio) for measuring the
+  sender's own CPU cost without the collector's SQLite work in the picture.
+- `realistic_scope`, `HEADERS`: what a browser sends, for the in-process tests.
+- `machine_facts`, `percentile`: for the reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from asgi_matomo import MatomoMiddleware
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+
+HOST = "127.0.0.1"
+# What a browser sends with a page request; wrk sends the same headers.
+USER_AGENT = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
+HEADERS: dict[str, str] = {
+    "User-Agent": USER_AGENT,
+    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Accept-Language": "en-GB,en;q=0.9,fr;q=0.8",
+    "Referer": "https://www.example.org/search?q=asgi+matomo",
+}
+
+
+# -- the app under test ---------------------------------------------------------------
+
+_served = 0
+
+
+async def _hello(request: Request) -> PlainTextResponse:
+    global _served
+    _served += 1
+    return PlainTextResponse("Hello, world!")
+
+
+class NaiveMatomo:
+    """The old design, for comparison: one awaited POST to Matomo per request.
+
+    Written for this benchmark (the PyPI package of the same name must never be
+    installed next to ours). One shared client, the response already sent when
+    the POST starts: the cost is the POST's CPU and the pool it waits for.
+    """
+
+    def __init__(self, app: ASGIApp, *, matomo_url: str) -> None:
+        self.app = app
+        self.url = matomo_url
+        self.client: httpx.AsyncClient | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        params = {
+            "idsite": "1",
+            "rec": "1",
+            "apiv": "1",
+            "send_image": "0",
+            "url": f"http://{headers.get('host', '')}{scope['path']}",
+            "action_name": scope["path"],
+            "ua": headers.get("user-agent", ""),
+            "lang": headers.get("accept-language", ""),
+        }
+        if self.client is None:
+            self.client = httpx.AsyncClient()
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.post(self.url, data=params)
+
+
+class _Report:
+    """Writes what the app served (and the sender's stats) when the server stops."""
+
+    def __init__(self, app: ASGIApp, path: str, middleware: MatomoMiddleware | None) -> None:
+        self.app = app
+        self.path = path
+        self.middleware = middleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_and_report(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                # The middleware flushed its queue before sending this.
+                stats = self.middleware.stats if self.middleware is not None else None
+                report = {
+                    "served": _served,
+                    "stats": None
+                    if stats is None
+                    else {k: getattr(stats, k) for k in stats.__dataclass_fields__},
+                }
+                Path(self.path).write_text(json.dumps(report))
+            await send(message)
+
+        await self.app(scope, receive, send_and_report)
+
+
+def create_app() -> ASGIApp:
+    """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo or naive.
+
+    `BENCH_MATOMO_URL` is the Matomo endpoint, `BENCH_SENDER` a JSON object of
+    extra MatomoMiddleware options, `BENCH_REPORT` where to write the report.
+    """
+    app: ASGIApp = Starlette(routes=[Route("/", _hello)])
+    variant = os.environ.get("BENCH_VARIANT", "bare")
+    url = os.environ.get("BENCH_MATOMO_URL", f"http://{HOST}:8765/matomo.php")
+    middleware = None
+    if variant == "matomo":
+        options: dict[str, Any] = json.loads(os.environ.get("BENCH_SENDER", "{}"))
+        app = middleware = MatomoMiddleware(app, matomo_url=url, idsite=1, **options)
+    elif variant == "naive":
+        app = NaiveMatomo(app, matomo_url=url)
+    elif variant != "bare":
+        raise ValueError(f"BENCH_VARIANT: bare, matomo or naive, got {variant!r}")
+    return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)
+
+
+# -- helper processes -----------------------------------------------------------------
+
+
+def pin(cpus: Sequence[int] | None) -> None:
+    """Pin this process to `cpus` (Linux), when given."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(cpus))
+
+
+def _collector_main(conn: Connection, cpus: Sequence[int] | None) -> None:
+    from asgi_matomo._collector import Collector
+
+    pin(cpus)
+    with Collector(host=HOST) as collector:
+        conn.send(collector.tracking_url)
+        while True:
+            command, arg = conn.recv()
+            if command == "stop":
+                break
+            if command == "fault":
+                collector.set_fault(delay=arg)
+            elif command == "clear":
+                collector.clear_fault()
+            requests = collector.requests
+            conn.send(
+                {
+                    "requests": len(requests),
+                    "elements": sum(r.elements for r in requests),
+                    "tracked": sum(r.tracked for r in requests),
+                    "invalid": sum(r.invalid for r in requests),
+                    "errors": sum(1 for r in requests if r.status not in (200, 204)),
+                }
+            )
+    conn.send(None)
+
+
+class CollectorProcess:
+    """The Collector (Matomo stand-in) in a child process, driven through a pipe."""
+
+    def __init__(self, cpus: Sequence[int] | None = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_collector_main, args=(child, cpus), daemon=True)
+        self._proc.start()
+        self.tracking_url: str = self._conn.recv()
+
+    def _ask(self, command: str, arg: object = None) -> dict[str, int]:
+        self._conn.send((command, arg))
+        answer: dict[str, int] = self._conn.recv()
+        return answer
+
+    def counts(self) -> dict[str, int]:
+        """Tracking requests received, bulk elements, hits tracked/invalid, non-2xx."""
+        return self._ask("counts")
+
+    def set_delay(self, seconds: float) -> None:
+        """Answer every tracking request `seconds` late (0: healthy again)."""
+        if seconds:
+            self._ask("fault", seconds)
+        else:
+            self._ask("clear")
+
+    def stop(self) -> None:
+        self._conn.send(("stop", None))
+        self._conn.recv()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+async def _answer_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = await reader.readexactly(length)
+            tracked = body.count(b'"?')
+            answer = b'{"status":"success","tracked":%d,"invalid":0}' % tracked
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def _receiver_main(conn: Connection, cpus: Sequence[int] | None) -> None:
+    pin(cpus)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(_answer_bulk, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        conn.send(f"http://{HOST}:{port}/matomo.php")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, conn.recv)
+        server.close()
+
+    asyncio.run(serve())
+
+
+class ReceiverProcess:
+    """A minimal, fast Matomo bulk endpoint in a child process (answers `tracked`)."""
+
+    def __init__(self, cpus: Sequence[int] | None = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_receiver_main, args=(child, cpus), daemon=True)
+        self._proc.start()
+        self.tracking_url: str = self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the server exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout}s")
+
+
+# -- realistic requests ---------------------------------------------------------------
+
+_PATHS = ("/", "/products/42", "/blog/2026/11/asgi-tracking", "/search", "/cart")
+
+
+def realistic_scope(i: int) -> Scope:
+    """The ASGI scope of a browser's page request (varied paths and queries)."""
+    path = _PATHS[i % len(_PATHS)]
+    query = f"page={i % 7}&utm_source=newsletter&utm_medium=email" if i % 2 else ""
+    headers = [(b"host", b"shop.example.com")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
+    headers += [(b"accept-encoding", b"gzip, deflate, br"), (b"connection", b"keep-alive")]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": headers,
+        "client": ("203.0.113.7", 50000 + i % 10000),
+        "server": ("10.0.0.5", 8000),
+        "state": {},
+    }
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank on sorted values."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def machine_facts() -> str:
+    versions = ", ".join(
+        f"{name} {version(name)}" for name in ("asgi-matomo", "starlette", "uvicorn", "httpx")
+    )
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, "
+        f"nproc {os.cpu_count()} ({cpu_model()}), {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; {versions}"
+    )

@@ -1,0 +1,364 @@
+"""Throughput under real HTTP load: hello-world Starlette on uvicorn, with and without tracking.
+
+    .venv/bin/python bench/bench_throughput.py [--duration 10] [--repeat 5] [--plot PNG]
+
+Each repetition starts a fresh uvicorn (1 worker, h11, asyncio, no access log)
+per variant, in a rotating order, warms it up, loads it with `wrk` for
+`--duration` seconds, then stops it with SIGTERM (the sender flushes) and
+compares the hits the collector stored with the requests the app served.
+
+Variants:
+- `bare`: no middleware.
+- `matomo`: MatomoMiddleware, defaults, healthy Matomo (the collector).
+- `matomo-slow`: Matomo answers every bulk request 2 s late during the whole
+  load; `max_queue_size` big enough for the backlog. Matomo recovers before
+  shutdown so the backlog can drain; every served request must be stored.
+- `matomo-slow-sized`: Matomo 2 s late all the time, including the shutdown
+  flush; the sender sized to keep up (batch_size 1000, 16 batches in flight).
+- `naive`: the old design, one awaited POST per request (for comparison).
+
+The app runs pinned to one core, wrk and the collector (its own process) to the
+other. Ratios are taken within each repetition, then the median is reported.
+Everything listens on 127.0.0.1 only; every step has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import HEADERS, HOST, CollectorProcess, free_port, machine_facts, wait_for_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+SLOW_DELAY = 2.0
+STARTUP_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 180.0
+
+# wrk prints its own summary; this adds one JSON line we can parse.
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "socket_errors": %d, "non2xx": %d, '
+    .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    app: str
+    sender: dict[str, Any] = field(default_factory=dict)
+    delay: float = 0.0
+    # Whether Matomo stays slow while the app shuts down and flushes.
+    slow_at_shutdown: bool = False
+
+
+VARIANTS = [
+    Variant("bare", "bare"),
+    Variant("matomo", "matomo"),
+    Variant(
+        "matomo-slow",
+        "matomo",
+        {"max_queue_size": 1_000_000, "shutdown_timeout": 120},
+        delay=SLOW_DELAY,
+    ),
+    Variant(
+        "matomo-slow-sized",
+        "matomo",
+        {
+            "batch_size": 1000,
+            "max_concurrent_batches": 16,
+            "max_queue_size": 1_000_000,
+            "shutdown_timeout": 120,
+        },
+        delay=SLOW_DELAY,
+        slow_at_shutdown=True,
+    ),
+    Variant("naive", "naive"),
+]
+
+
+@dataclass
+class Run:
+    variant: str
+    repetition: int
+    rps: float
+    cpu_us: float  # the app process's CPU time per request served during the window
+    p50_ms: float
+    p99_ms: float
+    wrk_errors: int
+    served: int
+    stored: int
+    dropped: int | None
+    window_requests: int
+    window_hits: int
+    backlog_at_end_of_load: int
+    shutdown_s: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, seconds: float, connections: int, cpus: str, script: Path) -> dict[str, int]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    command += ["-s", str(script)]
+    for name, value in HEADERS.items():
+        command += ["-H", f"{name}: {value}"]
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    out = subprocess.run(
+        [*command, f"http://{HOST}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    line = next(x for x in reversed(out.splitlines()) if x.startswith("{"))
+    result: dict[str, int] = json.loads(line)
+    return result
+
+
+def run_once(
+    variant: Variant,
+    repetition: int,
+    collector: CollectorProcess,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> Run:
+    port = free_port()
+    report = tmp / f"{variant.name}-{repetition}.json"
+    log = tmp / f"{variant.name}-{repetition}.log"
+    env = dict(
+        os.environ,
+        BENCH_VARIANT=variant.app,
+        BENCH_MATOMO_URL=collector.tracking_url,
+        BENCH_SENDER=json.dumps(variant.sender),
+        BENCH_REPORT=str(report),
+    )
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH_DIR), "--factory"]
+    command += ["_common:create_app", "--host", HOST, "--port", str(port), "--workers", "1"]
+    command += ["--no-access-log", "--log-level", "warning", "--loop", "asyncio"]
+    command += ["--http", "h11", "--lifespan", "on"]
+    if args.app_cpus:
+        command = ["taskset", "-c", args.app_cpus, *command]
+    before = collector.counts()
+    if variant.delay:
+        collector.set_delay(variant.delay)
+    with log.open("w") as log_file:
+        server = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, STARTUP_TIMEOUT, lambda: server.poll() is None)
+            warm = wrk(port, args.warmup, args.connections, args.load_cpus, args.script)
+            start = collector.counts()
+            cpu = cpu_seconds(server.pid)
+            result = wrk(port, args.duration, args.connections, args.load_cpus, args.script)
+            cpu = cpu_seconds(server.pid) - cpu
+            end = collector.counts()
+            if variant.delay and not variant.slow_at_shutdown:
+                collector.set_delay(0)
+            stopping = time.perf_counter()
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=SHUTDOWN_TIMEOUT)
+            shutdown_s = time.perf_counter() - stopping
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            collector.set_delay(0)
+    after = collector.counts()
+    if server.returncode != 0:
+        raise RuntimeError(f"{variant.name}: uvicorn exited {server.returncode}: {log.read_text()}")
+    data = json.loads(report.read_text())
+    stats = data["stats"]
+    served: int = data["served"]
+    seconds = result["duration_us"] / 1e6
+    # Served so far (wrk's count: exact but for the few requests in flight) minus
+    # what Matomo had stored: the hits waiting in the app when the load stopped.
+    backlog = warm["requests"] + result["requests"] - (end["tracked"] - before["tracked"])
+    return Run(
+        variant=variant.name,
+        repetition=repetition,
+        rps=result["requests"] / seconds,
+        cpu_us=cpu / result["requests"] * 1e6,
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        wrk_errors=result["socket_errors"] + result["non2xx"],
+        served=served,
+        stored=after["tracked"] - before["tracked"],
+        dropped=None if stats is None else stats["dropped"],
+        window_requests=end["requests"] - start["requests"],
+        window_hits=end["elements"] - start["elements"],
+        backlog_at_end_of_load=0 if variant.app == "bare" else backlog,
+        shutdown_s=shutdown_s,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
+    parser.add_argument("--app-cpus", default="0", help="taskset list for uvicorn ('' = none)")
+    parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
+    parser.add_argument("--json", type=Path, help="write every run here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install -y wrk")
+    if os.cpu_count() == 1 or not hasattr(os, "sched_setaffinity"):
+        args.app_cpus = args.load_cpus = ""
+    wanted = args.variants.split(",")
+    variants = [v for v in VARIANTS if v.name in wanted]
+    if not variants or variants[0].name != "bare":
+        raise SystemExit("--variants must include bare (the ratios are relative to it)")
+
+    runs: list[Run] = []
+    load_cpus = [int(c) for c in args.load_cpus.split(",")] if args.load_cpus else None
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        args.script = tmp / "report.lua"
+        args.script.write_text(WRK_SCRIPT)
+        collector = CollectorProcess(cpus=load_cpus)
+        try:
+            for repetition in range(args.repeat):
+                shift = repetition % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    run = run_once(variant, repetition, collector, args, tmp)
+                    print(
+                        f"# rep {repetition} {variant.name:18} {run.rps:8.0f} req/s "
+                        f"{run.cpu_us:6.1f} us CPU/req "
+                        f"served={run.served} stored={run.stored} dropped={run.dropped} "
+                        f"window={run.window_requests}/{run.window_hits} "
+                        f"backlog={run.backlog_at_end_of_load} shutdown={run.shutdown_s:.1f}s "
+                        f"wrk_errors={run.wrk_errors}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    runs.append(run)
+        finally:
+            collector.stop()
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
+    print_report(runs, [v.name for v in variants], args)
+    if args.plot:
+        plot(runs, [v.name for v in variants], args.plot)
+
+
+def ratios(runs: list[Run], name: str) -> list[float]:
+    """Throughput of `name` / throughput of bare, within each repetition."""
+    bare = {r.repetition: r.rps for r in runs if r.variant == "bare"}
+    return [r.rps / bare[r.repetition] for r in runs if r.variant == name]
+
+
+def cpu_ratios(runs: list[Run], name: str) -> list[float]:
+    """CPU per request of bare / of `name`: the throughput ratio on a core of its own."""
+    bare = {r.repetition: r.cpu_us for r in runs if r.variant == "bare"}
+    return [bare[r.repetition] / r.cpu_us for r in runs if r.variant == name]
+
+
+def _span(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+
+def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) -> None:
+    print(f"Machine: {machine_facts()}\n")
+    print(
+        f"uvicorn 1 worker (h11, asyncio) pinned to CPU {args.app_cpus or '-'}; wrk -t1 "
+        f"-c{args.connections} and the collector process pinned to CPU {args.load_cpus or '-'}; "
+        f"{args.warmup:g} s warm-up + {args.duration:g} s measured per run, "
+        f"{args.repeat} repetitions, variants in rotating order. Medians (min..max).\n"
+    )
+    print(
+        "| Variant | req/s | ratio to bare | app CPU µs/request | CPU ratio (bare/variant) "
+        "| wrk p50 / p99 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        mine = [r for r in runs if r.variant == name]
+        print(
+            f"| {name} | {_span([r.rps for r in mine], ',.0f')} "
+            f"| {_span(ratios(runs, name), '.3f')} "
+            f"| {_span([r.cpu_us for r in mine], '.1f')} "
+            f"| {_span(cpu_ratios(runs, name), '.3f')} "
+            f"| {statistics.median(r.p50_ms for r in mine):.1f} / "
+            f"{statistics.median(r.p99_ms for r in mine):.1f} |"
+        )
+    print(
+        "\n| Variant | served (all runs) | stored by Matomo | lost | dropped (sender stats) "
+        "| Matomo requests per 1000 hits during load | backlog when load stopped (max) "
+        "| shutdown s (max) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names[1:]:
+        mine = [r for r in runs if r.variant == name]
+        served = sum(r.served for r in mine)
+        stored = sum(r.stored for r in mine)
+        window_hits = sum(r.window_hits for r in mine)
+        per_1000 = (
+            f"{1000 * sum(r.window_requests for r in mine) / window_hits:.2f}"
+            if window_hits
+            else "-"
+        )
+        dropped = "-" if mine[0].dropped is None else f"{sum(r.dropped or 0 for r in mine):,}"
+        print(
+            f"| {name} | {served:,} | {stored:,} | {served - stored:,} | {dropped} | {per_1000} "
+            f"| {max(r.backlog_at_end_of_load for r in mine):,} "
+            f"| {max(r.shutdown_s for r in mine):.1f} |"
+        )
+
+
+def plot(runs: list[Run], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    width = 0.38
+    for i, name in enumerate(names):
+        rps = [r.rps for r in runs if r.variant == name]
+        colour = "#c44e52" if name == "naive" else "#4c72b0"
+        left.bar(i, statistics.median(rps), color=colour)
+        left.scatter([i] * len(rps), rps, color="black", s=8, zorder=3)
+        for offset, values, hue, label in (
+            (-width / 2, ratios(runs, name), "#4c72b0", "req/s ratio (wrk)"),
+            (width / 2, cpu_ratios(runs, name), "#8172b2", "CPU-per-request ratio"),
+        ):
+            right.bar(
+                i + offset, statistics.median(values), width, color=hue, label=label if i else None
+            )
+            right.scatter([i + offset] * len(values), values, color="black", s=6, zorder=3)
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    left.set_ylabel("requests/s (bar: median, dots: repetitions)")
+    left.set_title("Hello-world Starlette on uvicorn under wrk")
+    right.axhline(0.95, color="#55a868", linestyle="--", label="target 0.95")
+    right.set_ylabel("relative to bare, same repetition")
+    right.set_title("Throughput relative to the bare app")
+    right.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
