@@ -49,8 +49,11 @@ def collector() -> Iterator[Collector]:
 
 
 def options(**extra: Any) -> dict[str, Any]:
-    """Report the visitor IP (needs the token); the scheme as seen, not assumed."""
-    return {"access_token": TOKEN, "assume_https": False, **extra}
+    """Report the visitor IP (needs the token); the scheme as seen, not assumed.
+
+    A short flush interval: each test waits for its hits while the server runs.
+    """
+    return {"access_token": TOKEN, "assume_https": False, "flush_interval": 0.05, **extra}
 
 
 def client_from(address: str, **kwargs: Any) -> httpx.Client:
@@ -204,8 +207,8 @@ def two_proxies(server: Server, style: Style) -> Iterator[ReverseProxy]:
 @pytest.mark.parametrize("style", ["x-forwarded", "forwarded"])
 @pytest.mark.parametrize(
     ("trusted", "visitor"),
-    [([EDGE, INNER], VISITOR), (["127.0.0.2/32", "127.0.0.3/32"], VISITOR), ([INNER], EDGE)],
-    ids=["both-trusted", "networks", "inner-only"],
+    [(["127.0.0.2/32", INNER], VISITOR), ([INNER], EDGE)],
+    ids=["both-trusted", "inner-only"],
 )
 def test_through_two_reverse_proxies(
     style: Style, trusted: list[str], visitor: str, collector: Collector, tmp_path: Path
@@ -302,7 +305,6 @@ def test_ipv6_clients(collector: Collector, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mask", "ipv4", "ipv6"),
     [
-        (0, "198.51.100.77", "2001:db8:1:2:3:4:5:6"),
         (1, "198.51.100.0", "2001:db8:1:2::"),
         (2, "198.51.0.0", "2001:db8:1::"),
         (3, "198.0.0.0", "2001:d00::"),
