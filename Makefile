@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest format docs clean
+.PHONY: demo test lint typecheck pytest format docs clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest --cov --cov-branch --cov-report=term-missing $(PYTEST_ARGS)
+
+# Delivery benchmarks (not part of `make test`): needs wrk (apt-get install -y wrk)
+# and matplotlib in .venv for the plot; about 15 minutes on 2 cores.
+bench: $(STAMP)
+	$(BIN)/python bench/bench_overhead.py
+	$(BIN)/python bench/bench_throughput.py --plot bench/throughput.png
 
 format: $(STAMP)
 	$(BIN)/ruff format .
