@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/asgi-matomo demo
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,6 +33,10 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_throughput.py --plot bench/throughput.png
+
+# The documentation site, built the way CI checks it (warnings are errors).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 format: $(STAMP)
 	$(BIN)/ruff format .
