@@ -146,3 +146,31 @@ def test_docs_page_includes_every_example() -> None:
         if path.name != "__init__.py"
     )
     assert included == examples
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn-asyncio"])
+def test_fastapi_below_a_path_prefix(kind: str, collector: Collector, tmp_path: Path) -> None:
+    """Served under /api by a proxy that strips the prefix (`--root-path /api`).
+
+    uvicorn puts the prefix into `path`, hypercorn does not: either way it appears
+    once in the URL and in the route template.
+    """
+    app = FRAMEWORKS["fastapi"].app
+    checks = {"/users/7": (200, "/api/users/{user_id}"), "/missing": (404, "(not found)")}
+    if kind == "uvicorn":
+        # Not under hypercorn: there Starlette's Mount misses (404) below a root_path,
+        # because hypercorn leaves the prefix out of `path`. Not the middleware's doing.
+        checks["/shop/items/3"] = (200, "/api/shop/items/{item_id}")
+    options = {"action_name_from_route": True}
+    extra = ("--root-path", "/api")
+    with (
+        serve(app, collector.tracking_url, tmp_path, kind=kind, options=options, extra=extra) as (
+            server
+        ),
+        httpx.Client(base_url=server.url) as client,
+    ):
+        for path, (status, _) in checks.items():
+            assert client.get(path, params={"rid": "1"}).status_code == status, path
+    host = server.url.removeprefix("http://")
+    hits = {hit.url: hit.action_name for hit in collector.hits()}
+    assert hits == {f"https://{host}/api{path}?rid=1": name for path, (_, name) in checks.items()}
