@@ -1441,7 +1441,9 @@ async def test_spooled_hits_come_back_when_matomo_recovers() -> None:
             sender.submit(hit(2))
             assert await sender.aflush(DEADLINE)
             await until(lambda: not spool.rows)
-    assert matomo.hits[-3:] == [2, 0, 1]
+    # The spooled two may come back before or after hit 2 (the start-up replay
+    # may catch them just as Matomo recovers).
+    assert sorted(matomo.hits[-3:]) == [0, 1, 2]
     assert (sender.stats.sent, sender.stats.replayed) == (3, 2)
 
 
