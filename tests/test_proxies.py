@@ -11,7 +11,9 @@ comes from its own `trusted_proxies` handling. The collector has a token, so
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +24,7 @@ import httpx
 import pytest
 
 from asgi_matomo._collector import Collector, StoredHit
-from tests.servers import Server, serve
+from tests.servers import Server, free_port, serve, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -324,3 +326,75 @@ def test_anonymize_ip_bytes(
     assert hits["v4"].visitor_ip == ipv4
     assert hits["v6"].visitor_ip == ipv6
     assert all(h.params["cip"] == h.visitor_ip for h in hits.values())
+
+
+# --- nginx, configured as docs/deployment.md shows --------------------------------------
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+NGINX_CONF = """
+daemon off;
+master_process off;
+error_log {tmp}/error.log;
+pid {tmp}/nginx.pid;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass {upstream};
+            proxy_bind {bind};
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(tmp_path: Path, upstream: str) -> Iterator[str]:
+    """nginx on EDGE in front of `upstream`, connecting from INNER; yields its URL."""
+    assert NGINX is not None
+    port = free_port(EDGE)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(tmp=tmp_path, listen=f"{EDGE}:{port}", upstream=upstream, bind=INNER)
+    )
+    with (tmp_path / "nginx.out").open("wb") as out:
+        process = subprocess.Popen(
+            [NGINX, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_for_port(port, process, 10.0, EDGE)
+        yield f"http://{EDGE}:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_behind_nginx(collector: Collector, tmp_path: Path) -> None:
+    opts = options(trusted_proxies=[INNER])
+    spoofed = {"x-forwarded-for": "6.6.6.6", "x-forwarded-host": "evil.example"}
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=opts) as server,
+        nginx(tmp_path, server.url) as url,
+        client_from(VISITOR) as client,
+    ):
+        headers = {"host": "www.example.org", **spoofed}
+        response = client.get(url + "/?rid=nginx", headers=headers)
+        assert response.status_code == 200
+        assert response.text.split()[0] == INNER  # the app's peer is nginx
+        hit = only_hit(collector)
+    assert hit.visitor_ip == VISITOR
+    assert hit.url == "http://www.example.org/?rid=nginx"  # no TLS at this nginx
