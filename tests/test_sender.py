@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
@@ -36,6 +37,7 @@ from asgi_matomo._sender import (
     backoff_delay,
     parse_retry_after,
 )
+from asgi_matomo._spool import SqliteSpool
 
 ENDPOINT = "https://matomo.example.com/matomo.php"
 TOKEN = "s3cr3t-token-0123456789abcdef"
@@ -1445,6 +1447,33 @@ async def test_spooled_hits_come_back_when_matomo_recovers() -> None:
     # may catch them just as Matomo recovers).
     assert sorted(matomo.hits[-3:]) == [0, 1, 2]
     assert (sender.stats.sent, sender.stats.replayed) == (3, 2)
+
+
+@pytest.mark.anyio
+async def test_sqlite_spool_carries_hits_to_the_next_process(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "spool.sqlite3"
+    down = Matomo(lambda body: httpx.Response(503))
+    async with down.client() as client:
+        sender = sender_for(
+            client, spool=SqliteSpool(path), clock=clock, sleep=clock.sleep, retry_deadline=1
+        )
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            sender.submit(hit(1))
+    assert sender.stats.spooled == 2
+
+    up = Matomo()
+    spool = SqliteSpool(path)
+    async with up.client() as client:
+        sender = sender_for(client, spool=spool)
+        async with sender.running_in_background():
+            await up.wait_for(1)
+    assert up.hits == [0, 1]
+    assert sender.stats.replayed == 2
+    reopened = SqliteSpool(path)
+    assert reopened.count() == 0
+    reopened.close()
 
 
 @pytest.mark.anyio
