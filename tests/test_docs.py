@@ -28,7 +28,9 @@ DOCS = ROOT / "docs"
 # in their own test modules.
 INLINE_EXAMPLES = {"deployment.md", "frameworks.md"}
 SNIPPET = re.compile(r'^-{1,3}8<-{1,3} "([^"]+)"', re.MULTILINE)
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# ```python, ```py title="x", or ``` { .python title="x" } (which `ruff format`,
+# formatting Python blocks in Markdown, leaves alone: it would break the includes).
+FENCE = re.compile(r"^```\s*(?:\{\s*\.)?(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 # -- the examples of "Testing your app" ------------------------------------------------
@@ -95,7 +97,7 @@ def test_every_python_example_is_an_included_file() -> None:
     assert pages
     for page in pages:
         for language, body in FENCE.findall(page.read_text()):
-            if language != "python":
+            if language not in ("python", "py"):
                 continue
             lines = [line for line in body.splitlines() if line.strip()]
             assert lines, f"{page.name}: an empty python block"
