@@ -2,7 +2,8 @@
 
 Everything here runs on the application's event loop thread. The request path
 only calls `BatchSender.submit`, which appends to a deque; one background task
-cuts batches and sends them with Matomo's bulk tracking API.
+cuts batches and sends them with Matomo's bulk tracking API. Without a lifespan
+there is no place for that task, and `BatchSender.send_now` sends right away.
 """
 
 from __future__ import annotations
@@ -403,7 +404,11 @@ class BatchSender:
     # -- request path ---------------------------------------------------------------
 
     def submit(self, hit: Hit) -> None:
-        """Queue one hit for the background worker; never blocks, never raises."""
+        """Queue one hit for the background worker; never blocks, never raises.
+
+        Call it on the event loop's thread. Counted as dropped when the worker is
+        not running (not started yet, or closed).
+        """
         self._counters.submitted += 1
         if not self.running:
             self._drop(1, "not_running", "the sender is not running (closed or not started)")
