@@ -73,7 +73,24 @@ def by_rid(hits: list[StoredHit]) -> dict[str, list[StoredHit]]:
 
 @pytest.mark.parametrize("name", list(FRAMEWORKS))
 def test_framework_example(name: str, collector: Collector, tmp_path: Path) -> None:
-    framework = FRAMEWORKS[name]
+    check_example(FRAMEWORKS[name], "uvicorn", collector, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["hypercorn-asyncio", "granian"])
+@pytest.mark.parametrize("name", ["starlette", "django", "quart"])
+def test_framework_example_on_other_servers(
+    name: str, kind: str, collector: Collector, tmp_path: Path
+) -> None:
+    """Servers differ in what they put in the scope (`state`, `root_path`, extensions).
+
+    Not on trio: the examples wait with asyncio.sleep, and Django is asyncio-only
+    (tests/test_servers.py runs an anyio app on hypercorn's trio worker).
+    """
+    check_example(FRAMEWORKS[name], kind, collector, tmp_path)
+
+
+def check_example(framework: Framework, kind: str, collector: Collector, tmp_path: Path) -> None:
+    """Serve the example, send every request of the common site, check every hit."""
     checks = [
         ("GET", "/", 200, "/"),
         ("GET", "/users/7", 200, framework.user_template),
@@ -85,7 +102,9 @@ def test_framework_example(name: str, collector: Collector, tmp_path: Path) -> N
     ]
     sent: dict[str, tuple[str, str, int, str]] = {}
     options = {"action_name_from_route": True}
-    with serve(framework.app, collector.tracking_url, tmp_path, options=options) as server:
+    with serve(
+        framework.app, collector.tracking_url, tmp_path, kind=kind, options=options
+    ) as server:
         headers = {"user-agent": USER_AGENT}
         with httpx.Client(base_url=server.url, headers=headers) as client:
             for method, path, status, action_name in checks:
