@@ -561,6 +561,42 @@ async def test_a_redirect_is_reported_with_its_target(caplog: pytest.LogCaptureF
     assert f"HTTP 301: redirected to {target}: use that URL" in caplog.records[0].getMessage()
 
 
+@pytest.mark.anyio
+async def test_a_batch_too_large_is_split(caplog: pytest.LogCaptureFixture) -> None:
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if len(body["requests"]) > 2:
+            return httpx.Response(413, text="Request Entity Too Large")
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, batch_size=5)
+        with caplog.at_level(logging.WARNING, "asgi_matomo"):
+            async with sender.running_in_background():
+                for n in range(5):
+                    sender.submit(hit(n))
+    sizes = [len(b["requests"]) for b in matomo.bodies]
+    assert sizes == [5, 2, 3, 1, 2]
+    accepted = [numbers(b["requests"]) for b in matomo.bodies if len(b["requests"]) <= 2]
+    assert accepted == [[0, 1], [2], [3, 4]]
+    assert (sender.stats.sent, sender.stats.rejected) == (5, 0)
+    assert len(caplog.records) == 1
+    assert "HTTP 413" in caplog.records[0].getMessage()
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+async def test_a_single_hit_too_large_is_refused() -> None:
+    matomo = Matomo(lambda body: httpx.Response(413))
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+    assert [len(b["requests"]) for b in matomo.bodies] == [2, 1, 1]
+    assert sender.stats.rejected == 2
+
+
 def test_duplicate_filter_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     sender = BatchSender(endpoint=ENDPOINT)
     with caplog.at_level(logging.ERROR, "asgi_matomo"):

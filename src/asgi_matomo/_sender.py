@@ -747,6 +747,8 @@ class BatchSender:
                 if authenticated and answer.status in (401, 403):
                     self._reject_token(f"HTTP {answer.status}")
                     continue
+                if answer.status == 413 and len(hits) > 1:
+                    return await self._deliver_halves(batch, give_up_at - self._clock())
                 self._refused(hits, answer)
                 batch.hits = []
                 return []
@@ -776,6 +778,24 @@ class BatchSender:
             self._warn("retry", "asgi_matomo: Matomo unavailable (%s): retrying", answer.cause)
             self._counters.retried += 1
             await self._sleep(delay)
+
+    async def _deliver_halves(self, batch: _Batch, span: float) -> list[Hit]:
+        """Send a batch too large for the web server in front of Matomo as two."""
+        self._log_once(
+            "413",
+            logging.WARNING,
+            "asgi_matomo: a batch of %d hits was too large for the server (HTTP 413); "
+            "sending smaller ones. Lower batch_size or raise the server's body size limit.",
+            len(batch.hits),
+        )
+        left: list[Hit] = []
+        mid = len(batch.hits) // 2
+        for part in (batch.hits[:mid], batch.hits[mid:]):
+            half = _Batch(part, batch.first_seq, worker=False)
+            left += await self._deliver_unlocked(half, max(span, 0.0), None)
+            batch.tracked += half.tracked
+        batch.hits = left
+        return left
 
     async def _probe_lockout(self, batch: _Batch) -> bool:
         """True when Matomo takes without the token what it answered 5xx to with it.
