@@ -703,10 +703,10 @@ class BatchSender:
         self, batch: _Batch, *, span: float, attempts: int | None = None
     ) -> list[Hit]:
         """Deliver `batch.hits`, retrying; returns the hits that could not be delivered."""
-        # Until Matomo has confirmed the token, authenticated batches go one at a
-        # time: a wrong token then costs a couple of failed logins, not dozens
-        # (Matomo blocks the IP after about 20).
-        # Direct mode too: a burst of requests must not send the token side by side.
+        # Until Matomo has confirmed the token, batches that need it go one at a
+        # time (in direct mode too: a burst of requests must not send it side by
+        # side): a wrong token then costs a couple of failed logins, not dozens,
+        # and Matomo blocks the IP after about 20.
         if self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
             async with self._token_lock_here():
                 return await self._deliver_unlocked(batch, span, attempts)
