@@ -544,11 +544,19 @@ def test_trusted_proxy_gives_scheme_and_host() -> None:
     cfg = config(trusted_proxies=["10.0.0.2"], assume_https=False)
     headers = [
         (b"host", b"internal:8000"),
-        (b"x-forwarded-proto", b"https, http"),
+        (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-host", b"www.example.org"),
     ]
     scope = http_scope("/p", headers=headers, client=PROXY)
     assert info_of(scope, cfg).url == "https://www.example.org/p"
+    # Appending proxies: each list entry belongs to the hop at the same position.
+    appended = [
+        (b"x-forwarded-for", b"1.2.3.4, 198.51.100.7"),
+        (b"x-forwarded-proto", b"http, https"),
+        (b"x-forwarded-host", b"evil.example, shop.example"),
+    ]
+    scope = http_scope("/p", headers=appended, client=PROXY)
+    assert info_of(scope, cfg).url == "https://shop.example/p"
     forwarded = [
         (b"host", b"internal"),
         (b"forwarded", b'for=1.2.3.4;proto=https;host="shop.example"'),
@@ -632,3 +640,13 @@ def test_route_template_from_litestar_path_template() -> None:
 )
 def test_route_template_from_app_code(route: object, root_path: str, expected: str | None) -> None:
     assert route_template({"route": route, "root_path": root_path}) == expected
+
+
+def test_forwarded_scheme_and_host_come_from_the_client_hop() -> None:
+    cfg = config(trusted_proxies=["10.0.0.0/8"], assume_https=False)
+    spoofed = b"for=6.6.6.6;proto=http;host=evil.example, for=198.51.100.7;proto=https;host=shop.example, for=10.0.0.9"
+    scope = http_scope("/p", headers=[(b"forwarded", spoofed)], client=PROXY)
+    info = info_of(scope, cfg)
+    assert info.url == "https://shop.example/p"
+    only_proto = [(b"forwarded", b"proto=https"), (b"host", b"h")]
+    assert info_of(http_scope("/p", headers=only_proto, client=PROXY), cfg).url == "http://h/p"

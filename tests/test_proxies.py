@@ -235,12 +235,6 @@ def test_through_two_reverse_proxies(
         assert hit.url == "https://www.example.org/?rid=proxied"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in _proxy.resolve_forwarded: proto and host are read from the first"
-    " (leftmost) Forwarded element, which the visitor wrote, instead of the element of"
-    " the hop that yields the client address (the edge proxy's own element)",
-)
 def test_forwarded_proto_and_host_from_the_visitor_are_ignored(
     collector: Collector, tmp_path: Path
 ) -> None:

@@ -115,11 +115,6 @@ def test_client_gone_mid_response(name: str, collector: Collector, tmp_path: Pat
     assert len(collector.hits()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in _middleware.py: a response started after the app received"
-    " http.disconnect is recorded with the app's status (200), not 499",
-)
 @pytest.mark.parametrize("name", ["uvicorn", "hypercorn-asyncio"])
 def test_client_gone_before_the_response(name: str, collector: Collector, tmp_path: Path) -> None:
     """The client gave up waiting: the app answers afterwards, to nobody."""

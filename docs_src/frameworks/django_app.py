@@ -64,7 +64,7 @@ settings.configure(
 )
 
 application = MatomoMiddleware(
-    get_asgi_application(),  # type: ignore[arg-type]
+    get_asgi_application(),
     matomo_url="YOUR MATOMO TRACKING URL",
     idsite=12345,  # your service tracking id
     route_details={"/about": {"action_name": "About us"}},

@@ -23,7 +23,7 @@ async def about() -> str:
 
 @get("/report")
 async def report(request: Request) -> str:  # type: ignore[type-arg]
-    with PerfMsTracker(scope=request.scope, key="pf_srv"):  # type: ignore[arg-type]
+    with PerfMsTracker(scope=request.scope, key="pf_srv"):
         await asyncio.sleep(0.05)  # e.g. a database query
     # Per-request overrides: what the handler knows, sent with this request's hit.
     request.scope["state"]["asgi_matomo"].update(action_name="Monthly report", cvar={"plan": "pro"})
@@ -38,7 +38,7 @@ async def create_item() -> str:
 # Wrap the whole app: the middleware then sees every request, unmatched paths
 # (404) included, and runs its sender in the app's lifespan.
 app = MatomoMiddleware(
-    Litestar(route_handlers=[home, user, about, report, create_item]),  # type: ignore[arg-type]
+    Litestar(route_handlers=[home, user, about, report, create_item]),
     matomo_url="YOUR MATOMO TRACKING URL",
     idsite=12345,  # your service tracking id
     route_details={"/about": {"action_name": "About us"}},

@@ -33,7 +33,7 @@ async def about() -> str:
 
 @app.get("/report")
 async def report() -> str:
-    with PerfMsTracker(scope=request.scope, key="pf_srv"):  # type: ignore[arg-type]
+    with PerfMsTracker(scope=request.scope, key="pf_srv"):
         await asyncio.sleep(0.05)  # e.g. a database query
     # Per-request overrides: what the handler knows, sent with this request's hit.
     request.scope["state"]["asgi_matomo"].update(action_name="Monthly report", cvar={"plan": "pro"})
@@ -47,7 +47,7 @@ async def create_item() -> tuple[str, int]:
 
 # Wrap the ASGI callable, not the Quart object, so app.run() and the CLI keep working.
 app.asgi_app = MatomoMiddleware(  # type: ignore[assignment,method-assign]
-    app.asgi_app,  # type: ignore[arg-type]
+    app.asgi_app,
     matomo_url="YOUR MATOMO TRACKING URL",
     idsite=12345,  # your service tracking id
     route_details={"/about": {"action_name": "About us"}},

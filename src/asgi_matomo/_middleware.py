@@ -20,7 +20,7 @@ from asgi_matomo._core import (
     route_template,
 )
 from asgi_matomo._hit import Hit
-from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_matomo._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     import re
@@ -58,7 +58,7 @@ class MatomoMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         matomo_url: str,
         idsite: int,
@@ -84,7 +84,7 @@ class MatomoMiddleware:
         shutdown_timeout: float = _sender.DEFAULT_SHUTDOWN_TIMEOUT,
         spool_path: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.app = app
+        self.app: ASGIApp = app
         token = _check_token(access_token)
         self._config = build_config(
             idsite=idsite,
@@ -167,7 +167,8 @@ class MatomoMiddleware:
             nonlocal status, finished
             message_type = message.get("type")
             if message_type == "http.response.start":
-                status = message.get("status")
+                # An answer to a client that already left reaches nobody.
+                status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
             await send(message)
             if (
                 message_type == "http.response.body" and not message.get("more_body", False)

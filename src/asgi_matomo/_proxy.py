@@ -83,21 +83,36 @@ def _forwarded_elements(header: str) -> list[dict[str, str]]:
     return elements
 
 
-def _rightmost_untrusted(chain: Sequence[str], networks: Sequence[IPNetwork]) -> str | None:
+def _client_hop(chain: Sequence[str], networks: Sequence[IPNetwork]) -> tuple[int, str] | None:
     """Walk the chain from the proxy nearest to us; the first hop we don't trust is the client.
 
-    Everything left of it was written by parties we have no reason to believe.
+    Returns its position in the chain and its address. Everything left of it was
+    written by parties we have no reason to believe.
     """
-    last_valid: IPAddress | None = None
-    for token in reversed(chain):
-        address = parse_ip(token)
+    found: tuple[int, str] | None = None
+    for index in range(len(chain) - 1, -1, -1):
+        address = parse_ip(chain[index])
         if address is None:
             # "unknown" or an obfuscated identifier: the chain is broken here.
             break
-        last_valid = address
+        found = (index, str(address))
         if not is_trusted(address, networks):
-            return str(address)
-    return None if last_valid is None else str(last_valid)
+            break
+    return found
+
+
+def _items(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",")]
+
+
+def _entry(items: Sequence[str], index: int, chain_length: int) -> str | None:
+    """The entry written by the same proxy as the client's hop.
+
+    Appending proxies keep the lists aligned with the address chain; a proxy that
+    overwrites leaves one value, set by the trusted proxy nearest to us.
+    """
+    value = items[index] if len(items) == chain_length else items[-1]
+    return value or None
 
 
 def resolve_forwarded(
@@ -108,33 +123,28 @@ def resolve_forwarded(
     x_forwarded_host: str | None,
     networks: Sequence[IPNetwork],
 ) -> Forwarded:
-    """The original client, scheme and host, given headers a trusted peer passed on."""
+    """The original client, scheme and host, given headers a trusted peer passed on.
+
+    Scheme and host come from the same hop as the client address: what the
+    visitor wrote further left is as untrustworthy as an address it wrote.
+    """
     if forwarded:
-        elements = _forwarded_elements(forwarded)
-        chain = [element["for"] for element in elements if "for" in element]
-        protos = [element["proto"] for element in elements if "proto" in element]
-        hosts = [element["host"] for element in elements if "host" in element]
+        elements = [element for element in _forwarded_elements(forwarded) if "for" in element]
+        hop = _client_hop([element["for"] for element in elements], networks)
+        if hop is None:
+            return Forwarded()
+        element = elements[hop[0]]
+        proto = element.get("proto")
         return Forwarded(
-            client=_rightmost_untrusted(chain, networks) if chain else None,
-            # The first proxy in the chain is the one the visitor talked to.
-            proto=protos[0].lower() if protos else None,
-            host=hosts[0] if hosts else None,
+            client=hop[1], proto=proto.lower() if proto else None, host=element.get("host")
         )
-    chain = [item for item in (x_forwarded_for or "").split(",") if item.strip()]
-    return Forwarded(
-        client=_rightmost_untrusted(chain, networks) if chain else None,
-        proto=_first_item(x_forwarded_proto, lower=True),
-        host=_first_item(x_forwarded_host, lower=False),
-    )
-
-
-def _first_item(value: str | None, *, lower: bool) -> str | None:
-    if not value:
-        return None
-    item = value.split(",", 1)[0].strip()
-    if not item:
-        return None
-    return item.lower() if lower else item
+    chain = [item for item in _items(x_forwarded_for) if item]
+    hop = _client_hop(chain, networks)
+    # Without an address chain, the scheme and host are the trusted peer's own word.
+    index, client = hop if hop is not None else (len(chain) - 1, None)
+    proto = _entry(_items(x_forwarded_proto), index, len(chain)) if x_forwarded_proto else None
+    host = _entry(_items(x_forwarded_host), index, len(chain)) if x_forwarded_host else None
+    return Forwarded(client=client, proto=proto.lower() if proto else None, host=host)
 
 
 def anonymize_ip(value: str, mask_bytes: int) -> str:

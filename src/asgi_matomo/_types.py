@@ -10,3 +10,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# What the middleware accepts as the wrapped app: frameworks type their scopes as
+# TypedDicts (Litestar, Quart/Hypercorn) or not at all (Django), and all of them
+# are valid ASGI apps. Calls go through `ASGIApp`.
+AnyASGIApp = Callable[..., Awaitable[None]]

@@ -6,11 +6,9 @@ This module is public: the documented API imports `PerfMsTracker` from it.
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from types import TracebackType
-from typing import Any
-
-from asgi_matomo._types import Scope
+from typing import Any, cast
 
 __all__ = ["PerfMsTracker"]
 
@@ -36,10 +34,12 @@ class PerfMsTracker:
 
     __slots__ = ("_key", "_scope", "_start")
 
-    def __init__(self, *, scope: Scope, key: str) -> None:
+    def __init__(self, *, scope: Mapping[str, Any], key: str) -> None:
         if not isinstance(key, str) or not key:
             raise ValueError(f"PerfMsTracker key must be a non-empty string, got {key!r}")
-        self._scope = scope
+        # Any framework's scope type is welcome (TypedDicts are Mappings to mypy);
+        # at run time every ASGI scope is a mutable dict.
+        self._scope = cast("MutableMapping[str, Any]", scope)
         self._key = key
         self._start = 0.0
 
@@ -70,7 +70,7 @@ class PerfMsTracker:
         self.__exit__(exc_type, exc, tb)
 
 
-def _tracking_state(scope: Scope) -> MutableMapping[str, Any]:
+def _tracking_state(scope: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """The per-request override dict, created on first use."""
     state = scope.get("state")
     if not isinstance(state, MutableMapping):
