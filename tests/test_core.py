@@ -644,7 +644,10 @@ def test_route_template_from_app_code(route: object, root_path: str, expected: s
 
 def test_forwarded_scheme_and_host_come_from_the_client_hop() -> None:
     cfg = config(trusted_proxies=["10.0.0.0/8"], assume_https=False)
-    spoofed = b"for=6.6.6.6;proto=http;host=evil.example, for=198.51.100.7;proto=https;host=shop.example, for=10.0.0.9"
+    spoofed = (
+        b"for=6.6.6.6;proto=http;host=evil.example, "
+        b"for=198.51.100.7;proto=https;host=shop.example, for=10.0.0.9"
+    )
     scope = http_scope("/p", headers=[(b"forwarded", spoofed)], client=PROXY)
     info = info_of(scope, cfg)
     assert info.url == "https://shop.example/p"

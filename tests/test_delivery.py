@@ -6,6 +6,7 @@ test put in the URL.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -230,3 +231,17 @@ def test_the_right_token_sends_the_visitor_ip(tmp_path: Path) -> None:
     assert {hit.visitor_ip for hit in hits} == {"127.0.0.1"}
     assert all(hit.params["cip"] == "127.0.0.1" for hit in hits)
     assert "token_auth" not in hits[0].params
+
+
+def test_a_visitor_without_user_agent_is_not_reported_as_httpx(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """Matomo falls back to the sender's User-Agent when a hit has no `ua`."""
+    with serve(APP, collector.tracking_url, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /?n=0 HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        (hit,) = collector.wait_for_hits(1, timeout=WAIT)
+    assert "ua" not in hit.params
+    assert hit.ua is not None
+    assert hit.ua.startswith("asgi-matomo/")

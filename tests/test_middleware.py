@@ -586,6 +586,8 @@ async def test_a_cancelled_request_without_a_sender_is_not_awaited(matomo: Matom
     async def hangs(scope: Scope, receive: Receive, send: Send) -> None:
         await anyio.sleep_forever()
 
+    app = middleware(hangs, matomo)
     with anyio.move_on_after(0.01):
-        await call(middleware(hangs, matomo), http_scope("/"))
+        await call(app, http_scope("/"))
     assert matomo.bodies == []
+    assert app.stats.dropped == 1

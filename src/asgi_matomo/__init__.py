@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from asgi_matomo._middleware import MatomoMiddleware
 from asgi_matomo._sender import Stats
-
-__version__ = "1.0.0.dev0"
+from asgi_matomo._version import __version__
 
 __all__ = ["MatomoMiddleware", "Stats", "__version__"]

@@ -184,8 +184,13 @@ class MatomoMiddleware:
         except BaseException:
             # Cancelled (server shutdown, or a client gone on servers that cancel):
             # queue the hit without awaiting anything, the task must stop promptly.
-            # In direct mode (no lifespan) there is no queue, and the hit is lost.
-            self._submit(scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished)
+            # In direct mode (no lifespan) there is no queue: the sender counts
+            # the hit as dropped, so the loss at least shows in the stats.
+            unsent = self._submit(
+                scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished
+            )
+            for hit in unsent:
+                self._sender.submit(hit)
             raise
         if status is None:
             status = CLIENT_CLOSED_REQUEST if disconnected else 500

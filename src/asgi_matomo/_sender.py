@@ -29,6 +29,7 @@ import anyio.lowlevel
 import httpx
 
 from ._hit import Hit
+from ._version import __version__
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -71,6 +72,7 @@ _BODY_EXCERPT = 200
 _CLOSE_TIMEOUT = 1.0
 
 _HEADERS = {"Content-Type": "application/json"}
+_CLIENT_HEADERS = {"User-Agent": f"asgi-matomo/{__version__}"}
 # 408 and 429 say "later"; 5xx covers a rolled-back bulk transaction and an overloaded proxy.
 _RETRY_STATUSES = frozenset({408, 429})
 
@@ -948,7 +950,9 @@ class BatchSender:
         loop = anyio.lowlevel.current_token()
         if self._owned is not None and self._owned.loop == loop:
             return self._owned.client
-        client = httpx.AsyncClient(timeout=self._http_timeout)
+        # Matomo falls back to the sender's User-Agent for a hit without `ua` (a
+        # visitor that sent none): name this library rather than python-httpx.
+        client = httpx.AsyncClient(timeout=self._http_timeout, headers=_CLIENT_HEADERS)
         closer = _close_when_loop_ends(client)
         # The previous client, if any, is left to its own loop's closer.
         self._owned = _OwnedClient(loop, client, closer)
