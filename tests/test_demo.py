@@ -122,9 +122,14 @@ def test_demo_as_a_command() -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_demo_keep_until_interrupted() -> None:
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
+def test_demo_keep_until_interrupted(how: str) -> None:
     process = subprocess.Popen(
-        demo_command("--keep"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        demo_command("--keep"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a terminal of its own, for Ctrl-C
     )
     try:
         output = read_until(process, "Ctrl-C stops both.", DEMO_TIMEOUT)
@@ -137,8 +142,12 @@ def test_demo_keep_until_interrupted() -> None:
             assert "Foo/foo" in client.get(page.group(1)).text
             # Still tracking: one more page view and its event.
             assert client.get(app.group(1) + "foo").json() == {"name": "foo"}
-        # Ctrl-C (SIGINT) to the demo alone: it stops the app and the collector.
-        process.send_signal(signal.SIGINT)
+        if how == "ctrl-c":
+            # A terminal sends SIGINT to its whole foreground process group; the
+            # app has a session of its own and is stopped by the demo, once.
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGHUP)
         stdout, stderr = process.communicate(timeout=DEMO_TIMEOUT)
     finally:
         if process.poll() is None:  # pragma: no cover - only when the test failed

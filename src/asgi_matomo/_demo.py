@@ -317,6 +317,10 @@ def _run_app(env: dict[str, str], workdir: Path) -> Iterator[_App]:
                 stdout=log,
                 stderr=log,
                 pass_fds=(listener.fileno(),),
+                # Its own session: Ctrl-C in the terminal reaches the demo only,
+                # which then stops the app with one SIGTERM. A second signal
+                # would make uvicorn exit before the sender has flushed.
+                start_new_session=True,
             )
     finally:
         listener.close()
@@ -424,8 +428,22 @@ def _summary_of_requests(answered: Sequence[tuple[Visit, int]]) -> str:
 def _wait_forever() -> None:
     print("  Ctrl-C stops both.", flush=True)
     forever = threading.Event()
-    with _terminate_on_sigterm(), contextlib.suppress(KeyboardInterrupt):
+    with _terminate_on_sigterm(), _interrupt_on_sighup(), contextlib.suppress(KeyboardInterrupt):
         forever.wait()
+
+
+@contextlib.contextmanager
+def _interrupt_on_sighup() -> Iterator[None]:
+    """A closed terminal stops the demo the way Ctrl-C does: the app is not left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGHUP, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def run_demo(
