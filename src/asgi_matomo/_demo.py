@@ -59,7 +59,7 @@ ENV_IDSITE = "ASGI_MATOMO_DEMO_IDSITE"
 ENV_TOKEN = "ASGI_MATOMO_DEMO_TOKEN"  # noqa: S105 - a variable name, not a token
 ENV_STATS = "ASGI_MATOMO_DEMO_STATS"
 PROGRESS_WIDTH = 30
-CELL_WIDTHS = (8, 8, 18, 34, 6, 6, 24, 56, 15)
+CELL_WIDTHS = (8, 8, 18, 42, 6, 6, 24, 56, 15)
 
 # Documentation addresses (RFC 5737, RFC 3849): the app sees them behind a
 # "proxy" (the demo itself), which the middleware is told to trust.
