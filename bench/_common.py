@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
 import platform
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
@@ -56,6 +59,20 @@ HEADERS: dict[str, str] = {
 # -- the app under test ---------------------------------------------------------------
 
 _served = 0
+# Time the garbage collector spends, and how often it runs: allocation on the
+# request path costs twice, once to allocate and again in the collector.
+_gc = {"seconds": 0.0, "collections": 0, "gen2": 0}
+_gc_started = 0.0
+
+
+def _gc_callback(phase: str, info: Mapping[str, int]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+        return
+    _gc["seconds"] += time.perf_counter() - _gc_started
+    _gc["collections"] += 1
+    _gc["gen2"] += info["generation"] == 2
 
 
 async def _hello(request: Request) -> PlainTextResponse:
@@ -118,6 +135,7 @@ class _Report:
                 stats = self.middleware.stats if self.middleware is not None else None
                 report = {
                     "served": _served,
+                    "gc": _gc,
                     "stats": None
                     if stats is None
                     else {k: getattr(stats, k) for k in stats.__dataclass_fields__},
@@ -134,8 +152,12 @@ def create_app() -> ASGIApp:
     `BENCH_MATOMO_URL` is the Matomo endpoint, `BENCH_SENDER` a JSON object of
     extra MatomoMiddleware options, `BENCH_REPORT` where to write the report.
     """
+    gc.callbacks.append(_gc_callback)
     app: ASGIApp = Starlette(routes=[Route("/", _hello)])
     variant = os.environ.get("BENCH_VARIANT", "bare")
+    if variant == "matomo-whatif":
+        what_if_cached_quote()
+        variant = "matomo"
     url = os.environ.get("BENCH_MATOMO_URL", f"http://{HOST}:8765/matomo.php")
     middleware = None
     if variant == "matomo":
@@ -146,6 +168,24 @@ def create_app() -> ASGIApp:
     elif variant != "bare":
         raise ValueError(f"BENCH_VARIANT: bare, matomo or naive, got {variant!r}")
     return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)
+
+
+def what_if_cached_quote() -> None:
+    """NOT the library: what suggestion 1 of RESULTS.md would give, patched in for a bench.
+
+    `build_hits` encodes every hit with `urlencode(params, quote_via=quote)`,
+    which quotes byte by byte in Python. The user agent, languages, referrer and
+    the custom variables repeat from request to request: a cache makes their
+    encoding a dict lookup. Same output (bench_overhead.py asserts it).
+    """
+    from asgi_matomo import _core
+
+    cached = lru_cache(maxsize=4096)(lambda value: quote(value, safe=""))
+
+    def urlencode(query: Mapping[str, str], *args: Any, **kwargs: Any) -> str:
+        return "&".join(f"{k}={cached(v)}" for k, v in query.items())
+
+    _core.urlencode = urlencode  # type: ignore[assignment]
 
 
 # -- helper processes -----------------------------------------------------------------

@@ -90,7 +90,10 @@ VARIANTS = [
         slow_at_shutdown=True,
     ),
     Variant("naive", "naive"),
+    # Not run by default: the library with suggestion 1 of RESULTS.md patched in.
+    Variant("matomo-whatif", "matomo-whatif"),
 ]
+DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive"
 
 
 @dataclass
@@ -109,6 +112,8 @@ class Run:
     window_hits: int
     backlog_at_end_of_load: int
     shutdown_s: float
+    gc_us: float  # garbage collection time per request served, whole server life
+    gc_collections: int
 
 
 def cpu_seconds(pid: int) -> float:
@@ -208,6 +213,8 @@ def run_once(
         window_hits=end["elements"] - start["elements"],
         backlog_at_end_of_load=0 if variant.app == "bare" else backlog,
         shutdown_s=shutdown_s,
+        gc_us=data["gc"]["seconds"] / max(served, 1) * 1e6,
+        gc_collections=data["gc"]["collections"],
     )
 
 
@@ -217,7 +224,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated")
     parser.add_argument("--app-cpus", default="0", help="taskset list for uvicorn ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
     parser.add_argument("--json", type=Path, help="write every run here")
@@ -246,7 +253,7 @@ def main() -> None:
                     run = run_once(variant, repetition, collector, args, tmp)
                     print(
                         f"# rep {repetition} {variant.name:18} {run.rps:8.0f} req/s "
-                        f"{run.cpu_us:6.1f} us CPU/req "
+                        f"{run.cpu_us:6.1f} us CPU/req (GC {run.gc_us:.1f}) "
                         f"served={run.served} stored={run.stored} dropped={run.dropped} "
                         f"window={run.window_requests}/{run.window_hits} "
                         f"backlog={run.backlog_at_end_of_load} shutdown={run.shutdown_s:.1f}s "
@@ -290,9 +297,9 @@ def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) ->
     )
     print(
         "| Variant | req/s | ratio to bare | app CPU µs/request | CPU ratio (bare/variant) "
-        "| wrk p50 / p99 ms |"
+        "| of which GC µs/request | wrk p50 / p99 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:
         mine = [r for r in runs if r.variant == name]
         print(
@@ -300,6 +307,7 @@ def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) ->
             f"| {_span(ratios(runs, name), '.3f')} "
             f"| {_span([r.cpu_us for r in mine], '.1f')} "
             f"| {_span(cpu_ratios(runs, name), '.3f')} "
+            f"| {statistics.median(r.gc_us for r in mine):.1f} "
             f"| {statistics.median(r.p50_ms for r in mine):.1f} / "
             f"{statistics.median(r.p99_ms for r in mine):.1f} |"
         )
