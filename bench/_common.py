@@ -20,9 +20,14 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -309,6 +314,76 @@ class ReceiverProcess:
         self._proc.join(timeout=10)
         if self._proc.is_alive():
             self._proc.kill()
+
+
+STARTUP_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 180.0
+
+
+@dataclass
+class Server:
+    """A uvicorn serving `create_app` in a child process."""
+
+    variant: str
+    port: int
+    process: subprocess.Popen[bytes]
+    report: Path
+    log: Path
+
+
+def start_uvicorn(
+    variant: str,
+    matomo_url: str,
+    sender: Mapping[str, Any],
+    cpus: str,
+    directory: Path | None = None,
+) -> Server:
+    """Start uvicorn (1 worker, h11, asyncio, no access log) on a free port; wait for it."""
+    directory = directory or Path(tempfile.mkdtemp(prefix="bench-"))
+    port = free_port()
+    report = directory / f"{variant}-{port}.json"
+    log = directory / f"{variant}-{port}.log"
+    env = dict(
+        os.environ,
+        BENCH_VARIANT=variant,
+        BENCH_MATOMO_URL=matomo_url,
+        BENCH_SENDER=json.dumps(dict(sender)),
+        BENCH_REPORT=str(report),
+    )
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent)]
+    command += ["--factory", "_common:create_app", "--host", HOST, "--port", str(port)]
+    command += ["--workers", "1", "--no-access-log", "--log-level", "warning"]
+    command += ["--loop", "asyncio", "--http", "h11", "--lifespan", "on"]
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    with log.open("w") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(variant, port, process, report, log)
+    try:
+        wait_for_port(port, STARTUP_TIMEOUT, lambda: process.poll() is None)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return server
+
+
+def stop_uvicorn(server: Server) -> dict[str, Any]:
+    """Ctrl-C the server (the sender flushes), wait for it, return its report."""
+    process = server.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"{server.variant}: uvicorn exited {process.returncode}: {server.log.read_text()}"
+        )
+    report: dict[str, Any] = json.loads(server.report.read_text())
+    return report
 
 
 def free_port() -> int:

@@ -7,6 +7,11 @@
    started, pointed at a fast local receiver), interleaved call by call on
    realistic browser scopes. p50/p99 of each, and of the difference, per round.
    Where the time goes: inspect_request, build_hits, submit on their own.
+   Then over real HTTP: the hello-world Starlette app under uvicorn, bare and
+   with the middleware (two servers up at once, the collector as Matomo), one
+   keep-alive connection each, sequential requests alternating between them in
+   blocks: no queueing, so the difference is what one request pays, including
+   the moments the background sender holds the event loop.
 2. Sender CPU per hit: N hits from the real core submitted to a BatchSender
    pointed at a fast receiver in another process; process CPU time of
    encoding + POSTing, divided by N (the submit calls themselves subtracted).
@@ -33,7 +38,18 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from _common import ReceiverProcess, machine_facts, percentile, pin, realistic_scope
+from _common import (
+    HEADERS,
+    HOST,
+    CollectorProcess,
+    ReceiverProcess,
+    machine_facts,
+    percentile,
+    pin,
+    realistic_scope,
+    start_uvicorn,
+    stop_uvicorn,
+)
 from asgi_lifespan import LifespanManager
 
 from asgi_matomo import MatomoMiddleware
@@ -191,6 +207,84 @@ def _params(info: Any) -> dict[str, str]:
     return {k: v for k, v in params.items() if v}
 
 
+HTTP_REQUEST = (
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
+    + "\r\n"
+).encode()
+HTTP_BLOCK = 200  # requests to one server before switching to the next
+HTTP_WARMUP = 2000
+# name: (create_app variant, MatomoMiddleware options)
+HTTP_SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bare": ("bare", {}),
+    "matomo": ("matomo", {}),
+    # One bulk request per 500 hits instead of 100: does the tail follow the batches?
+    "matomo-b500": ("matomo", {"batch_size": 500}),
+}
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(HTTP_REQUEST)
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
+            return
+    raise RuntimeError(f"no content-length in {head!r}")
+
+
+async def http_latency(requests: int, rounds: int, app_cpus: str) -> dict[str, Any]:
+    """Sequential requests on one keep-alive connection per server, bare vs middleware."""
+    collector = CollectorProcess(cpus=RECEIVER_CPU if app_cpus else None)
+    servers = {
+        name: start_uvicorn(variant, collector.tracking_url, sender, app_cpus)
+        for name, (variant, sender) in HTTP_SERVERS.items()
+    }
+    per_round: list[dict[str, float]] = []
+    try:
+        conns = {
+            name: await asyncio.open_connection(HOST, server.port)
+            for name, server in servers.items()
+        }
+        for name in conns:
+            for _ in range(HTTP_WARMUP):
+                await _get(*conns[name])
+        before = collector.counts()
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            samples: dict[str, list[float]] = {name: [] for name in conns}
+            order = list(conns)
+            for _ in range(0, requests, HTTP_BLOCK):
+                order.append(order.pop(0))
+                for name in order:
+                    reader, writer = conns[name]
+                    times = samples[name]
+                    for _ in range(HTTP_BLOCK):
+                        began = clock()
+                        await _get(reader, writer)
+                        times.append(clock() - began)
+            row: dict[str, float] = {}
+            for q in (50, 90, 99, 99.9):
+                bare = percentile(samples["bare"], q) / 1000
+                for name, times in samples.items():
+                    row[f"{name}_p{q:g}"] = percentile(times, q) / 1000
+                    row[f"{name}_added_p{q:g}"] = row[f"{name}_p{q:g}"] - bare
+            per_round.append(row)
+        for _, writer in conns.values():
+            writer.close()
+    finally:
+        for server in servers.values():
+            stop_uvicorn(server)
+        after = collector.counts()
+        collector.stop()
+    return {
+        "rounds": per_round,
+        "median": {k: statistics.median(r[k] for r in per_round) for k in per_round[0]},
+        "stored": after["tracked"] - before["tracked"],
+        "matomo_requests": after["requests"] - before["requests"],
+    }
+
+
 # -- 2. sender CPU per hit --------------------------------------------------------------
 
 
@@ -320,6 +414,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"latency_{name}"] = await latency(
                 receiver.tracking_url, args.calls, args.rounds, clock
             )
+        result["http"] = await http_latency(
+            args.http_requests, args.rounds, ",".join(map(str, BENCH_CPU)) if two_cpus else ""
+        )
         result["breakdown"] = {
             k: statistics.median(v)
             for k, v in _transpose([breakdown(args.calls) for _ in range(args.rounds)]).items()
@@ -373,6 +470,33 @@ def print_report(result: dict[str, Any], args: argparse.Namespace) -> None:
             f"dropped {lat['dropped']:,}."
         )
     print()
+    http = result["http"]
+    m = http["median"]
+    print(
+        f"Over HTTP (uvicorn, one keep-alive connection per server, sequential, "
+        f"{args.http_requests:,} requests per server per round, blocks of {HTTP_BLOCK} "
+        f"alternating; median of {args.rounds} rounds), µs per request:\n"
+    )
+    print("| server | p50 | p90 | p99 | p99.9 | added p50 | added p90 | added p99 | added p99.9 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    quantiles = ("50", "90", "99", "99.9")
+    for name, (_, sender) in HTTP_SERVERS.items():
+        label = name + (f" ({', '.join(f'{k}={v}' for k, v in sender.items())})" if sender else "")
+        print(
+            f"| {label} | "
+            + " | ".join(f"{m[f'{name}_p{q}']:.0f}" for q in quantiles)
+            + " | "
+            + " | ".join(
+                "-" if name == "bare" else f"**{m[f'{name}_added_p{q}']:.0f}**" for q in quantiles
+            )
+            + " |"
+        )
+    print(
+        "\np99 added per round (matomo): "
+        + ", ".join(f"{r['matomo_added_p99']:.0f}" for r in http["rounds"])
+        + f" µs. The collector stored {http['stored']:,} hits in "
+        f"{http['matomo_requests']:,} bulk requests during the rounds.\n"
+    )
     print(f"Where the time goes (mean µs per request, median of {args.rounds} rounds):\n")
     print("| Step | µs |")
     print("|---|---:|")
@@ -411,6 +535,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000, help="calls per latency round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hits", type=int, default=50_000, help="hits per sender CPU run")
+    parser.add_argument(
+        "--http-requests", type=int, default=10_000, help="HTTP requests per server per round"
+    )
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
     # A full queue logs a (throttled) warning: expected here.

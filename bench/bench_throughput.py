@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,12 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import HEADERS, HOST, CollectorProcess, free_port, machine_facts, wait_for_port
+from _common import (
+    HEADERS,
+    HOST,
+    CollectorProcess,
+    machine_facts,
+    start_uvicorn,
+    stop_uvicorn,
+)
 
-BENCH_DIR = Path(__file__).resolve().parent
 SLOW_DELAY = 2.0
-STARTUP_TIMEOUT = 30.0
-SHUTDOWN_TIMEOUT = 180.0
 
 # wrk prints its own summary; this adds one JSON line we can parse.
 WRK_SCRIPT = """
@@ -148,50 +151,30 @@ def run_once(
     args: argparse.Namespace,
     tmp: Path,
 ) -> Run:
-    port = free_port()
-    report = tmp / f"{variant.name}-{repetition}.json"
-    log = tmp / f"{variant.name}-{repetition}.log"
-    env = dict(
-        os.environ,
-        BENCH_VARIANT=variant.app,
-        BENCH_MATOMO_URL=collector.tracking_url,
-        BENCH_SENDER=json.dumps(variant.sender),
-        BENCH_REPORT=str(report),
-    )
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH_DIR), "--factory"]
-    command += ["_common:create_app", "--host", HOST, "--port", str(port), "--workers", "1"]
-    command += ["--no-access-log", "--log-level", "warning", "--loop", "asyncio"]
-    command += ["--http", "h11", "--lifespan", "on"]
-    if args.app_cpus:
-        command = ["taskset", "-c", args.app_cpus, *command]
     before = collector.counts()
     if variant.delay:
         collector.set_delay(variant.delay)
-    with log.open("w") as log_file:
-        server = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        server = start_uvicorn(
+            variant.app, collector.tracking_url, variant.sender, args.app_cpus, tmp
+        )
         try:
-            wait_for_port(port, STARTUP_TIMEOUT, lambda: server.poll() is None)
+            port = server.port
             warm = wrk(port, args.warmup, args.connections, args.load_cpus, args.script)
             start = collector.counts()
-            cpu = cpu_seconds(server.pid)
+            cpu = cpu_seconds(server.process.pid)
             result = wrk(port, args.duration, args.connections, args.load_cpus, args.script)
-            cpu = cpu_seconds(server.pid) - cpu
+            cpu = cpu_seconds(server.process.pid) - cpu
             end = collector.counts()
             if variant.delay and not variant.slow_at_shutdown:
                 collector.set_delay(0)
-            stopping = time.perf_counter()
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=SHUTDOWN_TIMEOUT)
-            shutdown_s = time.perf_counter() - stopping
         finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-            collector.set_delay(0)
+            stopping = time.perf_counter()
+            data = stop_uvicorn(server)
+            shutdown_s = time.perf_counter() - stopping
+    finally:
+        collector.set_delay(0)
     after = collector.counts()
-    if server.returncode != 0:
-        raise RuntimeError(f"{variant.name}: uvicorn exited {server.returncode}: {log.read_text()}")
-    data = json.loads(report.read_text())
     stats = data["stats"]
     served: int = data["served"]
     seconds = result["duration_us"] / 1e6
