@@ -157,13 +157,33 @@ class Browser:
             os.close(self._answers_read)
 
 
+def processes_using(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker.encode() in cmdline and state not in ("Z", "X"):
+            found.append(int(proc.name))
+    return found
+
+
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Browser]:
-    running = Browser(tmp_path / "chromium-profile")
+    profile = tmp_path / "chromium-profile"
+    running = Browser(profile)
     try:
         yield running
     finally:
         running.close()
+    # Chromium's helper processes (renderer, GPU, zygote) go away with it.
+    deadline = time.monotonic() + TIMEOUT
+    while (left := processes_using(str(profile))) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition with a deadline
+    assert not left, f"Chromium processes left behind: {left}"
 
 
 async def foo(request: Request) -> JSONResponse:
