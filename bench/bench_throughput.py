@@ -212,7 +212,16 @@ def main() -> None:
     parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
     parser.add_argument("--json", type=Path, help="write every run here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument(
+        "--from-json", type=Path, help="no measuring: report (and plot) the runs of --json"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        runs = [Run(**r) for r in json.loads(args.from_json.read_text())]
+        names = list(dict.fromkeys(r.variant for r in runs))
+        names.sort(key=lambda n: n != "bare")
+        report_and_plot(runs, names, args)
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
     if os.cpu_count() == 1 or not hasattr(os, "sched_setaffinity"):
@@ -249,9 +258,16 @@ def main() -> None:
             collector.stop()
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
-    print_report(runs, [v.name for v in variants], args)
+    report_and_plot(runs, [v.name for v in variants], args)
+
+
+def report_and_plot(runs: list[Run], names: list[str], args: argparse.Namespace) -> None:
+    print_report(runs, names, args)
     if args.plot:
-        plot(runs, [v.name for v in variants], args.plot)
+        try:
+            plot(runs, names, args.plot)
+        except ImportError:
+            print("\n(no plot: matplotlib is not installed)", file=sys.stderr)
 
 
 def ratios(runs: list[Run], name: str) -> list[float]:
@@ -326,27 +342,46 @@ def plot(runs: list[Run], names: list[str], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     width = 0.38
+    colours = {"naive": "#c44e52", "matomo-whatif": "#999999"}
     for i, name in enumerate(names):
         rps = [r.rps for r in runs if r.variant == name]
-        colour = "#c44e52" if name == "naive" else "#4c72b0"
-        left.bar(i, statistics.median(rps), color=colour)
+        left.bar(i, statistics.median(rps), color=colours.get(name, "#4c72b0"))
         left.scatter([i] * len(rps), rps, color="black", s=8, zorder=3)
+        left.annotate(
+            f"{statistics.median(rps):,.0f}",
+            (i, statistics.median(rps)),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
         for offset, values, hue, label in (
             (-width / 2, ratios(runs, name), "#4c72b0", "req/s ratio (wrk)"),
             (width / 2, cpu_ratios(runs, name), "#8172b2", "CPU-per-request ratio"),
         ):
-            right.bar(
-                i + offset, statistics.median(values), width, color=hue, label=label if i else None
-            )
+            median = statistics.median(values)
+            right.bar(i + offset, median, width, color=hue, label=None if i else label)
             right.scatter([i + offset] * len(values), values, color="black", s=6, zorder=3)
+            right.annotate(
+                f"{median:.2f}" if median >= 0.1 else f"{median:.3f}",
+                (i + offset, median),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    labels = [f"{n}\n(what-if, not the library)" if n == "matomo-whatif" else n for n in names]
     for ax in (left, right):
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_xticks(range(len(names)), labels, rotation=20, ha="right", fontsize=8)
     left.set_ylabel("requests/s (bar: median, dots: repetitions)")
     left.set_title("Hello-world Starlette on uvicorn under wrk")
     right.axhline(0.95, color="#55a868", linestyle="--", label="target 0.95")
     right.set_ylabel("relative to bare, same repetition")
     right.set_title("Throughput relative to the bare app")
-    right.legend(loc="upper right", fontsize=8)
+    right.set_ylim(0, 1.25)
+    right.legend(loc="upper right", fontsize=8, ncols=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
