@@ -190,7 +190,7 @@ def what_if_cached_quote() -> None:
     def urlencode(query: Mapping[str, str], *args: Any, **kwargs: Any) -> str:
         return "&".join(f"{k}={cached(v)}" for k, v in query.items())
 
-    _core.urlencode = urlencode  # type: ignore[assignment]
+    _core.urlencode = urlencode  # type: ignore[attr-defined,assignment]
 
 
 # -- helper processes -----------------------------------------------------------------

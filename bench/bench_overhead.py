@@ -88,7 +88,7 @@ async def latency(url: str, calls: int, rounds: int, clock: Callable[[], int]) -
     middleware = MatomoMiddleware(trivial_app, matomo_url=url, idsite=1, max_queue_size=10 * calls)
     scopes = [realistic_scope(i) for i in range(calls)]
     per_round: list[dict[str, float]] = []
-    async with LifespanManager(middleware):  # type: ignore[arg-type]
+    async with LifespanManager(middleware):
         for _ in range(rounds):
             bare: list[float] = []
             tracked: list[float] = []
@@ -365,7 +365,7 @@ async def memory(url: str, queue_size: int) -> dict[str, float]:
         max_queue_size=queue_size,
     )
     scopes = [realistic_scope(i) for i in range(2 * queue_size)]
-    async with LifespanManager(middleware):  # type: ignore[arg-type]
+    async with LifespanManager(middleware):
         for scope in scopes[:10]:  # first-call allocations out of the picture
             await middleware(fresh(scope), receive, send)
         await middleware._sender.aflush(timeout=30)

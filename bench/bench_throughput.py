@@ -217,10 +217,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.from_json:
-        runs = [Run(**r) for r in json.loads(args.from_json.read_text())]
-        names = list(dict.fromkeys(r.variant for r in runs))
-        names.sort(key=lambda n: n != "bare")
-        report_and_plot(runs, names, args)
+        saved = [Run(**r) for r in json.loads(args.from_json.read_text())]
+        names = sorted(dict.fromkeys(r.variant for r in saved), key=lambda n: n != "bare")
+        report_and_plot(saved, names, args)
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
