@@ -6,8 +6,11 @@ import json
 import logging
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asgi_matomo._core import (
     MAX_ACTION_NAME_LENGTH,
@@ -16,9 +19,11 @@ from asgi_matomo._core import (
     RequestInfo,
     TrackingConfig,
     build_hits,
+    encode_query,
     inspect_request,
     param_value,
     performance_value,
+    quote_value,
     route_template,
 )
 from tests.helpers import config, http_scope, params_of
@@ -653,3 +658,18 @@ def test_forwarded_scheme_and_host_come_from_the_client_hop() -> None:
     assert info.url == "https://shop.example/p"
     only_proto = [(b"forwarded", b"proto=https"), (b"host", b"h")]
     assert info_of(http_scope("/p", headers=only_proto, client=PROXY), cfg).url == "http://h/p"
+
+
+@given(st.text())
+def test_fast_quoting_is_urllib_quoting(value: str) -> None:
+    assert quote_value(value) == quote(value, safe="")
+
+
+@given(st.dictionaries(st.text(), st.text(), max_size=8))
+def test_encoded_query_is_urlencode(params: dict[str, str]) -> None:
+    assert encode_query(params) == urlencode(params, quote_via=quote)
+
+
+def test_long_values_bypass_the_cache() -> None:
+    value = "é" * 1000
+    assert quote_value(value) == quote(value, safe="")

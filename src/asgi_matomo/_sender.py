@@ -52,6 +52,7 @@ DEFAULT_MAX_QUEUE_SIZE = 10_000
 DEFAULT_MAX_CONCURRENT_BATCHES = 4
 DEFAULT_RETRY_DEADLINE = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+_FORK_HOOKS = hasattr(os, "register_at_fork")
 
 # Full-jitter exponential backoff: retry n sleeps uniformly in [0, min(cap, base * 2**(n-1))].
 RETRY_BASE = 0.5
@@ -382,7 +383,9 @@ class BatchSender:
     @property
     def running(self) -> bool:
         """True while the background worker accepts hits in this process."""
-        return self._state is _State.RUNNING and self._pid == os.getpid()
+        # The at-fork hook resets the state in a child, so where it exists the
+        # state says it all; this runs twice per request, getpid() is a syscall.
+        return self._state is _State.RUNNING and (_FORK_HOOKS or self._pid == os.getpid())
 
     @property
     def stats(self) -> Stats:
