@@ -128,6 +128,25 @@ def test_nav_lists_every_page() -> None:
         assert f" {page.name}" in config, f"{page.name} is not in mkdocs.yml's nav"
 
 
+def test_benchmark_results_are_included_without_their_relative_links() -> None:
+    """The page shows bench/RESULTS.md by line ranges that skip its links and plot."""
+    page = (DOCS / "benchmarks.md").read_text()
+    match = re.search(r'^--8<-- "bench/RESULTS\.md:([0-9:,]+)"', page, re.MULTILINE)
+    if not (ROOT / "bench" / "RESULTS.md").exists():
+        assert match is None
+        return
+    assert match, "benchmarks.md should include bench/RESULTS.md"
+    lines = (ROOT / "bench" / "RESULTS.md").read_text().splitlines()
+    shown: list[str] = []
+    for part in match.group(1).split(","):
+        start, _, end = part.partition(":")
+        shown += lines[int(start) - 1 : int(end) if end else None]
+    advice = "bench/RESULTS.md changed: update the line ranges in docs/benchmarks.md"
+    assert shown[0].startswith("## "), advice
+    # Links are relative to bench/, where the site cannot follow them.
+    assert not [line for line in shown if re.search(r"\]\((?!https?:)", line)], advice
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("mkdocs") is None, reason="mkdocs is not installed (dev extra)"
