@@ -166,3 +166,9 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     details = (tmp_path / "details" / "index.html").read_text()
     # The tested file, not a copy: its placeholder URL shows up verbatim.
     assert "YOUR MATOMO TRACKING URL" in details
+
+
+def test_the_benchmarks_page_plot_is_the_committed_one() -> None:
+    """docs/img/throughput.png is a copy of the last run's plot under bench/."""
+    page = (ROOT / "docs" / "img" / "throughput.png").read_bytes()
+    assert page == (ROOT / "bench" / "throughput-7eebde8.png").read_bytes()

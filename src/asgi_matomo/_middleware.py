@@ -42,18 +42,41 @@ class MatomoMiddleware:
     batches through Matomo's bulk API; tracking never raises into the app and
     never changes a response.
 
-        app = Starlette(
-            routes=[Route("/", homepage)],
-            middleware=[Middleware(MatomoMiddleware, matomo_url="https://matomo.example.org",
-                                   idsite=1)],
-        )
+    ```python
+    app = Starlette(
+        routes=[Route("/", homepage)],
+        middleware=[
+            Middleware(MatomoMiddleware, matomo_url="https://matomo.example.org", idsite=1)
+        ],
+    )
+    ```
 
-    Parameters:
+    Args:
+        app: the ASGI app to wrap.
         matomo_url: your Matomo, with or without `/matomo.php`.
-        idsite: the site id the hits belong to.
-        access_token: a token with write access to the site; enables the visitor
-            IP (`cip`) and hits older than 24 h. Sent in the request body only.
-        See the option reference in the documentation for the others.
+        idsite: the site the hits belong to.
+        access_token: a `token_auth` with write access to the site; enables the
+            visitor IP (`cip`) and hits older than 24 h. Sent in the request body only.
+        assume_https: report URLs as `https://` whatever the server saw.
+        client: your own `httpx.AsyncClient`; never closed by the middleware.
+        http_timeout: seconds per request to Matomo, for the client made here.
+        exclude_paths: paths not tracked (exact match).
+        exclude_patterns: regular expressions of paths not tracked.
+        route_details: Matomo parameters per path or route template.
+        allowed_methods: HTTP methods tracked, or `"all-methods"`.
+        ignored_methods: HTTP methods never tracked; wins over `allowed_methods`.
+        ignored_user_agents: regular expressions of user agents not tracked.
+        action_name_from_route: name page views after the route template.
+        custom_dimensions: custom variable names to send as `dimension{ID}`.
+        trusted_proxies: addresses or networks whose forwarding headers are believed.
+        anonymize_ip_bytes: zero the last 0-3 bytes of the visitor IP.
+        batch_size: hits per bulk request.
+        flush_interval: seconds a hit may wait for its batch to fill.
+        max_queue_size: hits kept in memory; beyond, spooled or dropped and counted.
+        max_concurrent_batches: bulk requests in flight at once.
+        retry_deadline: seconds a failing batch is retried.
+        shutdown_timeout: seconds the shutdown may spend delivering the queue.
+        spool_path: SQLite file for hits that would otherwise be lost.
     """
 
     def __init__(
