@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -525,17 +526,49 @@ def test_headers_from_an_untrusted_peer_are_ignored() -> None:
         ([(b"x-forwarded-for", b"10.0.0.7, 10.0.0.9")], "10.0.0.7"),
         ([(b"x-forwarded-for", b"garbage, 198.51.100.23:4711")], "198.51.100.23"),
         ([(b"x-forwarded-for", b"unknown")], "10.0.0.2"),
-        ([(b"forwarded", b"for=192.0.2.60;proto=https;by=10.0.0.2")], "192.0.2.60"),
-        ([(b"forwarded", b'for="[2001:db8:cafe::17]:4711", for=10.0.0.9')], "2001:db8:cafe::17"),
-        ([(b"forwarded", b"for=_hidden, for=198.51.100.5")], "198.51.100.5"),
-        ([(b"forwarded", b"proto=https")], "10.0.0.2"),
         ([], "10.0.0.2"),
+        # The proxy writes X-Forwarded-For: a Forwarded header is the visitor's own.
+        ([(b"forwarded", b"for=6.6.6.6"), (b"x-forwarded-for", b"198.51.100.9")], "198.51.100.9"),
+        ([(b"forwarded", b"for=6.6.6.6")], "10.0.0.2"),
     ],
 )
 def test_trusted_proxy_headers_give_the_visitor(
     headers: list[tuple[bytes, bytes]], expected: str
 ) -> None:
     assert visitor(headers, trusted_proxies=["10.0.0.0/8"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"forwarded", b"for=192.0.2.60;proto=https;by=10.0.0.2")], "192.0.2.60"),
+        ([(b"forwarded", b'for="[2001:db8:cafe::17]:4711", for=10.0.0.9')], "2001:db8:cafe::17"),
+        ([(b"forwarded", b"for=_hidden, for=198.51.100.5")], "198.51.100.5"),
+        ([(b"forwarded", b"proto=https")], "10.0.0.2"),
+        ([], "10.0.0.2"),
+        # The proxy writes Forwarded: an X-Forwarded-For header is the visitor's own.
+        ([(b"x-forwarded-for", b"6.6.6.6"), (b"forwarded", b"for=198.51.100.9")], "198.51.100.9"),
+        ([(b"x-forwarded-for", b"6.6.6.6")], "10.0.0.2"),
+    ],
+)
+def test_rfc7239_forwarded_when_the_proxy_writes_it(
+    headers: list[tuple[bytes, bytes]], expected: str
+) -> None:
+    options = {"trusted_proxies": ["10.0.0.0/8"], "forwarded_header": "forwarded"}
+    assert visitor(headers, **options) == expected
+
+
+def test_a_proxy_on_a_unix_socket_can_be_trusted() -> None:
+    headers = [(b"x-forwarded-for", b"198.51.100.9")]
+    assert visitor(headers, client=None, trusted_proxies=["unix"]) == "198.51.100.9"
+    assert visitor(headers, client=None, trusted_proxies="unix") == "198.51.100.9"
+    assert visitor(headers, client=None, trusted_proxies=["10.0.0.0/8"]) is None
+    assert visitor(headers, client=("10.0.0.2", 1), trusted_proxies=["unix"]) == "10.0.0.2"
+
+
+def test_forwarded_header_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="forwarded_header"):
+        config(forwarded_header="x-real-ip")
 
 
 def test_ipv4_mapped_peer_matches_an_ipv4_trusted_network() -> None:
@@ -567,7 +600,9 @@ def test_trusted_proxy_gives_scheme_and_host() -> None:
         (b"forwarded", b'for=1.2.3.4;proto=https;host="shop.example"'),
     ]
     scope = http_scope("/p", headers=forwarded, client=PROXY)
-    assert info_of(scope, cfg).url == "https://shop.example/p"
+    rfc7239 = config(trusted_proxies=["10.0.0.2"], assume_https=False, forwarded_header="forwarded")
+    assert info_of(scope, rfc7239).url == "https://shop.example/p"
+    assert info_of(scope, cfg).url == "http://internal/p"
     # The same headers from an untrusted peer are ignored.
     scope = http_scope("/p", headers=headers, client=("192.0.2.1", 1))
     assert info_of(scope, cfg).url == "http://internal:8000/p"
@@ -648,7 +683,7 @@ def test_route_template_from_app_code(route: object, root_path: str, expected: s
 
 
 def test_forwarded_scheme_and_host_come_from_the_client_hop() -> None:
-    cfg = config(trusted_proxies=["10.0.0.0/8"], assume_https=False)
+    cfg = config(trusted_proxies=["10.0.0.0/8"], assume_https=False, forwarded_header="forwarded")
     spoofed = (
         b"for=6.6.6.6;proto=http;host=evil.example, "
         b"for=198.51.100.7;proto=https;host=shop.example, for=10.0.0.9"
@@ -673,3 +708,43 @@ def test_encoded_query_is_urlencode(params: dict[str, str]) -> None:
 def test_long_values_bypass_the_cache() -> None:
     value = "é" * 1000
     assert quote_value(value) == quote(value, safe="")
+
+
+@pytest.mark.parametrize(
+    ("cdt", "expected"),
+    [
+        ("2023-11-14 22:13:20", "1700000000"),
+        (datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc), "1700000000"),
+        (datetime(2023, 11, 14, 22, 13, 20), "1700000000"),  # naive: UTC, as Matomo reads it
+        ("nan", "1700000000"),
+        ("inf", "1700000000"),
+        (float("inf"), "1700000000"),
+        ("-5", "1700000000"),
+        (0, "1700000000"),
+        ([1], "1700000000"),
+    ],
+)
+def test_cdt_overrides_in_every_form_matomo_reads(cdt: object, expected: str) -> None:
+    (hit,) = hits_for(overrides={"cdt": cdt})
+    assert hit["cdt"] == expected
+
+
+@pytest.mark.parametrize("value", [float("inf"), "1e400", float("-inf")])
+def test_infinite_performance_values_are_dropped(value: object) -> None:
+    (hit,) = hits_for(overrides={"pf_srv": value})
+    assert "pf_srv" not in hit
+
+
+def test_a_cip_override_is_anonymised_too() -> None:
+    cfg = config(track_visitor_ip=True, anonymize_ip_bytes=2)
+    (hit,) = hits_for(cfg=cfg, overrides={"cip": "198.51.100.77"})
+    assert hit["cip"] == "198.51.0.0"
+
+
+def test_route_details_template_keys_with_or_without_the_root_path() -> None:
+    cfg = config(route_details={"/users/{id}": {"action_name": "Users"}})
+    scope = http_scope("/api/users/5", root_path="/api")
+    (hit,) = hits_for(scope, cfg=cfg, template="/api/users/{id}")
+    assert hit["action_name"] == "Users"
+    (other,) = hits_for(scope, cfg=cfg, template="/elsewhere/{id}")
+    assert other["action_name"] == "/api/users/5"

@@ -328,7 +328,7 @@ async def receives_then_fails(scope: Scope, receive: Receive, send: Send) -> Non
     raise RuntimeError("no lifespan here")
 
 
-@pytest.mark.parametrize("app", [no_lifespan, ignores_lifespan, receives_then_fails])
+@pytest.mark.parametrize("app", [no_lifespan, ignores_lifespan])
 async def test_apps_without_lifespan_still_get_a_sender(matomo: Matomo, app: ASGIApp) -> None:
     wrapped = middleware(app, matomo)
     sent = await lifespan_events(wrapped)
@@ -336,6 +336,21 @@ async def test_apps_without_lifespan_still_get_a_sender(matomo: Matomo, app: ASG
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
     ]
+
+
+async def test_an_exception_after_the_startup_event_is_a_failed_startup(matomo: Matomo) -> None:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    with pytest.raises(RuntimeError, match="no lifespan here"):
+        await middleware(receives_then_fails, matomo)({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "no lifespan here" in sent[0]["message"]
 
 
 async def test_startup_failure_is_forwarded(matomo: Matomo) -> None:

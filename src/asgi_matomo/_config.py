@@ -12,12 +12,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asgi_matomo._core import TrackingConfig
-from asgi_matomo._proxy import parse_trusted_proxies
+from asgi_matomo._proxy import UNIX_SOCKET, parse_trusted_proxies
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 ALL_METHODS = "all-methods"
+# The header families a reverse proxy writes: X-Forwarded-For (with -Proto and
+# -Host), or RFC 7239 Forwarded. Only the configured one is read.
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 # Matomo's tracking endpoint; `/piwik.php` still works but new installs name it so.
 TRACKING_ENDPOINT = "/matomo.php"
 
@@ -193,6 +196,7 @@ def build_config(
     custom_dimensions: object,
     trusted_proxies: object,
     anonymize_ip_bytes: object,
+    forwarded_header: object = "x-forwarded-for",
 ) -> TrackingConfig:
     """Validate the tracking options into the pure core's `TrackingConfig`."""
     for name, flag in (
@@ -212,6 +216,16 @@ def build_config(
         )
     if trusted_proxies is not None and not isinstance(trusted_proxies, str | Iterable):
         raise TypeError(f"trusted_proxies must be a list of addresses, got {trusted_proxies!r}")
+    if forwarded_header not in FORWARDED_HEADERS:
+        raise ValueError(
+            f"forwarded_header must be one of {', '.join(map(repr, FORWARDED_HEADERS))} "
+            f"(the header your proxy writes), got {forwarded_header!r}"
+        )
+    networks = parse_trusted_proxies(trusted_proxies)
+    trust_unix = trusted_proxies is not None and any(
+        isinstance(item, str) and item.strip().lower() == UNIX_SOCKET
+        for item in ([trusted_proxies] if isinstance(trusted_proxies, str) else trusted_proxies)
+    )
     return TrackingConfig(
         idsite=positive_int("idsite", idsite),
         assume_https=bool(assume_https),
@@ -224,6 +238,8 @@ def build_config(
         route_details=_route_details(route_details),
         action_name_from_route=bool(action_name_from_route),
         custom_dimensions=_custom_dimensions(custom_dimensions),
-        trusted_proxies=parse_trusted_proxies(trusted_proxies),
+        trusted_proxies=networks,
+        trust_unix_socket=trust_unix,
+        forwarded_header=str(forwarded_header),
         anonymize_ip_bytes=anonymize_ip_bytes,
     )

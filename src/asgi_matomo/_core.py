@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
@@ -79,6 +81,8 @@ class TrackingConfig:
     action_name_from_route: bool = False
     custom_dimensions: Mapping[str, int] = field(default_factory=dict)
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    trust_unix_socket: bool = False
+    forwarded_header: str = "x-forwarded-for"
     anonymize_ip_bytes: int = 0
 
 
@@ -301,14 +305,27 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     peer = peer if isinstance(peer, str) and peer else None
     visitor_ip = peer
     forwarded_proto = forwarded_host = None
-    if config.trusted_proxies and is_trusted(parse_ip(peer or ""), config.trusted_proxies):
-        forwarded = resolve_forwarded(
-            forwarded=headers.get(b"forwarded"),
-            x_forwarded_for=headers.get(b"x-forwarded-for"),
-            x_forwarded_proto=headers.get(b"x-forwarded-proto"),
-            x_forwarded_host=headers.get(b"x-forwarded-host"),
-            networks=config.trusted_proxies,
-        )
+    if (peer is None and config.trust_unix_socket) or (
+        config.trusted_proxies and is_trusted(parse_ip(peer or ""), config.trusted_proxies)
+    ):
+        # Only the header family the proxy writes: the other one reaches us as the
+        # visitor sent it, and would let anyone pick the address Matomo records.
+        if config.forwarded_header == "forwarded":
+            forwarded = resolve_forwarded(
+                forwarded=headers.get(b"forwarded") or "",
+                x_forwarded_for=None,
+                x_forwarded_proto=None,
+                x_forwarded_host=None,
+                networks=config.trusted_proxies,
+            )
+        else:
+            forwarded = resolve_forwarded(
+                forwarded=None,
+                x_forwarded_for=headers.get(b"x-forwarded-for"),
+                x_forwarded_proto=headers.get(b"x-forwarded-proto"),
+                x_forwarded_host=headers.get(b"x-forwarded-host"),
+                networks=config.trusted_proxies,
+            )
         visitor_ip = forwarded.client or peer
         forwarded_proto, forwarded_host = forwarded.proto, forwarded.host
 
@@ -404,7 +421,7 @@ def performance_value(value: object) -> str | None:
             value = float(value)
         except ValueError:
             return None
-    if not isinstance(value, int | float) or value != value:  # NaN
+    if not isinstance(value, int | float) or not math.isfinite(value):
         return None
     ms = round(value)
     if 0 <= ms <= MAX_PERFORMANCE_MS:
@@ -489,14 +506,29 @@ def _default_custom_variables(status: str, method: str) -> str:
 
 
 def _timestamp(value: object, default: float) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    if isinstance(value, str):
+    """A `cdt` override as a unix time: a number, a datetime, or Matomo's text form.
+
+    Anything else (not finite, not positive, unparseable) keeps the request time:
+    one bad value must never make a hit impossible to encode.
+    """
+    if isinstance(value, datetime):
+        stamp = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        value = stamp.timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
         try:
-            return float(value)
+            value = float(text)
         except ValueError:
-            pass
-    return default
+            try:
+                # Matomo's documented form, in UTC (MATOMO.md).
+                parsed = datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+            except ValueError:
+                _warn_once("cdt", "asgi_matomo: cdt override %r is not a time; ignored", value)
+                return default
+            value = parsed.replace(tzinfo=timezone.utc).timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value) if math.isfinite(value) and value > 0 else default
 
 
 def lookup_route_details(
@@ -506,7 +538,12 @@ def lookup_route_details(
     details = config.route_details
     if not details:
         return None
-    for key in (template, info.path, info.app_path):
+    below_root = None
+    if template is not None and info.path != info.app_path:
+        # Templates can be written with or without the mount/root prefix too.
+        prefix = info.path[: len(info.path) - len(info.app_path)]
+        below_root = template[len(prefix) :] if template.startswith(prefix) else None
+    for key in (template, below_root, info.path, info.app_path):
         if key is not None and key in details:
             return details[key]
     return None
@@ -571,6 +608,9 @@ def build_hits(
     timestamp = _timestamp(hit_fields.get("cdt"), info.started_at)
     cip_value = hit_fields.get("cip", info.visitor_ip)
     cip = str(cip_value) if cip_value and config.track_visitor_ip else None
+    if cip is not None and config.anonymize_ip_bytes and "cip" in hit_fields:
+        # An address the handler supplied gets the same privacy masking.
+        cip = anonymize_ip(cip, config.anonymize_ip_bytes)
 
     event = {key: params.pop(key) for key in EVENT_KEYS if key in params}
     hits = [Hit(encode_query(params), timestamp, cip)]

@@ -68,7 +68,10 @@ class MatomoMiddleware:
         ignored_user_agents: regular expressions of user agents not tracked.
         action_name_from_route: name page views after the route template.
         custom_dimensions: custom variable names to send as `dimension{ID}`.
-        trusted_proxies: addresses or networks whose forwarding headers are believed.
+        trusted_proxies: addresses or networks whose forwarding headers are believed;
+            "unix" trusts a proxy on a unix socket (no peer address).
+        forwarded_header: the header your proxies write: "x-forwarded-for" (with
+            X-Forwarded-Proto/-Host) or "forwarded" (RFC 7239); the other is ignored.
         anonymize_ip_bytes: zero the last 0-3 bytes of the visitor IP.
         batch_size: hits per bulk request.
         flush_interval: seconds a hit may wait for its batch to fill.
@@ -98,6 +101,7 @@ class MatomoMiddleware:
         action_name_from_route: bool = False,
         custom_dimensions: Mapping[str, int] | None = None,
         trusted_proxies: Iterable[str] | None = None,
+        forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for",
         anonymize_ip_bytes: int = 0,
         batch_size: int = _sender.DEFAULT_BATCH_SIZE,
         flush_interval: float = _sender.DEFAULT_FLUSH_INTERVAL,
@@ -123,6 +127,7 @@ class MatomoMiddleware:
             custom_dimensions=custom_dimensions,
             trusted_proxies=trusted_proxies,
             anonymize_ip_bytes=anonymize_ip_bytes,
+            forwarded_header=forwarded_header,
         )
         if client is not None and not callable(getattr(client, "post", None)):
             raise TypeError("client must be an httpx.AsyncClient (or have its async post method)")
@@ -201,8 +206,10 @@ class MatomoMiddleware:
         try:
             await self.app(scope, receive_and_watch, send_and_watch)
         except Exception:
-            # The app's error is the server's to report; we only record the 500.
-            await self._track(scope, state, info, status or 500, start, finished)
+            # The app's error is the server's to report; we only record the 500
+            # (or 499: apps raise when the client vanished mid-upload).
+            failed = CLIENT_CLOSED_REQUEST if disconnected else 500
+            await self._track(scope, state, info, status or failed, start, finished)
             raise
         except BaseException:
             # Cancelled (server shutdown, or a client gone on servers that cancel):
@@ -319,6 +326,12 @@ class MatomoMiddleware:
                 if app_answered:
                     # Raised outside the task group below, so that the server
                     # sees the app's own exception, not an exception group.
+                    app_error = exc
+                elif startup_received:
+                    # It took the startup event and failed on it: that is a
+                    # failed startup, which the server must hear about.
+                    await sender.aclose()
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     app_error = exc
                 else:
                     logger.debug("asgi_matomo: the app does not support lifespan; answering it")

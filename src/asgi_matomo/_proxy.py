@@ -30,8 +30,15 @@ class Forwarded:
     host: str | None = None
 
 
+UNIX_SOCKET = "unix"
+
+
 def parse_trusted_proxies(value: Iterable[str] | str | None) -> tuple[IPNetwork, ...]:
-    """Turn the `trusted_proxies` option into networks; ValueError names the option."""
+    """Turn the `trusted_proxies` option into networks; ValueError names the option.
+
+    The marker "unix" (a proxy talking to the app over a unix socket, so without
+    a peer address) is left to the caller.
+    """
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else list(value)
@@ -39,6 +46,8 @@ def parse_trusted_proxies(value: Iterable[str] | str | None) -> tuple[IPNetwork,
     for item in items:
         if not isinstance(item, str):
             raise TypeError(f"trusted_proxies must contain strings, got {item!r}")
+        if item.strip().lower() == UNIX_SOCKET:
+            continue
         try:
             networks.append(ipaddress.ip_network(item.strip(), strict=False))
         except ValueError as exc:
@@ -128,7 +137,7 @@ def resolve_forwarded(
     Scheme and host come from the same hop as the client address: what the
     visitor wrote further left is as untrustworthy as an address it wrote.
     """
-    if forwarded:
+    if forwarded is not None:
         elements = [element for element in _forwarded_elements(forwarded) if "for" in element]
         hop = _client_hop([element["for"] for element in elements], networks)
         if hop is None:
