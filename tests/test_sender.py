@@ -133,6 +133,37 @@ def matomo_with_token(valid: str | None) -> Callable[[dict[str, Any]], httpx.Res
     return answer
 
 
+class BruteForceMatomo:
+    """Matomo 5.1 with its brute-force protection, as a MockTransport answer.
+
+    The token is accepted for the first `accepted` requests that carry it, then
+    wrong (revoked or rotated): elements with cip come back invalid and each
+    request with the token is a failed login. After `BLOCK_AFTER` failed logins
+    every request with a token gets HTTP 500.
+    """
+
+    BLOCK_AFTER = 20
+
+    def __init__(self, accepted: int = 0) -> None:
+        self.accepted = accepted
+        self.with_token = 0
+        self.failed_logins = 0
+
+    def __call__(self, body: dict[str, Any]) -> httpx.Response:
+        requests = body["requests"]
+        if "token_auth" in body:
+            self.with_token += 1
+            if self.failed_logins >= self.BLOCK_AFTER:
+                return httpx.Response(500, json={"status": "error"})
+            if self.with_token <= self.accepted:
+                return success(body)
+            self.failed_logins += 1
+        invalid = sum("&cip=" in r for r in requests)
+        return httpx.Response(
+            200, json={"status": "success", "tracked": len(requests) - invalid, "invalid": invalid}
+        )
+
+
 def all_invalid(body: dict[str, Any]) -> httpx.Response:
     n = len(body["requests"])
     return httpx.Response(200, json={"status": "success", "tracked": 0, "invalid": n})
@@ -924,6 +955,72 @@ async def test_lockout_500s_with_the_token_are_detected() -> None:
 
 
 @pytest.mark.anyio
+async def test_lockout_of_a_verified_token_is_detected() -> None:
+    # Verified, then this server's IP is blocked (failed logins of another process
+    # with the revoked token): HTTP 500 with the token, fine without it.
+    clock = FakeClock()
+    blocked = False
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if "token_auth" in body and blocked:
+            return httpx.Response(500, json={"status": "error"})
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, clock=clock, sleep=clock.sleep)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+            assert sender._token_state is _sender._Token.VERIFIED
+            blocked = True
+            sender.submit(hit(1, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+            sender.submit(hit(2, cip="203.0.113.7"))
+    assert [(numbers(b["requests"]), "token_auth" in b) for b in matomo.bodies] == [
+        ([0], True),
+        ([1], True),
+        ([1], True),
+        ([1], False),
+        ([2], False),
+    ]
+    assert sender.stats.token_rejected
+    assert (sender.stats.sent, sender.stats.dropped) == (3, 0)
+
+
+@pytest.mark.anyio
+async def test_lockout_probes_of_a_verified_token_are_rate_limited() -> None:
+    # Matomo down for everyone after the token was verified: a request without the
+    # token now and then, not one per attempt.
+    clock = FakeClock()
+    down = False
+    without_token_at: list[float] = []
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if not down:
+            return success(body)
+        if "token_auth" not in body:
+            without_token_at.append(clock.now)
+        return httpx.Response(500, headers={"Retry-After": "10"})
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, access_token=TOKEN, clock=clock, sleep=clock.sleep, retry_deadline=300.0
+        )
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+            down = True
+            start = clock.now
+            sender.submit(hit(1, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+    assert [t - start for t in without_token_at] == [10.0, 70.0, 130.0, 190.0, 250.0]
+    assert sender._token_state is _sender._Token.VERIFIED
+    assert (sender.stats.sent, sender.stats.dropped) == (1, 1)
+
+
+@pytest.mark.anyio
 async def test_matomo_down_for_everyone_keeps_the_token() -> None:
     clock = FakeClock()
     token_answers = [500, 500, 500]
@@ -972,7 +1069,7 @@ async def test_http_403_without_token_is_a_refusal() -> None:
 
 
 @pytest.mark.anyio
-async def test_good_token_is_verified_and_never_probed_again() -> None:
+async def test_a_verified_token_is_rechecked_but_kept_when_the_hits_are_wrong() -> None:
     valid = matomo_with_token(valid=TOKEN)
     calls = 0
 
@@ -988,9 +1085,17 @@ async def test_good_token_is_verified_and_never_probed_again() -> None:
             for n in range(3):
                 sender.submit(hit(n, cip="203.0.113.7"))
             assert await sender.aflush(DEADLINE)
-    assert sender._token_state is _sender._Token.VERIFIED
-    assert all("token_auth" in b for b in matomo.bodies)
-    assert (sender.stats.sent, sender.stats.invalid, sender.stats.batches) == (1, 2, 3)
+    # Verified, then every hit invalid: checked without the token, invalid there
+    # too, so the token is not to blame and is still sent (batches 1 and 2 in any order).
+    assert sorted((numbers(b["requests"]), "token_auth" in b) for b in matomo.bodies) == [
+        ([0], True),
+        ([1], False),
+        ([1], True),
+        ([2], False),
+        ([2], True),
+    ]
+    assert not sender.stats.token_rejected
+    assert (sender.stats.sent, sender.stats.invalid) == (1, 2)
 
 
 @pytest.mark.anyio
@@ -1033,6 +1138,95 @@ async def test_inconclusive_probe_keeps_the_token() -> None:
             sender.submit(hit(1, cip="203.0.113.7"))
     assert sender._token_state is _sender._Token.UNKNOWN
     assert (sender.stats.sent, sender.stats.invalid) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_a_token_revoked_after_it_was_verified_is_noticed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    fake = BruteForceMatomo(accepted=3)
+    matomo = Matomo(fake)
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, access_token=TOKEN, batch_size=5, clock=clock, sleep=clock.sleep
+        )
+        async with sender.running_in_background():
+            with caplog.at_level(logging.ERROR, "asgi_matomo"):
+                for n in range(15):
+                    sender.submit(hit(n, cip="203.0.113.7"))
+                assert await sender.aflush(DEADLINE)
+                assert sender._token_state is _sender._Token.VERIFIED
+                # Confirmed: batches now go side by side. Then the token is revoked.
+                matomo.gate = anyio.Event()
+                for n in range(15, 200):
+                    sender.submit(hit(n, cip="203.0.113.7"))
+                await matomo.wait_for(3 + _sender.DEFAULT_MAX_CONCURRENT_BATCHES)
+                matomo.gate.set()
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert stats.token_rejected
+    # Only the batches already on their way with the token when it was revoked;
+    # the others wait for the verdict of the first one's probe.
+    assert fake.failed_logins <= _sender.DEFAULT_MAX_CONCURRENT_BATCHES
+    assert (stats.sent, stats.invalid, stats.dropped, stats.rejected) == (200, 0, 0, 0)
+    tracked_with_cip = {
+        n for body in matomo.bodies[: fake.accepted] for n in numbers(body["requests"])
+    }
+    assert tracked_with_cip == set(range(15))
+    # Everything else went without the token, and so without cip.
+    later = [b for b in matomo.bodies if "token_auth" not in b]
+    assert all("cip=" not in r for b in later for r in b["requests"])
+    assert {n for b in later for n in numbers(b["requests"])} == set(range(15, 200))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "Matomo rejected the access_token" in errors[0]
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_batches_wait_for_the_verdict_on_a_verified_token_in_doubt() -> None:
+    fake = BruteForceMatomo(accepted=1)
+    probing = anyio.Event()
+    verdict = anyio.Event()
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if "token_auth" not in body:
+            probing.set()
+            await verdict.wait()
+        return fake(body)
+
+    def waiting_for_the_token_lock() -> int:
+        assert sender._token_lock is not None
+        return sender._token_lock[1].statistics().tasks_waiting
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=1)
+        async with sender.running_in_background():
+            sender.submit(hit(0, cip="203.0.113.7"))
+            assert await sender.aflush(DEADLINE)
+            sender.submit(hit(1, cip="203.0.113.7"))  # revoked: all invalid, then a probe
+            sender.force_flush()
+            with anyio.fail_after(DEADLINE):
+                await probing.wait()
+            sender.submit(hit(2, cip="203.0.113.7"))
+            sender.force_flush()
+            await until(lambda: waiting_for_the_token_lock() == 1 or len(bodies) > 3)
+            assert len(bodies) == 3  # hit 2 waits for the verdict, not another failed login
+            verdict.set()
+            assert await sender.aflush(DEADLINE)
+    assert [(numbers(b["requests"]), "token_auth" in b) for b in bodies] == [
+        ([0], True),
+        ([1], True),
+        ([1], False),
+        ([2], False),
+    ]
+    assert fake.failed_logins == 1
+    assert sender.stats.token_rejected
+    assert (sender.stats.sent, sender.stats.invalid) == (3, 0)
 
 
 @pytest.mark.anyio

@@ -65,6 +65,9 @@ TOKEN_PROBES = 3
 # A batch sent with a not yet confirmed token that gets this many 5xx answers is
 # tried once without it: Matomo answers 500 to an IP it locked out.
 LOCKOUT_PROBE_AFTER = 2
+# A confirmed token can be revoked, or the IP blocked by failed logins of other
+# processes: 5xx answers to it are tried without it too, at most once per this many seconds.
+LOCKOUT_PROBE_INTERVAL = 60.0
 # A repeated warning (Matomo down, queue full) is logged at most once per this many seconds.
 LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
@@ -335,6 +338,7 @@ class BatchSender:
         self._sleep = sleep
         self._token_state = _Token.UNKNOWN if self._token else _Token.NONE
         self._probes_left = TOKEN_PROBES
+        self._lockout_probed_at: float | None = None
         self._throttle = _Throttle(clock)
         self._causes: set[str] = set()
         self._reset()
@@ -714,8 +718,8 @@ class BatchSender:
         # and Matomo blocks the IP after about 20.
         if self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
             async with self._token_lock_here():
-                return await self._deliver_unlocked(batch, span, attempts)
-        return await self._deliver_unlocked(batch, span, attempts)
+                return await self._deliver_unlocked(batch, span, attempts, locked=True)
+        return await self._deliver_unlocked(batch, span, attempts, locked=False)
 
     def _token_lock_here(self) -> anyio.Lock:
         loop = anyio.lowlevel.current_token()
@@ -724,7 +728,25 @@ class BatchSender:
         return self._token_lock[1]
 
     async def _deliver_unlocked(
-        self, batch: _Batch, span: float, attempts: int | None
+        self, batch: _Batch, span: float, attempts: int | None, *, locked: bool
+    ) -> list[Hit]:
+        # A batch that finds a confirmed token in doubt takes the token lock for its
+        # probe: the batches that would send the token meanwhile wait for the verdict.
+        held: list[anyio.Lock] = []
+        try:
+            return await self._attempts(batch, span, attempts, locked=locked, held=held)
+        finally:
+            for lock in held:
+                lock.release()
+
+    async def _attempts(
+        self,
+        batch: _Batch,
+        span: float,
+        attempts: int | None,
+        *,
+        locked: bool,
+        held: list[anyio.Lock],
     ) -> list[Hit]:
         give_up_at = self._clock() + span
         attempt = token_errors = 0
@@ -736,35 +758,39 @@ class BatchSender:
             hits = batch.hits
             if not hits:
                 return []
+            sent_as = self._token_state if authenticated else _Token.NONE
             answer = await self._post(hits, authenticated=authenticated)
             if answer.kind is _Kind.OK:
                 batch.tracked += answer.tracked
-                resend = self._settle(hits, answer, authenticated=authenticated, probing=probing)
+                resend = self._settle(hits, answer, sent_as=sent_as, probing=probing)
                 if resend is None:
                     batch.hits = []
                     return []
                 batch.hits, without_token = resend, True
                 if self._token_state is _Token.UNKNOWN:
                     probing = True
-                    self._probes_left -= 1
+                    if sent_as is _Token.UNKNOWN:
+                        self._probes_left -= 1
+                    if not locked and not held:
+                        lock = self._token_lock_here()
+                        await lock.acquire()
+                        held.append(lock)
                 continue
             if answer.kind is _Kind.REFUSED:
                 if authenticated and answer.status in (401, 403):
                     self._reject_token(f"HTTP {answer.status}")
                     continue
                 if answer.status == 413 and len(hits) > 1:
-                    return await self._deliver_halves(batch, give_up_at - self._clock())
+                    return await self._deliver_halves(
+                        batch, give_up_at - self._clock(), locked=locked or bool(held)
+                    )
                 self._refused(hits, answer)
                 batch.hits = []
                 return []
             attempt += 1
-            if (
-                authenticated
-                and self._token_state is _Token.UNKNOWN
-                and (answer.status or 0) >= 500
-            ):
+            if authenticated and (answer.status or 0) >= 500:
                 token_errors += 1
-                if token_errors == LOCKOUT_PROBE_AFTER and await self._probe_lockout(batch):
+                if self._may_probe_lockout(token_errors) and await self._probe_lockout(batch):
                     continue
             delay = answer.retry_after
             if delay is None:
@@ -784,7 +810,23 @@ class BatchSender:
             self._counters.retried += 1
             await self._sleep(delay)
 
-    async def _deliver_halves(self, batch: _Batch, span: float) -> list[Hit]:
+    def _may_probe_lockout(self, token_errors: int) -> bool:
+        """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
+        if self._token_state is _Token.UNKNOWN:
+            return token_errors == LOCKOUT_PROBE_AFTER
+        # Verified: a revoked token or an IP blocked by other processes' failed logins
+        # look like Matomo being down; checked now and then, not by every batch.
+        if token_errors < LOCKOUT_PROBE_AFTER:
+            return False
+        now = self._clock()
+        if self._lockout_probed_at is not None and now - self._lockout_probed_at < (
+            LOCKOUT_PROBE_INTERVAL
+        ):
+            return False
+        self._lockout_probed_at = now
+        return True
+
+    async def _deliver_halves(self, batch: _Batch, span: float, *, locked: bool) -> list[Hit]:
         """Send a batch too large for the web server in front of Matomo as two."""
         self._log_once(
             "413",
@@ -797,7 +839,7 @@ class BatchSender:
         mid = len(batch.hits) // 2
         for part in (batch.hits[:mid], batch.hits[mid:]):
             half = _Batch(part, batch.first_seq, worker=False)
-            left += await self._deliver_unlocked(half, max(span, 0.0), None)
+            left += await self._deliver_unlocked(half, max(span, 0.0), None, locked=locked)
             batch.tracked += half.tracked
         batch.hits = left
         return left
@@ -822,33 +864,40 @@ class BatchSender:
             "is blocked after failed logins"
         )
         batch.tracked += answer.tracked
-        self._settle(fresh, answer, authenticated=False, probing=False)
+        self._settle(fresh, answer, sent_as=_Token.NONE, probing=False)
         sent = {id(h) for h in fresh}
         batch.hits = [h for h in batch.hits if id(h) not in sent]
         return True
 
     def _settle(
-        self, hits: list[Hit], answer: _Answer, *, authenticated: bool, probing: bool
+        self, hits: list[Hit], answer: _Answer, *, sent_as: _Token, probing: bool
     ) -> list[Hit] | None:
-        """Count a 2xx answer; returns the hits to resend without the token, if any."""
+        """Count a 2xx answer; returns the hits to resend without the token, if any.
+
+        `sent_as` is the token's state when the batch was sent with it, `_Token.NONE`
+        when it was sent without.
+        """
         auth_hits = _auth_hits(hits)
         self._counters.sent += answer.tracked
-        if authenticated and auth_hits and self._token_state is _Token.UNKNOWN:
-            if answer.invalid == 0:
+        if sent_as is not _Token.NONE and auth_hits:
+            # The pattern of a token Matomo does not accept: exactly the hits
+            # carrying cip were refused, the others tracked.
+            suspect = answer.invalid == len(auth_hits)
+            if self._token_state is _Token.UNKNOWN and answer.invalid == 0:
                 self._token_state = _Token.VERIFIED
-            elif answer.invalid == len(auth_hits) and self._probes_left > 0:
-                # The pattern of a token Matomo does not accept: exactly the hits
-                # carrying cip were refused, the others tracked. Resending the
-                # cip hits without the token tells a bad token from a bad idsite.
+            elif suspect and (sent_as is _Token.VERIFIED or self._token_state is _Token.REJECTED):
+                # A token that worked before may have been revoked or rotated: find
+                # out again before its failed logins get this server's IP blocked.
+                # Every batch sent with it meanwhile is resent without it (as those
+                # sent before it was found out), outside the probe budget.
+                if self._token_state is _Token.VERIFIED:
+                    self._token_state = _Token.UNKNOWN
+                    self._probes_left = TOKEN_PROBES
                 return auth_hits
-        elif (
-            authenticated
-            and auth_hits
-            and self._token_state is _Token.REJECTED
-            and answer.invalid == len(auth_hits)
-        ):
-            # Sent with the token before it was found out: same cure, no new probe.
-            return auth_hits
+            elif suspect and self._token_state is _Token.UNKNOWN and self._probes_left > 0:
+                # Resending the cip hits without the token tells a bad token from a
+                # bad idsite.
+                return auth_hits
         self._counters.invalid += answer.invalid
         if probing:
             self._conclude_probe(answer, len(hits))
