@@ -1230,6 +1230,47 @@ async def test_batches_wait_for_the_verdict_on_a_verified_token_in_doubt() -> No
 
 
 @pytest.mark.anyio
+async def test_the_token_goes_only_with_batches_that_need_it() -> None:
+    # A wrong token and hits without cip (an app on a unix socket: no client
+    # address): sending the token would be a failed login per batch for nothing.
+    fake = BruteForceMatomo()
+    matomo = Matomo(fake)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=2, wall_clock=lambda: NOW)
+        async with sender.running_in_background():
+            for n in range(60):
+                sender.submit(hit(n))
+            assert await sender.aflush(DEADLINE)
+            assert (len(matomo.bodies), fake.with_token) == (30, 0)
+            assert sender.stats.sent == 60
+            assert not sender.stats.token_rejected
+            # A hit with cip needs it, and finds out it is wrong.
+            sender.submit(hit(60, cip="203.0.113.7"))
+            sender.submit(hit(61))
+    assert [("token_auth" in b) for b in matomo.bodies[30:]] == [True, False]
+    assert fake.failed_logins == 1
+    stats = sender.stats
+    assert stats.token_rejected
+    assert (stats.sent, stats.invalid, stats.dropped) == (62, 0, 0)
+    check_books(stats)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("hours", "with_token"), [(22.5, False), (23.5, True), (25, True)])
+async def test_the_token_goes_with_hits_close_to_needing_it_for_their_age(
+    hours: float, with_token: bool
+) -> None:
+    matomo = Matomo(matomo_with_token(valid=TOKEN))
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, wall_clock=lambda: NOW)
+        async with sender.running_in_background():
+            sender.submit(hit(0, timestamp=NOW - hours * 3600))
+            sender.submit(hit(1))
+    assert [("token_auth" in b) for b in matomo.bodies] == [with_token]
+    assert sender.stats.sent == 2
+
+
+@pytest.mark.anyio
 async def test_old_hits_without_a_valid_token_are_dropped() -> None:
     matomo = Matomo()
     old = NOW - UNAUTHENTICATED_MAX_AGE - 1

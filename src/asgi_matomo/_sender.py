@@ -28,7 +28,7 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 
-from ._hit import Hit
+from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from ._version import __version__
 
 __all__ = [
@@ -68,6 +68,9 @@ LOCKOUT_PROBE_AFTER = 2
 # A confirmed token can be revoked, or the IP blocked by failed logins of other
 # processes: 5xx answers to it are tried without it too, at most once per this many seconds.
 LOCKOUT_PROBE_INTERVAL = 60.0
+# A hit this old (seconds) goes with the token, when there is one: Matomo wants it for a
+# cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
+TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
 # A repeated warning (Matomo down, queue full) is logged at most once per this many seconds.
 LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
@@ -708,6 +711,11 @@ class BatchSender:
     def _use_token(self) -> bool:
         return self._token_state in (_Token.UNKNOWN, _Token.VERIFIED)
 
+    def _needs_token(self, hits: list[Hit]) -> bool:
+        """True when a hit carries cip or is (nearly) too old to track without the token."""
+        oldest = self._wall_clock() - TOKEN_AGE
+        return any(h.cip is not None or h.timestamp <= oldest for h in hits)
+
     async def _deliver(
         self, batch: _Batch, *, span: float, attempts: int | None = None
     ) -> list[Hit]:
@@ -716,7 +724,7 @@ class BatchSender:
         # time (in direct mode too: a burst of requests must not send it side by
         # side): a wrong token then costs a couple of failed logins, not dozens,
         # and Matomo blocks the IP after about 20.
-        if self._token_state is _Token.UNKNOWN and _auth_hits(batch.hits):
+        if self._token_state is _Token.UNKNOWN and self._needs_token(batch.hits):
             async with self._token_lock_here():
                 return await self._deliver_unlocked(batch, span, attempts, locked=True)
         return await self._deliver_unlocked(batch, span, attempts, locked=False)
@@ -752,7 +760,11 @@ class BatchSender:
         attempt = token_errors = 0
         without_token = probing = False
         while True:
-            authenticated = not without_token and self._use_token()
+            # Every request with a wrong token is a failed login: it goes only with
+            # the batches that need it.
+            authenticated = (
+                not without_token and self._use_token() and self._needs_token(batch.hits)
+            )
             if not authenticated:
                 batch.hits = self._drop_too_old(batch.hits)
             hits = batch.hits
