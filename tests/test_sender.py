@@ -185,6 +185,17 @@ class FakeClock:
         await anyio.lowlevel.checkpoint()
 
 
+class EndlessSleep:
+    """A backoff sleep that only ends when it is cancelled: a long backoff, frozen."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await anyio.Event().wait()
+
+
 class FakeSpool:
     """An in-memory SpoolProtocol with leases, like the SQLite one."""
 
@@ -1611,6 +1622,70 @@ async def test_retries_stop_at_the_shutdown_deadline() -> None:
     # Retried while running, gave up as soon as shutdown began.
     assert sender.stats.spooled == 1
     assert list(spool.rows.values()) == [hit(0)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_shutdown_during_a_backoff_delivers_once_matomo_is_back(with_spool: bool) -> None:
+    # Matomo was down and is back; the batches that failed are sleeping their
+    # backoff, the others wait for a free slot. aclose() must not wait the
+    # backoff out (nor drop or spool what Matomo would take now).
+    sleep = EndlessSleep()
+    spool = FakeSpool() if with_spool else None
+    down = httpx.Response(500, json={"status": "error"}, headers={"Retry-After": "30"})
+    matomo = Matomo(failing(down, down))
+    async with matomo.client() as client:
+        sender = sender_for(
+            client,
+            batch_size=2,
+            max_concurrent_batches=2,
+            clock=FakeClock(),
+            sleep=sleep,
+            spool=spool,
+            shutdown_timeout=DEADLINE,
+        )
+        async with sender.running_in_background():
+            for n in range(8):
+                sender.submit(hit(n))
+            sender.force_flush()
+            await until(lambda: len(sleep.sleeps) == 2)
+            assert (len(matomo.bodies), sender.stats.in_flight, sender.stats.queued) == (2, 4, 4)
+    assert sleep.sleeps == [30.0, 30.0]
+    assert sorted(matomo.hits) == sorted([0, 1, 2, 3, *range(8)])
+    stats = sender.stats
+    assert (stats.sent, stats.dropped, stats.spooled, stats.retried) == (8, 0, 0, 2)
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_shutdown_during_a_backoff_spools_what_still_fails() -> None:
+    sleep = EndlessSleep()
+    spool = FakeSpool()
+    matomo = Matomo(lambda body: httpx.Response(503, headers={"Retry-After": "7200"}))
+    async with matomo.client() as client:
+        sender = sender_for(
+            client,
+            batch_size=2,
+            max_concurrent_batches=2,
+            clock=FakeClock(),
+            sleep=sleep,
+            spool=spool,
+            retry_deadline=1e9,
+            shutdown_timeout=3600,  # a retry in 7200 s does not fit: no waiting
+        )
+        with anyio.fail_after(DEADLINE):
+            async with sender.running_in_background():
+                for n in range(8):
+                    sender.submit(hit(n))
+                sender.force_flush()
+                await until(lambda: len(sleep.sleeps) == 2)
+    # One last attempt for the sleeping batches, one for the queued ones; then the spool.
+    assert sorted(matomo.hits) == sorted([0, 1, 2, 3, *range(8)])
+    assert len(sleep.sleeps) == 2
+    stats = sender.stats
+    assert (stats.sent, stats.dropped, stats.spooled) == (0, 0, 8)
+    assert sorted(spool.rows.values(), key=lambda h: h.timestamp) == [hit(n) for n in range(8)]
+    check_books(stats)
 
 
 @pytest.mark.anyio

@@ -366,6 +366,8 @@ class BatchSender:
         self._replaying = False
         self._spool_puts = 0
         self._shutdown_deadline: float | None = None
+        # Backoff sleeps of the worker's batches, cut short when aclose() begins.
+        self._backoffs: set[anyio.CancelScope] = set()
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
         self._overflow_event: anyio.Event | None = None
@@ -589,6 +591,10 @@ class BatchSender:
         self._closed_event = anyio.Event()
         self._state = _State.CLOSING
         self._shutdown_deadline = self._clock() + self._shutdown_timeout
+        # Matomo may be back: batches sleeping off an outage try once more now,
+        # within the deadline, instead of holding their slots to the end.
+        for backoff in self._backoffs:
+            backoff.cancel()
         done = self._worker_done
         try:
             if done is not None:
@@ -820,7 +826,20 @@ class BatchSender:
                 return hits
             self._warn("retry", "asgi_matomo: Matomo unavailable (%s): retrying", answer.cause)
             self._counters.retried += 1
+            await self._backoff(delay, wake_on_close=batch.worker)
+
+    async def _backoff(self, delay: float, *, wake_on_close: bool) -> None:
+        """Sleep before a retry; a worker batch's sleep ends when aclose() begins."""
+        # Once closing, the delay fits in the shutdown deadline: no need to wake it.
+        if not wake_on_close or self._state is not _State.RUNNING:
             await self._sleep(delay)
+            return
+        with anyio.CancelScope() as scope:
+            self._backoffs.add(scope)
+            try:
+                await self._sleep(delay)
+            finally:
+                self._backoffs.discard(scope)
 
     def _may_probe_lockout(self, token_errors: int) -> bool:
         """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
@@ -850,7 +869,7 @@ class BatchSender:
         left: list[Hit] = []
         mid = len(batch.hits) // 2
         for part in (batch.hits[:mid], batch.hits[mid:]):
-            half = _Batch(part, batch.first_seq, worker=False)
+            half = _Batch(part, batch.first_seq, worker=batch.worker)
             left += await self._deliver_unlocked(half, max(span, 0.0), None, locked=locked)
             batch.tracked += half.tracked
         batch.hits = left
