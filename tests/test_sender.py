@@ -511,8 +511,12 @@ async def test_aflush_when_not_running_is_trivially_done() -> None:
     "response",
     [
         httpx.Response(204),
+        httpx.Response(204, text="response"),
         httpx.Response(200, content=b"GIF89a\x01\x00", headers={"content-type": "image/gif"}),
-        httpx.Response(200, text="not json"),
+        httpx.Response(200, content=b"GIF89a\x01\x00", headers={"content-type": "IMAGE/GIF; x=y"}),
+        httpx.Response(200, content=b"GIF89a\x01\x00"),
+        httpx.Response(200),
+        httpx.Response(202, text=" \r\n"),
         httpx.Response(200, json=["a list"]),
         httpx.Response(200, json={"status": "success"}),
         httpx.Response(200, json={"tracked": True}),
@@ -526,6 +530,75 @@ async def test_answers_without_counts_mean_success(response: httpx.Response) -> 
             sender.submit(hit(0))
             sender.submit(hit(1))
     assert (sender.stats.sent, sender.stats.invalid, sender.stats.retried) == (2, 0, 0)
+
+
+LOGIN_PAGE = (
+    "<!DOCTYPE html>\n<html>\n  <head><title>Sign in - Matomo</title></head>\n"
+    f'  <body><input value="{TOKEN}"><input value="{TOKEN}">{"x" * 500}</body>\n'
+    "</html>"
+)
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_is_not_matomos_is_reported_and_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # matomo_url pointing at index.php, a login page or a captive portal: HTTP 200
+    # and nothing recorded.
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if numbers(body["requests"])[0] < 4:
+            return httpx.Response(200, text=LOGIN_PAGE, headers={"content-type": "text/html"})
+        return httpx.Response(200, text="OK")
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, access_token=TOKEN, batch_size=2)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                for n in range(6):
+                    sender.submit(hit(n, cip="203.0.113.7"))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.sent, stats.rejected, stats.retried, stats.batches) == (0, 6, 0, 3)
+    assert not stats.token_rejected
+    check_books(stats)
+    messages = [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.ERROR for r in caplog.records)
+    # One line per distinct answer, the token masked in the excerpt.
+    assert len(messages) == 2
+    # Masked before the excerpt is cut: not even the start of a token at the cut.
+    assert all(TOKEN[:4] not in m for m in messages)
+    html, text = messages
+    assert "does not look like Matomo's tracking endpoint" in html
+    assert "HTTP 200" in html
+    assert "text/html" in html
+    assert (
+        "answered HTTP 200, text/html: '<!DOCTYPE html> <html> <head><title>Sign in - Matomo"
+        '</title></head> <body><input value="***"><input \'. Nothing was recorded'
+    ) in html
+    assert "x" * 200 not in html
+    assert "answered HTTP 200, text/plain; charset=utf-8: 'OK'." in text
+
+
+@pytest.mark.anyio
+async def test_mock_answers_without_headers(caplog: pytest.LogCaptureFixture) -> None:
+    answers = [
+        SimpleNamespace(status_code=204, text="response"),
+        SimpleNamespace(status_code=200, text=""),
+        SimpleNamespace(status_code=200, text=None),
+        SimpleNamespace(status_code=200, text="<html>login</html>"),
+    ]
+    client = mock.AsyncMock(httpx.AsyncClient)
+    client.post.side_effect = answers
+    sender = sender_for(client, batch_size=1)
+    async with sender.running_in_background():
+        with caplog.at_level(logging.ERROR, "asgi_matomo"):
+            for n in range(4):
+                sender.submit(hit(n))
+            assert await sender.aflush(DEADLINE)
+    assert (sender.stats.sent, sender.stats.rejected) == (3, 1)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "HTTP 200, no content type: '<html>login</html>'" in message
 
 
 @pytest.mark.anyio

@@ -76,6 +76,8 @@ LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
 _MAX_CAUSES = 64
 _BODY_EXCERPT = 200
+# How much of a 2xx answer that is not Matomo's (an HTML page) a log line shows.
+_PAGE_EXCERPT = 100
 _CLOSE_TIMEOUT = 1.0
 
 _HEADERS = {"Content-Type": "application/json"}
@@ -166,6 +168,8 @@ class _Answer:
     status: int | None = None
     cause: str = ""
     retry_after: float | None = None
+    # A 2xx answer that no Matomo gives: the URL is not its tracking endpoint.
+    foreign: bool = False
 
 
 class _Batch:
@@ -236,12 +240,12 @@ def _header(response: object, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _parse_counts(text: str, n: int) -> tuple[int, int]:
-    """(tracked, invalid) from a 2xx answer; a 204/GIF/non-JSON answer means all tracked."""
+def _parse_counts(text: str, n: int) -> tuple[int, int] | None:
+    """(tracked, invalid) from a 2xx JSON answer (all tracked without counts); None if not JSON."""
     try:
         data = json.loads(text)
     except ValueError:
-        return n, 0
+        return None
     tracked = data.get("tracked") if isinstance(data, dict) else None
     if not isinstance(tracked, int) or isinstance(tracked, bool):
         return n, 0
@@ -970,6 +974,18 @@ class BatchSender:
         body = answer.cause
         if self._token:
             body = body.replace(self._token, "***")
+        if answer.foreign:
+            self._log_once(
+                f"foreign:{body}",
+                logging.ERROR,
+                "asgi_matomo: the Matomo URL does not look like Matomo's tracking endpoint "
+                "(matomo.php): a batch of %d hits was answered %s. Nothing was recorded; "
+                "the hits are counted as rejected, not retried. Check matomo_url "
+                "(logged once per distinct answer).",
+                len(hits),
+                body,
+            )
+            return
         self._log_once(
             f"{answer.status}:{body}",
             logging.ERROR,
@@ -1010,8 +1026,21 @@ class BatchSender:
         if not isinstance(status, int) or isinstance(status, bool):
             return _Answer(_Kind.REFUSED, cause="an answer without a status code")
         if 200 <= status < 300:
-            tracked, invalid = _parse_counts(text, len(hits))
-            return _Answer(_Kind.OK, tracked=tracked, invalid=invalid, status=status)
+            counts = _parse_counts(text, len(hits))
+            if counts is not None:
+                return _Answer(_Kind.OK, tracked=counts[0], invalid=counts[1], status=status)
+            content_type = _header(response, "Content-Type")
+            if status == 204 or not text.strip() or _is_gif(content_type, text):
+                # A single hit's answers, and QueuedTracking's: accepted, no counts.
+                return _Answer(_Kind.OK, tracked=len(hits), status=status)
+            # A login page, a captive portal, Matomo's index.php: nothing was recorded.
+            return _Answer(
+                _Kind.REFUSED,
+                status=status,
+                cause=f"HTTP {status}, {content_type or 'no content type'}: "
+                f"{self._excerpt(text, _PAGE_EXCERPT)!r}",
+                foreign=True,
+            )
         if status in _RETRY_STATUSES or status >= 500:
             retry_after = parse_retry_after(_header(response, "Retry-After"), self._wall_clock())
             return _Answer(
@@ -1023,7 +1052,14 @@ class BatchSender:
             return _Answer(
                 _Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL"
             )
-        return _Answer(_Kind.REFUSED, status=status, cause=" ".join(text.split())[:_BODY_EXCERPT])
+        return _Answer(_Kind.REFUSED, status=status, cause=self._excerpt(text, _BODY_EXCERPT))
+
+    def _excerpt(self, text: str, limit: int) -> str:
+        """The start of an answer for a log line: one line, the token masked (before cutting)."""
+        text = " ".join(text.split())
+        if self._token:
+            text = text.replace(self._token, "***")
+        return text[:limit]
 
     async def _client(self) -> httpx.AsyncClient:
         if self._user_client is not None:
@@ -1148,6 +1184,13 @@ _WHY = {
     "spool_full": "the spool is full: it evicted its oldest hits",
     "too_old": "hits older than 24 h cannot be tracked without a valid access_token",
 }
+
+
+def _is_gif(content_type: str | None, text: str) -> bool:
+    """Matomo's tracking pixel, by its content type or, without one, its first bytes."""
+    if content_type is not None:
+        return content_type.split(";", 1)[0].strip().lower() == "image/gif"
+    return text.startswith("GIF8")
 
 
 def _auth_hits(hits: list[Hit]) -> list[Hit]:
