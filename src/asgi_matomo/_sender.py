@@ -119,7 +119,7 @@ class Stats:
     sent: int = 0  # tracked by Matomo (or accepted by a 204/GIF answer)
     retried: int = 0  # HTTP requests repeated after a retryable failure
     invalid: int = 0  # counted invalid by Matomo (bulk answer)
-    rejected: int = 0  # in a batch refused with a non-retryable HTTP status
+    rejected: int = 0  # refused with a non-retryable HTTP status, or answered by a non-Matomo
     dropped: int = 0  # lost: queue full, retry deadline passed, closed, too old, spool full
     spooled: int = 0  # written to the spool
     replayed: int = 0  # read back from the spool and tracked
@@ -281,8 +281,9 @@ class BatchSender:
     Parameters:
         endpoint: the full URL of matomo.php.
         access_token: a token_auth with write access to the site; needed for `cip`
-            and for hits older than 24 h. Sent in the request body only. If Matomo
-            rejects it, the sender notices within a few batches and goes on without it.
+            and for hits older than 24 h, and sent (in the request body only) with
+            the batches that hold such hits. If Matomo rejects it, also after it was
+            accepted, the sender notices within a few batches and goes on without it.
         client: an httpx.AsyncClient to send with (never closed here); by default
             the sender creates its own, one per event loop, and closes it.
         http_timeout: seconds one request may take.
