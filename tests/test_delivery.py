@@ -167,6 +167,7 @@ def test_slow_matomo_changes_no_response_and_keeps_memory_bounded(
         ({"status": 500, "body": b'{"status":"error"}'}, True),
         ({"status": 503, "body": b"down for maintenance"}, True),
         ({"status": 429, "headers": {"Retry-After": "1"}}, True),
+        # A 200 that is not Matomo's (a login page, a proxy): rejected, not retried.
         ({"status": 200, "body": b"<html>not matomo</html>"}, False),
     ],
 )
@@ -180,7 +181,6 @@ def test_error_answers_then_recovery(
         if retried:
             collector.wait_for_hits(30, timeout=WAIT)
         else:
-            # A 200 that is not a bulk answer (a proxy page) is taken as accepted.
             collector.wait_for_requests(3, timeout=WAIT)
         counters = stats(server)
     delivered = numbers(collector.hits())
@@ -188,6 +188,10 @@ def test_error_answers_then_recovery(
     if retried:
         assert delivered == Counter(range(30))
         assert counters["retried"] >= 2
+    else:
+        # The two faulted batches were refused as a whole, the rest got through.
+        assert counters["rejected"] > 0
+        assert counters["rejected"] + len(delivered) == 30
     assert counters["dropped"] == 0
 
 
