@@ -33,6 +33,10 @@ logger = logging.getLogger("asgi_matomo")
 
 # nginx's convention for "the client went away before we answered".
 CLIENT_CLOSED_REQUEST = 499
+# After any of these from the app, the server may exit: the sender flushes first.
+_LAST_LIFESPAN_MESSAGES = frozenset(
+    {"lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed"}
+)
 
 
 class MatomoMiddleware:
@@ -311,9 +315,7 @@ class MatomoMiddleware:
             message_type = message.get("type", "")
             if message_type.startswith("lifespan.startup."):
                 app_answered = True
-            if message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") or (
-                message_type == "lifespan.startup.failed"
-            ):
+            if message_type in _LAST_LIFESPAN_MESSAGES:
                 # Flush before the server is told it may exit.
                 await sender.aclose()
             await send(message)
