@@ -748,3 +748,11 @@ def test_route_details_template_keys_with_or_without_the_root_path() -> None:
     assert hit["action_name"] == "Users"
     (other,) = hits_for(scope, cfg=cfg, template="/elsewhere/{id}")
     assert other["action_name"] == "/api/users/5"
+
+
+@pytest.mark.parametrize("key", ["/users/{id:int}", "/users/{id}"])
+@pytest.mark.parametrize("template", ["/users/{id:int}", "/users/{id}"])
+def test_route_details_keys_match_with_or_without_converters(key: str, template: str) -> None:
+    cfg = config(route_details={key: {"action_name": "Users"}})
+    (hit,) = hits_for(http_scope("/users/5"), cfg=cfg, template=template)
+    assert hit["action_name"] == "Users"

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from asgi_matomo._core import TrackingConfig
+from asgi_matomo._core import TrackingConfig, template_key
 from asgi_matomo._proxy import UNIX_SOCKET, parse_trusted_proxies
 
 HTTP_METHODS = frozenset(
@@ -164,7 +164,8 @@ def _route_details(value: object) -> dict[str, dict[str, Any]]:
                 f"route_details keys must be paths or route templates starting with '/', "
                 f"got {key!r}"
             )
-        routes[key] = _overrides("route_details", key, details)
+        # Keys are matched without converters: "/users/{id:int}" is "/users/{id}".
+        routes[template_key(key)] = _overrides("route_details", key, details)
     return routes
 
 

@@ -531,6 +531,16 @@ def _timestamp(value: object, default: float) -> float:
     return float(value) if math.isfinite(value) and value > 0 else default
 
 
+# `{id:int}` and `{id}` name the same parameter: frameworks show templates with or
+# without their converters (Starlette's `path` vs `path_format`, Litestar, Quart).
+_CONVERTER = re.compile(r"\{([^{}:]+):[^{}]*\}")
+
+
+def template_key(template: str) -> str:
+    """A route template without parameter converters, for matching `route_details`."""
+    return _CONVERTER.sub(r"{\1}", template) if ":" in template else template
+
+
 def lookup_route_details(
     config: TrackingConfig, info: RequestInfo, template: str | None
 ) -> Mapping[str, Any] | None:
@@ -543,6 +553,9 @@ def lookup_route_details(
         # Templates can be written with or without the mount/root prefix too.
         prefix = info.path[: len(info.path) - len(info.app_path)]
         below_root = template[len(prefix) :] if template.startswith(prefix) else None
+    if template is not None:
+        template = template_key(template)
+        below_root = template_key(below_root) if below_root is not None else None
     for key in (template, below_root, info.path, info.app_path):
         if key is not None and key in details:
             return details[key]
