@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import json
@@ -121,6 +122,37 @@ class NaiveMatomo:
             await self.client.post(self.url, data=params)
 
 
+class Floor:
+    """The least a tracking middleware can do, for comparison: not the library.
+
+    Wraps `send` to see the status, takes two timestamps and keeps a reference
+    to the request in a bounded list, which is all the request path must do.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.kept: collections.deque[tuple[Scope, int, float, float]] = collections.deque(
+            maxlen=10_000
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started_at = time.time()
+        start = time.perf_counter()
+        status = 0
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_and_watch)
+        self.kept.append((scope, status, started_at, time.perf_counter() - start))
+
+
 class _Report:
     """Writes what the app served (and the sender's stats) when the server stops."""
 
@@ -170,6 +202,8 @@ def create_app() -> ASGIApp:
         app = middleware = MatomoMiddleware(app, matomo_url=url, idsite=1, **options)
     elif variant == "naive":
         app = NaiveMatomo(app, matomo_url=url)
+    elif variant == "floor":
+        app = Floor(app)
     elif variant != "bare":
         raise ValueError(f"BENCH_VARIANT: bare, matomo or naive, got {variant!r}")
     return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)

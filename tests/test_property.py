@@ -11,7 +11,8 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo import MatomoMiddleware
+from asgi_matomo import MatomoMiddleware, _core
+from asgi_matomo._config import build_config
 from asgi_matomo._types import Message, Receive, Scope, Send
 
 HEADER_NAMES = [
@@ -136,3 +137,59 @@ def test_generated_requests_get_identical_responses_and_valid_hits(
         assert len(params["action_name"]) <= 1024
         if not token:
             assert "cip" not in params
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(headers=st.lists(header, max_size=12))
+def test_the_fast_header_table_reads_what_the_careful_loop_reads(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    # Servers send lowercase names once each: those take a dict built in C. Any
+    # list (repeated names, mixed case, empty names) must read the same as the loop.
+    assert _core._headers({"headers": headers}) == _core._headers_by_loop(headers)
+    assert _core._headers({"headers": tuple(headers)}) == _core._headers_by_loop(headers)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scope=scopes,
+    status=st.one_of(st.integers(100, 599), st.just(404)),
+    elapsed_ms=st.one_of(st.none(), st.floats(allow_nan=True), st.floats(0, 20_000_000)),
+    template=st.one_of(st.none(), st.sampled_from(["/users/{id}", "/api/{p:path}"])),
+    token=st.booleans(),
+    from_route=st.booleans(),
+    proxies=st.booleans(),
+)
+def test_the_plain_hit_is_the_general_hit(
+    scope: dict[str, Any],
+    status: int,
+    elapsed_ms: float | None,
+    template: str | None,
+    token: bool,
+    from_route: bool,
+    proxies: bool,
+) -> None:
+    config = build_config(
+        idsite=7,
+        track_visitor_ip=token,
+        assume_https=not proxies,
+        exclude_paths=None,
+        exclude_patterns=None,
+        allowed_methods="all-methods",
+        ignored_methods=None,
+        ignored_user_agents=None,
+        route_details=None,
+        action_name_from_route=from_route,
+        custom_dimensions=None,
+        trusted_proxies=["10.0.0.0/8", "::1"] if proxies else None,
+        anonymize_ip_bytes=1 if proxies else 0,
+    )
+    info = _core.inspect_request(config, scope, 1_700_000_000.5)
+    if info is None:
+        return
+    common: dict[str, Any] = {"status": status, "elapsed_ms": elapsed_ms, "template": template}
+    plain = _core.build_hits(config, info, overrides=None, rand=lambda: 42, **common)
+    # An override with a key that is no parameter changes nothing, but takes the
+    # general path: merge into a dict of parameters, then encode.
+    general = _core.build_hits(config, info, overrides={0: "x"}, rand=lambda: 42, **common)
+    assert plain == general

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from asgi_matomo._hit import Hit
@@ -86,9 +86,12 @@ class TrackingConfig:
     anonymize_ip_bytes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What the hit needs from the request, captured when the request starts."""
+class RequestInfo(NamedTuple):
+    """What the hit needs from the request, captured when the request starts.
+
+    A named tuple rather than a frozen dataclass: one is made per request, and
+    a frozen dataclass sets each field through `object.__setattr__`.
+    """
 
     method: str
     path: str
@@ -182,14 +185,36 @@ _WANTED_HEADERS = frozenset(
         b"x-forwarded-host",
     }
 )
+_WANTED_ORDER = tuple(sorted(_WANTED_HEADERS))
 # Headers a proxy chain may legitimately repeat; their values are joined in order.
 _LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
 
 
+def _header_value(value: object) -> str:
+    if value.__class__ is bytes and len(value) <= _CACHED_LENGTH:
+        return _header_text(value)
+    return _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
+
+
 def _headers(scope: Scope) -> dict[bytes, str]:
     """The few headers tracking reads, decoded; the first occurrence wins except for lists."""
-    found: dict[bytes, str] = {}
     raw = scope.get("headers")
+    if raw.__class__ is list or raw.__class__ is tuple:
+        # What servers send: lowercase byte names (the ASGI spec), each once. A
+        # dict built in C then answers the few lookups; anything else (repeated
+        # or mixed-case names, str names) takes the careful loop below.
+        try:
+            table = dict(raw)
+            plain = len(table) == len(raw) and b"".join(table).islower()
+        except (TypeError, ValueError):
+            plain = False
+        if plain:
+            return {key: _header_value(table[key]) for key in _WANTED_ORDER if key in table}
+    return _headers_by_loop(raw)
+
+
+def _headers_by_loop(raw: object) -> dict[bytes, str]:
+    found: dict[bytes, str] = {}
     if not isinstance(raw, Iterable):
         return found
     for item in raw:
@@ -204,10 +229,7 @@ def _headers(scope: Scope) -> dict[bytes, str]:
         key = bytes(name).lower()
         if key not in _WANTED_HEADERS:
             continue
-        if isinstance(value, bytes) and len(value) <= _CACHED_LENGTH:
-            text = _header_text(value)
-        else:
-            text = _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
+        text = _header_value(value)
         if key in found:
             if key in _LIST_HEADERS:
                 found[key] = _clip(f"{found[key]}, {text}", MAX_TEXT_LENGTH)
@@ -286,10 +308,12 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         return None
     method = scope.get("method")
     method = method.upper() if isinstance(method, str) and method else "GET"
-    if not _method_allowed(config, method):
+    if (config.allowed_methods is not None or config.ignored_methods) and not _method_allowed(
+        config, method
+    ):
         return None
     full, app_path, wire = _paths(scope)
-    if _path_excluded(config, full, app_path):
+    if (config.exclude_paths or config.exclude_patterns) and _path_excluded(config, full, app_path):
         return None
     headers = _headers(scope)
     user_agent = headers.get(b"user-agent") or None
@@ -337,16 +361,17 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         scope_scheme = scope.get("scheme")
         scheme = "https" if scope_scheme in ("https", "wss") else "http"
     host = (
-        _valid_host(forwarded_host)
+        (forwarded_host is not None and _valid_host(forwarded_host))
         or _valid_host(headers.get(b"host"))
         or _server_host(scope)
         or "localhost"
     )
     query = scope.get("query_string")
-    query_text = _decode(query) if query else ""
     url = f"{scheme}://{host}{wire}"
-    if query_text:
-        url += "?" + query_text
+    if query:
+        query_text = _decode(query)
+        if query_text:
+            url += "?" + query_text
 
     if visitor_ip is not None and config.anonymize_ip_bytes:
         visitor_ip = anonymize_ip(visitor_ip, config.anonymize_ip_bytes)
@@ -354,7 +379,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         method=method,
         path=full,
         app_path=app_path,
-        url=_clip_url(url, MAX_URL_LENGTH),
+        url=url if len(url) <= MAX_URL_LENGTH else _clip_url(url, MAX_URL_LENGTH),
         user_agent=user_agent,
         language=headers.get(b"accept-language") or None,
         referrer=headers.get(b"referer") or None,
@@ -562,6 +587,69 @@ def lookup_route_details(
     return None
 
 
+def _action_name(
+    config: TrackingConfig, info: RequestInfo, status: int, template: str | None
+) -> str:
+    if template is None and status == NOT_FOUND:
+        # Scanners probe thousands of made-up paths: one name for all of them
+        # keeps Matomo's page-title report readable. The URL still has the path.
+        return NOT_FOUND_ACTION_NAME
+    if config.action_name_from_route and template is not None:
+        return template
+    return info.path
+
+
+@lru_cache(maxsize=64)
+def _query_head(idsite: int) -> str:
+    return f"idsite={idsite}&rec=1&apiv=1&rand="
+
+
+@lru_cache(maxsize=_QUOTE_CACHE_SIZE)
+def _visitor_query(user_agent: str | None, language: str | None, referrer: str | None) -> str:
+    """`&ua=..&lang=..&urlref=..`: the same few combinations come again and again."""
+    query = ""
+    if user_agent:
+        query += "&ua=" + quote_value(user_agent)
+    if language:
+        query += "&lang=" + quote_value(language)
+    if referrer:
+        query += "&urlref=" + quote_value(referrer)
+    return query
+
+
+@lru_cache(maxsize=256)
+def _default_cvar_query(status: str, method: str) -> str:
+    return "&cvar=" + quote_value(_default_custom_variables(status, method))
+
+
+def _plain_hit(
+    config: TrackingConfig,
+    info: RequestInfo,
+    status: int,
+    elapsed_ms: float | None,
+    template: str | None,
+    rand: Callable[[], int],
+) -> Hit:
+    """`build_hits` without overrides: the same query, written straight as a string.
+
+    The parameters and their order are those of the general path below
+    (tests/test_property.py checks that both give the same hit).
+    """
+    action_name = _clip(_action_name(config, info, status, template), MAX_ACTION_NAME_LENGTH)
+    query = (
+        f"{_query_head(config.idsite)}{rand()}&url={quote_value(info.url)}"
+        f"&action_name={quote_value(action_name)}"
+        f"{_visitor_query(info.user_agent, info.language, info.referrer)}"
+    )
+    if elapsed_ms is not None:
+        pf_srv = performance_value(elapsed_ms)
+        if pf_srv is not None:
+            query += "&pf_srv=" + pf_srv
+    query += _default_cvar_query(str(status), info.method)
+    cip = info.visitor_ip if config.track_visitor_ip else None
+    return Hit(query, info.started_at, cip or None)
+
+
 def build_hits(
     config: TrackingConfig,
     info: RequestInfo,
@@ -577,13 +665,11 @@ def build_hits(
     Matomo stores a hit that carries an event as an event only, dropping its page
     title and `pf_srv` (MATOMO.md), so an event travels as a second hit (`ca=1`).
     """
-    action_name = info.path
-    if template is None and status == NOT_FOUND:
-        # Scanners probe thousands of made-up paths: one name for all of them
-        # keeps Matomo's page-title report readable. The URL still has the path.
-        action_name = NOT_FOUND_ACTION_NAME
-    elif config.action_name_from_route and template is not None:
-        action_name = template
+    details = lookup_route_details(config, info, template)
+    if not details and not overrides and not config.custom_dimensions:
+        # What nearly every request is: no parameter to merge or remove.
+        return [_plain_hit(config, info, status, elapsed_ms, template, rand)]
+    action_name = _action_name(config, info, status, template)
     params: dict[str, str] = {
         "idsite": str(config.idsite),
         "rec": "1",
@@ -604,7 +690,6 @@ def build_hits(
             params["pf_srv"] = pf_srv
     custom: dict[str, str] = {STATUS_VARIABLE: str(status), METHOD_VARIABLE: info.method}
     hit_fields: dict[str, Any] = {}
-    details = lookup_route_details(config, info, template)
     if details:
         _merge_overrides(params, custom, details, hit_fields)
     if overrides:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote
 
 # Matomo accepts a custom timestamp (`cdt`) without `token_auth` only while it is
@@ -11,9 +11,11 @@ from urllib.parse import quote
 UNAUTHENTICATED_MAX_AGE = 86400.0
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     """One Matomo tracking request, encoded once on the request path.
+
+    A named tuple: immutable like a frozen dataclass, and several times cheaper
+    to create, which every tracked request does.
 
     `query` holds every parameter except the three whose fate depends on the
     token: `cdt` (refused for old hits without a token), `cip` (refused without a

@@ -371,19 +371,30 @@ def _fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
-    if not isinstance(state, MutableMapping):
+    elif state.__class__ is not dict and not isinstance(state, MutableMapping):
         return None
     inherited = state.get(STATE_KEY)
-    state[STATE_KEY] = dict(inherited) if isinstance(inherited, Mapping) else {}
+    # (`__class__ is dict` first: ABC isinstance checks are slow, and this runs per request.)
+    state[STATE_KEY] = (
+        {}
+        if inherited is None
+        else dict(inherited)
+        if inherited.__class__ is dict or isinstance(inherited, Mapping)
+        else {}
+    )
     return state
 
 
 def _overrides(scope: Scope, state: MutableMapping[str, Any] | None) -> Mapping[str, Any] | None:
     """What the handler set, read when the response ends."""
     for candidate in (scope.get("state"), state):
-        if isinstance(candidate, Mapping):
+        if candidate is not None and (
+            candidate.__class__ is dict or isinstance(candidate, Mapping)
+        ):
             overrides = candidate.get(STATE_KEY)
-            if isinstance(overrides, Mapping):
+            if overrides is not None and (
+                overrides.__class__ is dict or isinstance(overrides, Mapping)
+            ):
                 return overrides
     return None
 
