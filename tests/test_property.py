@@ -193,3 +193,11 @@ def test_the_plain_hit_is_the_general_hit(
     # general path: merge into a dict of parameters, then encode.
     general = _core.build_hits(config, info, overrides={0: "x"}, rand=lambda: 42, **common)
     assert plain == general
+
+
+@settings(max_examples=1000, deadline=None)
+@given(scope=scopes)
+def test_the_common_paths_shortcut_is_the_general_rule(scope: dict[str, Any]) -> None:
+    assert _core._paths(scope) == _core._paths_general(
+        scope.get("root_path"), scope.get("path"), scope.get("raw_path")
+    )

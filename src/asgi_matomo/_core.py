@@ -249,14 +249,22 @@ def _paths(scope: Scope) -> tuple[str, str, str]:
     hypercorn: no); either way it must appear exactly once.
     """
     root = scope.get("root_path")
-    root = root if isinstance(root, str) else ""
     path = scope.get("path")
+    raw = scope.get("raw_path")
+    if not root and path.__class__ is str and path and raw.__class__ is bytes and raw:
+        # The common case, no root path: what the general code below comes to.
+        wire = raw.decode("latin-1")
+        return path, path, wire if "?" not in wire else wire.split("?", 1)[0]
+    return _paths_general(root, path, raw)
+
+
+def _paths_general(root: object, path: object, raw: object) -> tuple[str, str, str]:
+    root = root if isinstance(root, str) else ""
     path = path if isinstance(path, str) and path else "/"
     full = path if not root or _within(path, root) else root + path
     app_path = full[len(root) :] if root and _within(full, root) else full
     app_path = app_path or "/"
 
-    raw = scope.get("raw_path")
     if isinstance(raw, bytes | bytearray) and raw:
         # raw_path is what the client sent, escapes included; never re-quote it.
         wire = bytes(raw).decode("latin-1").split("?", 1)[0]

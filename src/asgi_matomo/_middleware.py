@@ -230,26 +230,6 @@ class MatomoMiddleware:
             status = CLIENT_CLOSED_REQUEST if disconnected else 500
         await self._track(scope, state, info, status, start, finished)
 
-    def _hits(
-        self,
-        scope: Scope,
-        state: MutableMapping[str, Any] | None,
-        info: RequestInfo,
-        status: int,
-        start: float,
-        finished: float | None,
-    ) -> list[Hit]:
-        elapsed_ms = ((finished or time.perf_counter()) - start) * 1000
-        return build_hits(
-            self._config,
-            info,
-            status=status,
-            elapsed_ms=elapsed_ms,
-            template=route_template(scope),
-            overrides=_overrides(scope, state),
-            rand=_rand,
-        )
-
     def _submit(
         self,
         scope: Scope,
@@ -261,14 +241,23 @@ class MatomoMiddleware:
     ) -> list[Hit]:
         """Build the request's hits and queue them; returns those no queue took."""
         try:
-            hits = self._hits(scope, state, info, status, start, finished)
+            hits = build_hits(
+                self._config,
+                info,
+                status=status,
+                elapsed_ms=((finished or time.perf_counter()) - start) * 1000,
+                template=route_template(scope),
+                overrides=_overrides(scope, state),
+                rand=_rand,
+            )
         except Exception:  # tracking must never break a request
             logger.debug("asgi_matomo: could not track a request", exc_info=True)
             return []
-        if not self._sender.running:
+        sender = self._sender
+        if not sender.running:
             return hits
         for hit in hits:
-            self._sender.submit(hit)
+            sender.submit(hit)
         return []
 
     async def _track(
