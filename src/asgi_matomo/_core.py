@@ -158,10 +158,10 @@ def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[:limit]
 
 
-@lru_cache(maxsize=_QUOTE_CACHE_SIZE)
-def _header_text(value: bytes) -> str:
-    """A short header value as text; the same few values come again and again."""
-    return _decode(value).strip()
+# The decoded text of short header values: user agents, languages, referrers and
+# hosts take few distinct values. A plain dict (a lookup is cheaper than a call
+# through lru_cache), emptied when full so that it stays bounded.
+_header_texts: dict[bytes, str] = {}
 
 
 def _clip_url(value: str, limit: int) -> str:
@@ -192,7 +192,12 @@ _LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
 
 def _header_value(value: object) -> str:
     if value.__class__ is bytes and len(value) <= _CACHED_LENGTH:
-        return _header_text(value)
+        text = _header_texts.get(value)
+        if text is None:
+            if len(_header_texts) >= _QUOTE_CACHE_SIZE:
+                _header_texts.clear()
+            text = _header_texts[value] = _decode(value).strip()
+        return text
     return _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
 
 
@@ -209,7 +214,15 @@ def _headers(scope: Scope) -> dict[bytes, str]:
         except (TypeError, ValueError):
             plain = False
         if plain:
-            return {key: _header_value(table[key]) for key in _WANTED_ORDER if key in table}
+            found: dict[bytes, str] = {}
+            texts = _header_texts
+            for key in _WANTED_ORDER:
+                value = table.get(key)
+                if value is not None:
+                    # A cache hit inline; the call only for a new or unusual value.
+                    text = texts.get(value) if value.__class__ is bytes else None
+                    found[key] = text if text is not None else _header_value(value)
+            return found
     return _headers_by_loop(raw)
 
 
@@ -383,16 +396,18 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
 
     if visitor_ip is not None and config.anonymize_ip_bytes:
         visitor_ip = anonymize_ip(visitor_ip, config.anonymize_ip_bytes)
+    # Positional: a named tuple is made faster that way (method, path, app_path,
+    # url, user_agent, language, referrer, visitor_ip, started_at).
     return RequestInfo(
-        method=method,
-        path=full,
-        app_path=app_path,
-        url=url if len(url) <= MAX_URL_LENGTH else _clip_url(url, MAX_URL_LENGTH),
-        user_agent=user_agent,
-        language=headers.get(b"accept-language") or None,
-        referrer=headers.get(b"referer") or None,
-        visitor_ip=visitor_ip if config.track_visitor_ip else None,
-        started_at=started_at,
+        method,
+        full,
+        app_path,
+        url if len(url) <= MAX_URL_LENGTH else _clip_url(url, MAX_URL_LENGTH),
+        user_agent,
+        headers.get(b"accept-language") or None,
+        headers.get(b"referer") or None,
+        visitor_ip if config.track_visitor_ip else None,
+        started_at,
     )
 
 
@@ -447,6 +462,11 @@ def param_value(value: object) -> str | None:
 
 def performance_value(value: object) -> str | None:
     """Matomo keeps `pf_*` only as whole milliseconds in 0..16777215 (MATOMO.md)."""
+    if value.__class__ is float and math.isfinite(value):
+        # The middleware's own measure, once per request: the isinstance checks
+        # below are for what handlers write.
+        ms = round(value)
+        return str(ms) if 0 <= ms <= MAX_PERFORMANCE_MS else None
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
