@@ -1445,6 +1445,8 @@ def owned_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
         return client
 
     monkeypatch.setattr(httpx, "AsyncClient", factory)
+    # On asyncio the sender would use its lean client (tested in test_http.py).
+    monkeypatch.setattr(_sender, "_lean_fits", lambda endpoint, loop: False)
     return created
 
 
