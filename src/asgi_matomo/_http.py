@@ -221,8 +221,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self.error = exc
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self.lost.set_result(None)  # the loop calls this once
         self._wake()
         self._on_lost(self)
 
@@ -233,7 +232,7 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until more bytes arrived or the server is gone (returns at once if it is)."""
-        if self.eof:
+        if self.eof:  # pragma: no cover (callers check first; never wait for nothing)
             return
         self._waiter = self.loop.create_future()
         try:
@@ -283,13 +282,13 @@ async def _read_head(conn: _Connection) -> tuple[int, bool, LeanHeaders]:
         # The head ends with an empty line; bare LF line ends are tolerated (RFC 9112 2.2).
         crlf, lf = buffer.find(b"\n\r\n"), buffer.find(b"\n\n")
         end = min(crlf, lf) if crlf >= 0 and lf >= 0 else max(crlf, lf)
-        if end >= 0:
+        if end >= 0 or len(buffer) > MAX_HEAD:
             break
-        if len(buffer) > MAX_HEAD:
-            raise LeanProtocolError(f"response head larger than {MAX_HEAD} bytes")
         if conn.eof:
             raise conn.closed_error("before its answer" if not buffer else "in a response head")
         await conn.wait()
+    if end < 0 or end > MAX_HEAD:
+        raise LeanProtocolError(f"response head larger than {MAX_HEAD} bytes")
     head = bytes(buffer[:end])
     del buffer[: end + (3 if end == crlf else 2)]
     lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]

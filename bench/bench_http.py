@@ -1,0 +1,193 @@
+"""CPU per bulk POST: httpx.AsyncClient against the sender's lean asyncio client.
+
+    .venv/bin/python bench/bench_http.py [--posts 2000] [--rounds 5] [--hits 100]
+
+Each round POSTs the same realistic bulk body (`--hits` page views, about 50 KB of
+JSON at 100) `--posts` times, one after the other on one keep-alive connection, to
+a minimal receiver in another process, first with httpx then with the lean client
+(alternating which goes first). Each request goes through `anyio.fail_after` and
+reads `.text`, as the sender does. Prints the user and system CPU time per POST of
+this process (the receiver's CPU is not counted), the median of the rounds.
+
+Only 127.0.0.1 is used; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+import anyio
+import httpx
+
+from asgi_matomo._hit import Hit
+from asgi_matomo._http import LeanClient
+from asgi_matomo._version import __version__
+
+HOST = "127.0.0.1"
+HEADERS = {"Content-Type": "application/json"}
+CLIENT_HEADERS = {"User-Agent": f"asgi-matomo/{__version__}"}
+# A realistic page view: what the middleware encodes for one request.
+QUERY = (
+    "idsite=1&rec=1&apiv=1&send_image=0&url=https%3A%2F%2Fshop.example.com%2Fproducts%2F42"
+    "%3Fcolour%3Dblue&action_name=Product%2042&ua=Mozilla%2F5.0%20(X11%3B%20Linux%20x86_64)"
+    "%20AppleWebKit%2F537.36%20(KHTML%2C%20like%20Gecko)%20Chrome%2F131.0%20Safari%2F537.36"
+    "&lang=en-GB%2Cen%3Bq%3D0.9&urlref=https%3A%2F%2Fwww.example.org%2F&pf_srv=12"
+    "&_id=0123456789abcdef&pv_id=a1B2c3&res=1920x1080&h=14&m=2&s=51&cookie=1&pdf=1&java=0"
+    "&dimension1=premium&dimension2=eu-west&cvar=%7B%221%22%3A%5B%22plan%22%2C%22pro%22%5D%7D"
+    "&rand={i}"
+)
+
+
+class _Receiver(asyncio.Protocol):
+    """Answers each request like Matomo's bulk API, as cheaply as it can."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            start = head.find(b"content-length:")
+            length = int(head[start + 15 :].split(b"\r\n", 1)[0]) if start >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            del self.buffer[: end + 4 + length]
+            body = b'{"status":"success","tracked":100,"invalid":0}'
+            assert self.transport is not None
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+def _serve(conn: Connection) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Receiver, HOST, 0)
+        conn.send(server.sockets[0].getsockname()[1])
+        await loop.run_in_executor(None, conn.recv)  # until the parent says stop
+
+    asyncio.run(main())
+
+
+class _Client(Protocol):
+    async def post(
+        self, url: str, *, content: bytes, headers: dict[str, str]
+    ) -> httpx.Response | object: ...
+
+
+def body(hits: int) -> bytes:
+    now = time.time()
+    requests = [Hit(QUERY.format(i=i), now).encode(authenticated=False) for i in range(hits)]
+    return json.dumps({"requests": requests}, separators=(",", ":")).encode()
+
+
+def _cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+async def cpu_per_post(
+    make: Callable[[], tuple[_Client, Callable[[], Awaitable[None]]]],
+    url: str,
+    content: bytes,
+    posts: int,
+) -> tuple[float, float]:
+    """(user, system) CPU seconds per POST, after a warm-up on the same connection.
+
+    System time is mostly the kernel carrying the body over loopback: the same
+    for any client, and what a real network card costs too.
+    """
+    client, close = make()
+    try:
+        for _ in range(50):
+            await _one(client, url, content)
+        user, system = _cpu()
+        for _ in range(posts):
+            await _one(client, url, content)
+        user_end, system_end = _cpu()
+        return (user_end - user) / posts, (system_end - system) / posts
+    finally:
+        await close()
+
+
+async def _one(client: _Client, url: str, content: bytes) -> None:
+    with anyio.fail_after(5.0):
+        response = await client.post(url, content=content, headers=HEADERS)
+    status = getattr(response, "status_code", None)
+    text = getattr(response, "text", "")
+    assert status == 200, status
+    assert '"tracked":' in text, text
+
+
+def make_httpx() -> tuple[_Client, Callable[[], Awaitable[None]]]:
+    client = httpx.AsyncClient(timeout=5.0, headers=CLIENT_HEADERS)
+    return client, client.aclose
+
+
+def make_lean(url: str) -> Callable[[], tuple[_Client, Callable[[], Awaitable[None]]]]:
+    def make() -> tuple[_Client, Callable[[], Awaitable[None]]]:
+        client = LeanClient(url, headers=CLIENT_HEADERS)
+        return client, client.aclose
+
+    return make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--posts", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hits", type=int, default=100)
+    args = parser.parse_args()
+    parent, child = multiprocessing.Pipe()
+    receiver = multiprocessing.Process(target=_serve, args=(child,), daemon=True)
+    receiver.start()
+    try:
+        if not parent.poll(30):
+            raise SystemExit("the receiver did not start")
+        port = parent.recv()
+        url = f"http://{HOST}:{port}/matomo.php"
+        content = body(args.hits)
+        results: dict[str, list[tuple[float, float]]] = {"httpx": [], "lean": []}
+        makers = {"httpx": make_httpx, "lean": make_lean(url)}
+        for n in range(args.rounds):
+            order = ["httpx", "lean"] if n % 2 == 0 else ["lean", "httpx"]
+            for name in order:
+                times = asyncio.run(cpu_per_post(makers[name], url, content, args.posts))
+                results[name].append(times)
+    finally:
+        parent.send("stop")
+        receiver.join(10)
+    print(f"Python {platform.python_version()}, httpx {httpx.__version__}, {platform.machine()}")
+    print(f"{args.posts} POSTs x {args.rounds} rounds, {len(content)} bytes ({args.hits} hits)")
+    print("| client | CPU per POST: user + system (median) | user per hit | user, rounds |")
+    print("|---|---:|---:|---|")
+    for name, values in results.items():
+        user = statistics.median(u for u, _ in values) * 1e6
+        system = statistics.median(s for _, s in values) * 1e6
+        rounds = ", ".join(f"{u * 1e6:.0f}" for u, _ in values)
+        print(f"| {name} | {user:.0f} + {system:.0f} µs | {user / args.hits:.2f} µs | {rounds} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,839 @@
+"""The lean HTTP/1.1 client: real sockets on loopback, and its parser fed byte by byte."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import ssl
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+import trustme
+
+from asgi_matomo import _http, _sender
+from asgi_matomo._collector import Collector
+from asgi_matomo._hit import Hit
+from asgi_matomo._http import (
+    MAX_BODY,
+    LeanClient,
+    LeanConnectionError,
+    LeanHeaders,
+    LeanHTTPError,
+    LeanProtocolError,
+    LeanResponse,
+    supports,
+)
+from asgi_matomo._sender import BatchSender
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 10.0  # seconds a test may wait for a condition before it fails
+JSON = {"Content-Type": "application/json"}
+OK_BODY = b'{"status":"success","tracked":1,"invalid":0}'
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    with anyio.fail_after(DEADLINE):
+        while not condition():
+            await asyncio.sleep(0.01)  # polling a condition with a deadline
+    assert condition(), what
+
+
+# -- a tiny server --------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int  # the number of the connection it came on, from 1
+
+
+async def read_request(reader: asyncio.StreamReader, connection: int) -> Request | None:
+    """The next request on a connection, or None when the client closed it."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"{name} sent twice"
+            headers[name.lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Request(method, target, headers, body, connection)
+
+
+Handler = Callable[["Server", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+def answer(status: int = 200, body: bytes = OK_BODY, *extra: str) -> bytes:
+    fields = [f"Content-Length: {len(body)}", "Content-Type: application/json", *extra]
+    head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{f}\r\n" for f in fields) + "\r\n"
+    return head.encode() + body
+
+
+async def keep_alive(
+    server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+) -> None:
+    """Answers every request on the connection with Content-Length."""
+    while (request := await server.next_request(reader, n)) is not None:
+        writer.write(answer(body=server.body or OK_BODY))
+        await writer.drain()
+        del request
+
+
+@dataclass
+class Server:
+    handler: Handler = keep_alive
+    ssl: ssl.SSLContext | None = None
+    body: bytes = b""
+    requests: list[Request] = field(default_factory=list)
+    connections: int = 0
+    open_connections: int = 0
+    port: int = 0
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/matomo.php"
+
+    async def next_request(self, reader: asyncio.StreamReader, n: int) -> Request | None:
+        request = await read_request(reader, n)
+        if request is not None:
+            self.requests.append(request)
+        return request
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.connections += 1
+        self.open_connections += 1
+        try:
+            await self.handler(self, reader, writer, self.connections)
+        except ConnectionError:
+            pass
+        finally:
+            self.open_connections -= 1
+            writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Server]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+            # Every handler ends when its client closes the connection.
+            if self.tasks:
+                await asyncio.wait(set(self.tasks), timeout=DEADLINE)
+            assert not self.tasks, "a server connection is still open"
+            await server.wait_closed()
+
+
+@asynccontextmanager
+async def serving(handler: Handler = keep_alive, **options: Any) -> AsyncIterator[Server]:
+    async with Server(handler, **options).running() as server:
+        yield server
+
+
+@asynccontextmanager
+async def lean(url: str, **options: Any) -> AsyncIterator[LeanClient]:
+    client = LeanClient(url, headers={"User-Agent": "asgi-matomo/test"}, **options)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+    assert not client._connections
+
+
+async def post(client: LeanClient, url: str, content: bytes = b"{}") -> LeanResponse:
+    return await client.post(url, content=content, headers=JSON)
+
+
+def one_answer(raw: bytes, *, then_close: bool = True) -> Handler:
+    """A server that answers the first request with `raw` bytes as they are."""
+
+    async def handler(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if await server.next_request(reader, n) is None:
+            return
+        writer.write(raw)
+        await writer.drain()
+        if not then_close:
+            await keep_alive(server, reader, writer, n)
+
+    return handler
+
+
+# -- answers over real sockets --------------------------------------------------------
+
+
+async def test_collector_answers_and_connections_are_reused() -> None:
+    with Collector(sites=[1]) as collector:
+        url = collector.tracking_url
+        async with lean(url) as client:
+            for n in range(3):
+                body = {"requests": [f"?idsite=1&rec=1&url=https%3A%2F%2Fexample.com%2F{n}"]}
+                response = await post(client, url, json.dumps(body).encode())
+                assert response.status_code == 200
+                assert response.headers.get("content-type") == "application/json"
+                assert json.loads(response.text)["tracked"] == 1
+                assert len(client._connections) == 1
+        hits = collector.wait_for_hits(3)
+    assert sorted(hit.url or "" for hit in hits) == [f"https://example.com/{n}" for n in range(3)]
+
+
+async def test_request_headers_and_target() -> None:
+    async with serving() as server, lean(server.url) as client:
+        url = server.url + "?a=1&b=%2F&c"
+        await client.post(url, content=b"[1]", headers={"Content-Type": "application/json"})
+    (request,) = server.requests
+    assert (request.method, request.target) == ("POST", "/matomo.php?a=1&b=%2F&c")
+    assert request.headers == {
+        "host": f"127.0.0.1:{server.port}",
+        "user-agent": "asgi-matomo/test",
+        "accept": "*/*",
+        "accept-encoding": "identity",
+        "content-type": "application/json",
+        "connection": "keep-alive",
+        "content-length": "3",
+    }
+    assert request.body == b"[1]"
+
+
+async def test_a_large_request_body_arrives_intact() -> None:
+    content = bytes(range(256)) * 4096  # 1 MiB
+    async with serving() as server, lean(server.url) as client:
+        for _ in range(2):
+            assert (await post(client, server.url, content)).status_code == 200
+    assert [r.body == content for r in server.requests] == [True, True]
+    assert server.connections == 1
+
+
+async def test_chunked_answer() -> None:
+    raw = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    async with serving(one_answer(raw, then_close=False)) as server, lean(server.url) as client:
+        assert (await post(client, server.url)).text == "hello, world"
+        assert (await post(client, server.url)).text == OK_BODY.decode()
+    assert server.connections == 1
+
+
+async def test_close_delimited_answer_is_not_reused() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
+    async with serving(one_answer(raw)) as server, lean(server.url) as client:
+        assert (await post(client, server.url)).text == "until the end"
+        assert (await post(client, server.url)).status_code == 200
+    assert server.connections == 2
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        answer(200, OK_BODY, "Connection: close"),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_connection_close_or_http10_is_not_reused(raw: bytes) -> None:
+    async with serving(one_answer(raw, then_close=False)) as server, lean(server.url) as client:
+        assert (await post(client, server.url)).status_code == 200
+        assert (await post(client, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_100_continue_before_the_answer() -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + answer(
+        204, b""
+    )
+    async with serving(one_answer(raw, then_close=False)) as server, lean(server.url) as client:
+        response = await post(client, server.url)
+        assert (response.status_code, response.text) == (204, "")
+        assert "link" not in response.headers
+        assert (await post(client, server.url)).status_code == 200
+    assert server.connections == 1
+
+
+async def test_an_idle_connection_closed_by_the_server_is_not_reused() -> None:
+    async def close_when_idle(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if await server.next_request(reader, n) is not None:
+            writer.write(answer())
+            await writer.drain()
+            # Keep-alive timeout: the server closes the idle connection.
+
+    async with serving(close_when_idle) as server, lean(server.url) as client:
+        await post(client, server.url)
+        (conn,) = client._idle
+        await wait_until(lambda: conn.eof, "the client sees the server's close")
+        assert (await post(client, server.url)).status_code == 200
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def test_a_reused_connection_that_fails_before_answering_is_retried_once() -> None:
+    async def reset_second_request(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if n > 1:
+            await keep_alive(server, reader, writer, n)
+            return
+        await server.next_request(reader, n)
+        writer.write(answer())
+        await writer.drain()
+        # The server drops the connection as the next request arrives, unread
+        # (unread bytes make the kernel answer with a reset).
+        await reader.readexactly(1)
+
+    async with serving(reset_second_request) as server, lean(server.url) as client:
+        await post(client, server.url)
+        assert (await post(client, server.url, b"[2]")).status_code == 200
+    assert [(r.connection, r.body) for r in server.requests] == [(1, b"{}"), (2, b"[2]")]
+
+
+async def test_a_fresh_connection_that_fails_is_an_error() -> None:
+    async def hang_up(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await server.next_request(reader, n)
+
+    async with serving(hang_up) as server, lean(server.url) as client:
+        with pytest.raises(LeanConnectionError, match="before its answer"):
+            await post(client, server.url)
+    assert server.connections == 1
+
+
+async def test_a_retry_that_fails_too_is_an_error() -> None:
+    async def answer_once(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if await server.next_request(reader, n) is not None and n == 1:
+            writer.write(answer())
+            await writer.drain()
+            await server.next_request(reader, n)  # then hang up without answering
+
+    async with serving(answer_once) as server, lean(server.url) as client:
+        await post(client, server.url)
+        with pytest.raises(LeanConnectionError):
+            await post(client, server.url)
+    assert [r.connection for r in server.requests] == [1, 1, 2]
+
+
+async def test_the_server_closing_mid_answer_is_an_error() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part of it"
+    async with serving(one_answer(raw)) as server, lean(server.url) as client:
+        with pytest.raises(LeanConnectionError, match="after 15 of 100 body bytes"):
+            await post(client, server.url)
+
+
+async def test_garbage_status_line_is_an_error() -> None:
+    garbage = one_answer(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    async with serving(garbage) as server, lean(server.url) as client:
+        with pytest.raises(LeanProtocolError, match=r"not an HTTP/1\.x status line"):
+            await post(client, server.url)
+        assert isinstance(LeanProtocolError("x"), LeanHTTPError)
+
+
+async def test_a_timeout_closes_the_connection_and_leaves_nothing_running() -> None:
+    async def never_answer(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await server.next_request(reader, n)
+        await reader.read()  # until the client closes
+
+    tasks = asyncio.all_tasks()
+    async with serving(never_answer) as server, lean(server.url) as client:
+        with pytest.raises(TimeoutError), anyio.fail_after(0.2):
+            await post(client, server.url)
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        await wait_until(lambda: server.open_connections == 0, "the server sees the close")
+        assert not client._idle
+        assert asyncio.all_tasks() - tasks == set()
+        # The client still works.
+        server.handler = keep_alive
+        assert (await post(client, server.url)).status_code == 200
+
+
+async def test_an_oversized_answer_is_cut_and_its_connection_closed() -> None:
+    big = b"x" * 5000
+    async with serving() as server, lean(server.url, max_body=1000) as client:
+        server.body = big
+        response = await post(client, server.url)
+        assert response.content == big[:1000]
+        assert not client._idle
+        assert (await post(client, server.url)).content == big[:1000]
+    assert server.connections == 2
+
+
+async def test_the_default_cap_is_one_mebibyte() -> None:
+    async with serving() as server, lean(server.url) as client:
+        server.body = b"y" * (MAX_BODY + 10)
+        assert len((await post(client, server.url)).content) == MAX_BODY
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_bytes_after_the_answer_make_a_connection_unusable(later: bool) -> None:
+    idle = asyncio.Event()
+    timeout = b"HTTP/1.1 408 Request Timeout\r\n\r\n"
+
+    async def chatty(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await server.next_request(reader, n)
+        writer.write(answer() + (b"" if later else timeout))
+        if later:
+            await idle.wait()
+            writer.write(timeout)
+        await keep_alive(server, reader, writer, n)
+
+    async with serving(chatty) as server, lean(server.url) as client:
+        await post(client, server.url)
+        if later:
+            (conn,) = client._idle
+            idle.set()
+            await wait_until(lambda: bool(conn.buffer), "the client receives the 408")
+        else:
+            assert not client._idle
+        assert (await post(client, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire_and_are_capped() -> None:
+    async with serving() as server, lean(server.url, max_idle=1, keepalive_expiry=0) as client:
+        await asyncio.gather(post(client, server.url), post(client, server.url))
+        assert len(client._idle) == 1  # the other one was closed
+        await post(client, server.url)  # the idle one has expired: a new connection
+    assert server.connections == 3
+
+
+async def test_aclose_fails_a_request_in_flight_and_the_client_stays_closed() -> None:
+    async def slow(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await server.next_request(reader, n)
+        await reader.read()
+
+    async with serving(slow) as server:
+        client = LeanClient(server.url)
+        task = asyncio.ensure_future(post(client, server.url))
+        await wait_until(lambda: bool(server.requests), "the request arrives")
+        await client.aclose()
+        with pytest.raises(LeanConnectionError):
+            await task
+        assert client.is_closed
+        with pytest.raises(LeanHTTPError, match="closed"):
+            await post(client, server.url)
+
+
+async def test_aclose_while_connecting() -> None:
+    async with serving() as server:
+        client = LeanClient(server.url)
+        task = asyncio.ensure_future(post(client, server.url))
+        await asyncio.sleep(0)  # the task is in create_connection now
+        await client.aclose()
+        with pytest.raises(LeanHTTPError, match="closed"):
+            await task
+        await wait_until(lambda: not client._connections, "the connection is closed")
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def test_tls_with_an_unknown_ca_is_refused(
+    server_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with serving(ssl=server_tls) as server, lean(server.url) as client:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await post(client, server.url)
+    assert server.requests == []
+
+
+async def test_tls_trusts_ssl_cert_file(
+    ca: trustme.CA, server_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    async with serving(ssl=server_tls) as server, lean(server.url) as client:
+        assert (await post(client, server.url)).status_code == 200
+        assert (await post(client, server.url)).status_code == 200
+        (conn,) = client._idle
+        assert conn.transport is not None
+        assert conn.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    assert server.connections == 1
+    assert server.requests[0].headers["host"] == f"127.0.0.1:{server.port}"
+
+
+def test_trust_store_like_httpx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    context = _http._ssl_context()
+    # A directory is read lazily: nothing loaded up front, certifi not used.
+    assert context.cert_store_stats()["x509_ca"] == 0
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    monkeypatch.delenv("SSL_CERT_DIR")
+    assert _http._ssl_context().cert_store_stats()["x509_ca"] > 0  # certifi's bundle
+
+
+# -- the parser, fed byte by byte --------------------------------------------------------
+
+
+async def parse(
+    raw: bytes,
+    *,
+    byte_by_byte: bool = False,
+    lost: Exception | None = None,
+    limit: int = MAX_BODY,
+) -> tuple[LeanResponse, bool]:
+    """Parse `raw` as if it arrived on a connection that then ended (EOF or `lost`)."""
+    loop = asyncio.get_running_loop()
+    conn = _http._Connection(loop, lambda c: None)
+
+    async def feed() -> None:
+        pieces = [raw[i : i + 1] for i in range(len(raw))] if byte_by_byte else [raw]
+        for piece in pieces:
+            await asyncio.sleep(0)
+            conn.data_received(piece)
+        await asyncio.sleep(0)
+        if lost is None:
+            conn.eof_received()
+        conn.connection_lost(lost)
+
+    feeder = asyncio.ensure_future(feed())
+    try:
+        return await _http._read_response(conn, limit)
+    finally:
+        await feeder
+        conn.abort()  # no transport: nothing to do
+
+
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+@pytest.mark.parametrize(
+    ("raw", "status", "body", "keep_alive"),
+    [
+        (answer(201, b"abc"), 201, b"abc", True),
+        (b"\r\nHTTP/1.1 200 OK\nContent-Length: 2\n\nab", 200, b"ab", True),
+        (b"HTTP/1.1 200\r\nContent-Length: 2, 2\r\n\r\nab", 200, b"ab", True),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", 304, b"", True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw", 200, b"raw", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n\r\n", 200, b"", False),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n",
+            200,
+            b"abc",
+            True,
+        ),
+    ],
+)
+async def test_parser(
+    raw: bytes, status: int, body: bytes, keep_alive: bool, byte_by_byte: bool
+) -> None:
+    response, reusable = await parse(raw, byte_by_byte=byte_by_byte)
+    assert (response.status_code, response.content, reusable) == (status, body, keep_alive)
+
+
+async def test_folded_and_repeated_headers() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nx-a: three\r\nContent-Length: 0\r\n\r\n"
+    response, _ = await parse(raw)
+    headers = response.headers
+    assert headers.get("X-A") == "one two, three"
+    assert headers.get("missing") is None
+    assert (len(headers), sorted(headers)) == (2, ["content-length", "x-a"])
+    assert "x-a" in repr(headers)
+    assert repr(response) == "<LeanResponse [200]>"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"HTTP/2 200 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 20 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200OK\r\n\r\n", "status line"),
+        (b"\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200 OK\r\n folded\r\n\r\n", "folded"),
+        (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n", "longer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc", "gzip"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * _http.MAX_HEAD + b"\r\n\r\n", "head larger"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * _http.MAX_HEAD, "head larger"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1" + b"0" * _http._MAX_LINE,
+            "longer than",
+        ),
+    ],
+)
+async def test_malformed_answers(raw: bytes, message: str) -> None:
+    with pytest.raises(LeanProtocolError, match=message):
+        await parse(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "before its answer"),
+        (b"HTTP/1.1 200 OK\r\n", "in a response head"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "body bytes"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab", "chunk end"),
+    ],
+)
+async def test_cut_answers(raw: bytes, message: str) -> None:
+    with pytest.raises(LeanConnectionError, match=message):
+        await parse(raw)
+
+
+async def test_a_reset_during_a_close_delimited_body_is_an_error() -> None:
+    raw = b"HTTP/1.1 200 OK\r\n\r\npart"
+    with pytest.raises(LeanConnectionError, match="ConnectionResetError"):
+        await parse(raw, lost=ConnectionResetError())
+
+
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+async def test_oversized_bodies_are_cut(byte_by_byte: bool) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n4\r\nefgh\r\n0\r\n\r\n"
+    )
+    response, reusable = await parse(chunked, limit=6, byte_by_byte=byte_by_byte)
+    assert (response.content, reusable) == (b"abcdef", False)
+    to_close = b"HTTP/1.1 200 OK\r\n\r\nabcdefgh"
+    response, reusable = await parse(to_close, limit=6, byte_by_byte=byte_by_byte)
+    assert (response.content, reusable) == (b"abcdef", False)
+
+
+@pytest.mark.parametrize(
+    ("coding", "compressed"),
+    [
+        ("gzip", gzip.compress(b"packed")),
+        ("deflate", zlib.compress(b"packed")),
+        ("br", b"packed"),  # kept as received
+        ("identity", b"packed"),
+    ],
+)
+async def test_content_encoding(coding: str, compressed: bytes) -> None:
+    raw = (
+        f"HTTP/1.1 200 OK\r\nContent-Encoding: {coding}\r\n"
+        f"Content-Length: {len(compressed)}\r\n\r\n"
+    ).encode() + compressed
+    response, _ = await parse(raw)
+    assert response.content == b"packed"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "text"),
+    [
+        ("text/plain; format=flowed; charset=latin-1", "caf\xc3\xa9"),
+        ('text/plain; charset="utf-8"', "café"),
+        ("text/plain; charset=no-such-charset", "café"),
+        ("text/plain", "café"),
+        (None, "café"),
+    ],
+)
+def test_text_decoding(content_type: str | None, text: str) -> None:
+    fields = [("Content-Type", content_type)] if content_type else []
+    assert LeanResponse(200, LeanHeaders(fields), "café".encode()).text == text
+    assert LeanResponse(200, LeanHeaders([]), b"\xff").text == "\ufffd"
+
+
+# -- URLs and request headers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://matomo.example.com/matomo.php", True),
+        ("https://matomo.example.com:8443/m/matomo.php?x=1#frag", True),
+        ("http://[::1]:8080/matomo.php", True),
+        ("https://user:pass@matomo.example.com/matomo.php", False),
+        ("ftp://matomo.example.com/matomo.php", False),
+        ("http://bücher.example/matomo.php", False),
+        ("http:///matomo.php", False),
+        ("http://matomo.example.com/a b", False),
+        ("http://matomo.example.com/é", False),
+        ("http://matomo.example.com:99999/", False),
+        ("http://matomo.example.com:0/", False),
+    ],
+)
+def test_supported_urls(url: str, ok: bool) -> None:
+    assert supports(url) is ok
+    if not ok:
+        with pytest.raises(ValueError, match=r"\w"):
+            LeanClient(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "target"),
+    [
+        ("http://Matomo.Example.com:80", "matomo.example.com", "/"),
+        ("https://matomo.example.com:443?q", "matomo.example.com", "/?q"),
+        ("https://[::1]:8443/m.php#x", "[::1]:8443", "/m.php"),
+    ],
+)
+def test_host_and_target(url: str, host: str, target: str) -> None:
+    client = LeanClient(url, headers={"User-Agent": "a", "Host": "ignored", "Accept": "b"})
+    head = client._request(url, b"{}", {"content-length": "9", "X-Extra": "1"}).decode()
+    lines = head.split("\r\n")
+    assert lines[0] == f"POST {target} HTTP/1.1"
+    assert lines[1] == f"Host: {host}"
+    assert "Accept: b" in lines
+    assert "X-Extra: 1" in lines
+    assert [line for line in lines if line.lower().startswith("content-length")] == [
+        "Content-Length: 2"
+    ]
+
+
+def test_other_urls_of_the_same_origin_only() -> None:
+    client = LeanClient("http://matomo.example.com/matomo.php")
+    head = client._request("http://matomo.example.com/piwik.php?a", b"", None)
+    assert head.startswith(b"POST /piwik.php?a HTTP/1.1\r\n")
+    with pytest.raises(ValueError, match="sends to"):
+        client._request("http://other.example.com/matomo.php", b"", None)
+
+
+@pytest.mark.parametrize(("name", "value"), [("X-A", "1\r\nX-B: 2"), ("X A", "1"), ("", "1")])
+def test_header_injection_is_refused(name: str, value: str) -> None:
+    client = LeanClient("http://matomo.example.com/matomo.php")
+    with pytest.raises(ValueError, match="invalid header"):
+        client._request("http://matomo.example.com/matomo.php", b"", {name: value})
+
+
+# -- in the sender ----------------------------------------------------------------------
+
+
+def hits(n: int) -> list[Hit]:
+    now = time.time()
+    return [Hit(f"idsite=1&rec=1&url=https%3A%2F%2Fexample.com%2F{i}", now) for i in range(n)]
+
+
+async def test_sender_uses_the_lean_client_on_asyncio() -> None:
+    with Collector(sites=[1]) as collector:
+        sender = BatchSender(endpoint=collector.tracking_url, batch_size=2)
+        async with sender.running_in_background():
+            for hit in hits(5):
+                sender.submit(hit)
+            assert await sender.aflush(DEADLINE)
+            assert sender._owned is not None
+            client = sender._owned.client
+            assert isinstance(client, LeanClient)
+        assert client.is_closed
+        assert not client._connections
+        assert sender.stats.sent == 5
+        assert len(collector.wait_for_hits(5)) == 5
+        assert {r.elements for r in collector.requests} == {1, 2}
+
+
+@pytest.mark.parametrize("name", ["HTTPS_PROXY", "http_proxy", "ALL_PROXY"])
+async def test_sender_uses_httpx_with_a_proxy(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, "http://127.0.0.1:9")
+    with Collector(sites=[1]) as collector:
+        # http:// is not proxied by HTTPS_PROXY: httpx delivers directly.
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        sender = BatchSender(endpoint=collector.tracking_url)
+        await sender.send_now(hits(1))
+        assert sender._owned is not None
+        assert isinstance(sender._owned.client, httpx.AsyncClient)
+        await sender.aclose()
+        assert sender.stats.sent == 1
+
+
+def test_httpx_on_trio_and_for_urls_with_credentials() -> None:
+    async def fits(url: str) -> bool:
+        return _sender._lean_fits(url, anyio.lowlevel.current_token())
+
+    url = "http://127.0.0.1:9/matomo.php"
+    assert anyio.run(fits, url)
+    assert not anyio.run(fits, url, backend="trio")
+    assert not anyio.run(fits, "http://u:p@127.0.0.1:9/matomo.php")
+
+
+def test_one_lean_client_per_event_loop_closed_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[LeanClient] = []
+
+    class Recorded(LeanClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(_sender, "LeanClient", Recorded)
+    with Collector(sites=[1]) as collector:
+        sender = BatchSender(endpoint=collector.tracking_url)
+        # Starlette's TestClient runs each request in a new event loop.
+        anyio.run(sender.send_now, hits(1))
+        anyio.run(sender.send_now, hits(1))
+        anyio.run(sender.aclose)
+        assert len(collector.wait_for_hits(2)) == 2
+    assert len(created) == 2
+    assert all(c.is_closed and not c._connections for c in created)
+    assert sender.stats.sent == 2
+
+
+async def test_a_fork_child_leaves_the_lean_client_alone() -> None:
+    with Collector(sites=[1]) as collector:
+        sender = BatchSender(endpoint=collector.tracking_url)
+        await sender.send_now(hits(1))
+        owned = sender._owned
+        assert owned is not None
+        assert isinstance(owned.client, LeanClient)
+        sender._after_fork_in_child()  # what os.register_at_fork runs in a child
+        assert owned in _sender._INHERITED
+        assert not owned.client.is_closed
+        assert len(owned.client._connections) == 1
+        _sender._INHERITED.remove(owned)
+        await owned.client.aclose()
+        await owned.closer.aclose()
