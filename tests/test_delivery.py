@@ -136,6 +136,30 @@ def test_spool_keeps_hits_across_a_restart_while_matomo_is_down(
     assert all(hit.time <= hit.received for hit in replayed)
 
 
+def test_spooled_hits_follow_matomo_back_without_new_traffic(
+    collector: Collector, tmp_path: Path
+) -> None:
+    options = {
+        "spool_path": str(tmp_path / "spool.sqlite"),
+        "flush_interval": 0.2,
+        "retry_deadline": 1.0,
+        "shutdown_timeout": 1.0,
+    }
+    collector.stop()
+    with serve(APP, collector.tracking_url, tmp_path, options=options) as first:
+        load(first, range(50))
+        wait_until(lambda: stats(first)["spooled"] > 0, "hits reaching the spool")
+    with serve(APP, collector.tracking_url, tmp_path, options=options) as second:
+        # The replay at startup found Matomo down (/stats is not tracked: no traffic).
+        wait_until(lambda: stats(second)["batches"] > 0, "a replay attempt while Matomo is down")
+        collector.start()
+        hits = collector.wait_for_hits(50, timeout=WAIT)
+        counters = stats(second)
+    assert numbers(hits) == Counter(range(50))
+    assert counters["replayed"] == 50
+    assert counters["submitted"] == 0
+
+
 def test_slow_matomo_changes_no_response_and_keeps_memory_bounded(
     collector: Collector, tmp_path: Path
 ) -> None:

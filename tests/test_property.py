@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from asgi_matomo import MatomoMiddleware, _core
 from asgi_matomo._config import build_config
+from asgi_matomo._sender import bulk_body
 from asgi_matomo._types import Message, Receive, Scope, Send
 
 HEADER_NAMES = [
@@ -201,3 +202,21 @@ def test_the_common_paths_shortcut_is_the_general_rule(scope: dict[str, Any]) ->
     assert _core._paths(scope) == _core._paths_general(
         scope.get("root_path"), scope.get("path"), scope.get("raw_path")
     )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    requests=st.lists(
+        st.one_of(
+            st.text(alphabet="?&=%ABCabc0123456789-._~", max_size=40),
+            st.text(max_size=20),
+            st.just("?lone=\ud800"),
+        ),
+        max_size=8,
+    ),
+    token=st.one_of(st.none(), st.text(max_size=10)),
+)
+def test_the_bulk_body_is_the_json_matomo_reads(requests: list[str], token: str | None) -> None:
+    # Percent-encoded hits are joined as they are; anything else is escaped by json.
+    body = json.loads(bulk_body(requests, token))
+    assert body == ({"requests": requests} | ({"token_auth": token} if token is not None else {}))

@@ -2051,3 +2051,11 @@ def test_real_connections_across_event_loops(http_server: type[_Handler]) -> Non
     assert peers[2] == peers[3]  # same loop: the connection is reused
     assert len(set(peers)) == 3
     assert sender.stats.sent == 4
+
+
+def test_replay_delay_grows_to_the_cap_with_half_of_it_jitter() -> None:
+    assert _sender.replay_delay(1, rand=lambda: 0.0) == _sender.RETRY_BASE
+    assert _sender.replay_delay(1, rand=lambda: 1.0) == 2 * _sender.RETRY_BASE
+    assert _sender.replay_delay(3, rand=lambda: 1.0) == 8 * _sender.RETRY_BASE
+    assert _sender.replay_delay(99, rand=lambda: 1.0) == _sender.RETRY_CAP
+    assert _sender.replay_delay(99, rand=lambda: 0.0) == _sender.RETRY_CAP / 2
