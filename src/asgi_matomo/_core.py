@@ -104,11 +104,16 @@ class RequestInfo(NamedTuple):
     started_at: float
 
 
+# isinstance() with a tuple: `bytes | bytearray` in a call builds a union object each time.
+_BYTES_TYPES = (bytes, bytearray)
+_SEQUENCE_TYPES = (list, tuple)
+
+
 def _decode(value: object) -> str:
     """Header bytes as text: UTF-8 when it is, Latin-1 (which never fails) otherwise."""
     if isinstance(value, str):
         return value
-    if not isinstance(value, bytes | bytearray):
+    if not isinstance(value, _BYTES_TYPES):
         return ""
     try:
         return bytes(value).decode("utf-8")
@@ -346,7 +351,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         return None
 
     client = scope.get("client")
-    peer = client[0] if isinstance(client, list | tuple) and client else None
+    peer = client[0] if isinstance(client, _SEQUENCE_TYPES) and client else None
     peer = peer if isinstance(peer, str) and peer else None
     visitor_ip = peer
     forwarded_proto = forwarded_host = None
@@ -411,6 +416,25 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     )
 
 
+# Whether a route class declares sub-routes (Starlette's Mount: a property), asked
+# once per class: hasattr() on a missing attribute raises and catches inside.
+_mount_types: dict[type, bool] = {}
+
+
+def _is_mount(route: object) -> bool:
+    kind = type(route)
+    declared = _mount_types.get(kind)
+    if declared is None:
+        declared = hasattr(kind, "routes")
+        if len(_mount_types) < _QUOTE_CACHE_SIZE:
+            _mount_types[kind] = declared
+    if declared:
+        return True
+    # Or set on the object itself.
+    attributes = getattr(route, "__dict__", None)
+    return attributes is not None and "routes" in attributes
+
+
 def route_template(scope: Scope) -> str | None:
     """The matched route's template (`/users/{id}`) where the framework exposes it.
 
@@ -430,7 +454,7 @@ def route_template(scope: Scope) -> str | None:
     path: object = None
     if isinstance(route, str):
         path = route
-    elif route is not None and not hasattr(route, "routes"):
+    elif route is not None and not _is_mount(route):
         path = getattr(route, "path_format", None) or getattr(route, "path", None)
         if path is None:
             # Django's ResolverMatch: `route` is the matched pattern without the slash.

@@ -19,7 +19,14 @@ import time
 import urllib.request
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -374,7 +381,11 @@ class BatchSender:
         self._pid = os.getpid()
         self._counters = _Counters()
         # (sequence number, clock() when queued, hit), oldest on the left.
-        self._queue: deque[tuple[int, float, Hit]] = deque()
+        # (sequence number, clock() when queued, *the hit's fields), oldest on the
+        # left. Plain tuples of strings and numbers, not Hit objects: the garbage
+        # collector stops tracking such tuples after their first collection, so a
+        # backlog of a slow Matomo does not make every full collection longer.
+        self._queue: deque[_Entry] = deque()
         self._overflow: list[Hit] = []  # queue full: on its way to the spool
         self._in_flight: dict[int, _Batch] = {}
         self._seq = 0
@@ -442,7 +453,8 @@ class BatchSender:
         not running (not started yet, or closed).
         """
         self._counters.submitted += 1
-        if not self.running:
+        # `self.running`, inlined (once per request): see that property.
+        if self._state is not _State.RUNNING or not (_FORK_HOOKS or self._pid == os.getpid()):
             self._drop(1, "not_running", "the sender is not running (closed or not started)")
             return
         queue = self._queue
@@ -454,7 +466,8 @@ class BatchSender:
                 self._drop(1, "queue_full", _WHY["queue_full"])
             return
         self._seq += 1
-        queue.append((self._seq, self._clock(), hit))
+        query, timestamp, cip = hit
+        queue.append((self._seq, self._clock(), query, timestamp, cip))
         # Wake the worker only when its plan changes: a first hit starts the
         # interval clock, a full batch is ready now.
         if len(queue) == 1 or len(queue) == self._batch_size:
@@ -562,7 +575,8 @@ class BatchSender:
     def _ready(self) -> bool:
         if not self._queue:
             return False
-        seq, queued_at, _ = self._queue[0]
+        first = self._queue[0]
+        seq, queued_at = first[0], first[1]
         return (
             len(self._queue) >= self._batch_size
             or self._state is not _State.RUNNING
@@ -573,7 +587,7 @@ class BatchSender:
     def _take_batch(self) -> _Batch:
         n = min(self._batch_size, len(self._queue))
         items = [self._queue.popleft() for _ in range(n)]
-        return self._track([hit for _, _, hit in items], items[0][0], worker=True)
+        return self._track(_hits_of(items), items[0][0], worker=True)
 
     async def _spool_overflow(self) -> None:
         # Its own task: the dispatcher may be waiting for a free slot for a long
@@ -644,7 +658,7 @@ class BatchSender:
 
     async def _finish_close(self) -> None:
         left = [hit for b in self._in_flight.values() if b.worker for hit in b.hits]
-        left += [hit for _, _, hit in self._queue] + self._overflow
+        left += _hits_of(self._queue) + self._overflow
         self._in_flight = {k: b for k, b in self._in_flight.items() if not b.worker}
         self._queue.clear()
         self._overflow = []
@@ -1239,6 +1253,13 @@ def bulk_body(requests: list[str], token: str | None) -> bytes:
     if token is not None:
         body += b',"token_auth":' + json.dumps(token).encode()
     return body + b"}"
+
+
+_Entry = tuple[int, float, str, float, str | None]
+
+
+def _hits_of(entries: Iterable[_Entry]) -> list[Hit]:
+    return [Hit(query, timestamp, cip) for _, _, query, timestamp, cip in entries]
 
 
 def _is_gif(content_type: str | None, text: str) -> bool:
