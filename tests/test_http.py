@@ -390,6 +390,53 @@ async def test_a_timeout_closes_the_connection_and_leaves_nothing_running() -> N
         assert (await post(client, server.url)).status_code == 200
 
 
+@pytest.mark.parametrize("reused", [False, True])
+async def test_the_timeout_argument_closes_the_connection_without_a_cancel_scope(
+    reused: bool,
+) -> None:
+    async def answer_once_then_never(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if reused:
+            assert await server.next_request(reader, n) is not None
+            writer.write(answer())
+            await writer.drain()
+        await server.next_request(reader, n)
+        await reader.read()  # until the client closes
+
+    tasks = asyncio.all_tasks()
+    async with serving(answer_once_then_never) as server, lean(server.url) as client:
+        if reused:
+            assert (await post(client, server.url)).status_code == 200
+            assert client._idle
+        with pytest.raises(TimeoutError, match="within the timeout"):
+            await client.post(server.url, content=b"{}", headers=JSON, timeout=0.2)
+        # One connection: a timed-out request is not sent again on a new one.
+        assert server.connections == 1
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        await wait_until(lambda: server.open_connections == 0, "the server sees the close")
+        assert not client._idle
+        assert asyncio.all_tasks() - tasks == set()
+        # In time, the same argument changes nothing.
+        server.handler = keep_alive
+        response = await client.post(server.url, content=b"{}", headers=JSON, timeout=DEADLINE)
+        assert response.status_code == 200
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving() as server, lean(server.url) as client:
+        never = asyncio.get_running_loop().create_future()
+
+        async def connect_forever(*args: Any, **kwargs: Any) -> Any:
+            return await never
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", connect_forever)
+        with pytest.raises(TimeoutError, match="no connection within the timeout"):
+            await client.post(server.url, content=b"{}", headers=JSON, timeout=0.05)
+
+
 async def test_an_oversized_answer_is_cut_and_its_connection_closed() -> None:
     big = b"x" * 5000
     async with serving() as server, lean(server.url, max_body=1000) as client:
