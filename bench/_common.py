@@ -29,11 +29,9 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
@@ -184,7 +182,7 @@ class _Report:
 
 
 def create_app() -> ASGIApp:
-    """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo or naive.
+    """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo, naive or floor.
 
     `BENCH_MATOMO_URL` is the Matomo endpoint, `BENCH_SENDER` a JSON object of
     extra MatomoMiddleware options, `BENCH_REPORT` where to write the report.
@@ -192,9 +190,6 @@ def create_app() -> ASGIApp:
     gc.callbacks.append(_gc_callback)
     app: ASGIApp = Starlette(routes=[Route("/", _hello)])
     variant = os.environ.get("BENCH_VARIANT", "bare")
-    if variant == "matomo-whatif":
-        what_if_cached_quote()
-        variant = "matomo"
     url = os.environ.get("BENCH_MATOMO_URL", f"http://{HOST}:8765/matomo.php")
     middleware = None
     if variant == "matomo":
@@ -205,26 +200,8 @@ def create_app() -> ASGIApp:
     elif variant == "floor":
         app = Floor(app)
     elif variant != "bare":
-        raise ValueError(f"BENCH_VARIANT: bare, matomo or naive, got {variant!r}")
+        raise ValueError(f"BENCH_VARIANT: bare, matomo, naive or floor, got {variant!r}")
     return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)
-
-
-def what_if_cached_quote() -> None:
-    """NOT the library: what suggestion 1 of RESULTS.md would give, patched in for a bench.
-
-    `build_hits` encodes every hit with `urlencode(params, quote_via=quote)`,
-    which quotes byte by byte in Python. The user agent, languages, referrer and
-    the custom variables repeat from request to request: a cache makes their
-    encoding a dict lookup. Same output (bench_overhead.py asserts it).
-    """
-    from asgi_matomo import _core
-
-    cached = lru_cache(maxsize=4096)(lambda value: quote(value, safe=""))
-
-    def urlencode(query: Mapping[str, str], *args: Any, **kwargs: Any) -> str:
-        return "&".join(f"{k}={cached(v)}" for k, v in query.items())
-
-    _core.urlencode = urlencode  # type: ignore[attr-defined,assignment]
 
 
 # -- helper processes -----------------------------------------------------------------

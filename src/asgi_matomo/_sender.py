@@ -305,7 +305,9 @@ class BatchSender:
             the batches that hold such hits. If Matomo rejects it, also after it was
             accepted, the sender notices within a few batches and goes on without it.
         client: an httpx.AsyncClient to send with (never closed here); by default
-            the sender creates its own, one per event loop, and closes it.
+            the sender creates its own, one per event loop, and closes it: the
+            lean HTTP/1.1 client of `_http` on asyncio, httpx where a proxy is
+            configured, the URL holds credentials, or the loop is trio.
         http_timeout: seconds one request may take.
         batch_size, flush_interval: a batch leaves when this many hits wait or the
             oldest waited this many seconds.
