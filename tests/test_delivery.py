@@ -104,15 +104,20 @@ def test_matomo_down_then_back_loses_nothing(collector: Collector, tmp_path: Pat
     assert counters["sent"] == 400
 
 
-def test_spool_keeps_hits_across_a_restart_while_matomo_is_down(
-    collector: Collector, tmp_path: Path
-) -> None:
-    options = {
+def spool_options(tmp_path: Path) -> dict[str, Any]:
+    """A spool, and deadlines short enough that hits reach it within a test."""
+    return {
         "spool_path": str(tmp_path / "spool.sqlite"),
         "flush_interval": 0.2,
         "retry_deadline": 1.0,
         "shutdown_timeout": 1.0,
     }
+
+
+def test_spool_keeps_hits_across_a_restart_while_matomo_is_down(
+    collector: Collector, tmp_path: Path
+) -> None:
+    options = spool_options(tmp_path)
     collector.stop()
     sent_at = time.time()
     with serve(APP, collector.tracking_url, tmp_path, options=options) as first:
@@ -139,12 +144,7 @@ def test_spool_keeps_hits_across_a_restart_while_matomo_is_down(
 def test_spooled_hits_follow_matomo_back_without_new_traffic(
     collector: Collector, tmp_path: Path
 ) -> None:
-    options = {
-        "spool_path": str(tmp_path / "spool.sqlite"),
-        "flush_interval": 0.2,
-        "retry_deadline": 1.0,
-        "shutdown_timeout": 1.0,
-    }
+    options = spool_options(tmp_path)
     collector.stop()
     with serve(APP, collector.tracking_url, tmp_path, options=options) as first:
         load(first, range(50))
