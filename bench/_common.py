@@ -120,6 +120,20 @@ class NaiveMatomo:
             await self.client.post(self.url, data=params)
 
 
+class Passthrough:
+    """A middleware that does nothing but call the app: not the library.
+
+    The price of one more ASGI layer (a coroutine frame per request), which any
+    middleware pays before it does anything.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 class Floor:
     """The least a tracking middleware can do, for comparison: not the library.
 
@@ -182,7 +196,7 @@ class _Report:
 
 
 def create_app() -> ASGIApp:
-    """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo, naive or floor.
+    """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo, naive, floor or passthrough.
 
     `BENCH_MATOMO_URL` is the Matomo endpoint, `BENCH_SENDER` a JSON object of
     extra MatomoMiddleware options, `BENCH_REPORT` where to write the report.
@@ -199,8 +213,12 @@ def create_app() -> ASGIApp:
         app = NaiveMatomo(app, matomo_url=url)
     elif variant == "floor":
         app = Floor(app)
+    elif variant == "passthrough":
+        app = Passthrough(app)
     elif variant != "bare":
-        raise ValueError(f"BENCH_VARIANT: bare, matomo, naive or floor, got {variant!r}")
+        raise ValueError(
+            f"BENCH_VARIANT: bare, matomo, naive, floor or passthrough, got {variant!r}"
+        )
     return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)
 
 

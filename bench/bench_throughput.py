@@ -93,10 +93,14 @@ VARIANTS = [
         slow_at_shutdown=True,
     ),
     Variant("naive", "naive"),
-    # Not the library: the least any tracking middleware does (see _common.Floor).
+    # Not the library: the least any tracking middleware does (see _common.Floor),
+    # and the price of one more ASGI layer that does nothing (_common.Passthrough).
     Variant("floor", "floor"),
+    Variant("passthrough", "passthrough"),
 ]
-DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive,floor"
+DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive,floor,passthrough"
+# Comparison variants that track nothing.
+NOT_THE_LIBRARY = ("floor", "passthrough")
 
 
 @dataclass
@@ -194,7 +198,7 @@ def run_once(
         dropped=None if stats is None else stats["dropped"],
         window_requests=end["requests"] - start["requests"],
         window_hits=end["elements"] - start["elements"],
-        backlog_at_end_of_load=0 if variant.app in ("bare", "floor") else backlog,
+        backlog_at_end_of_load=0 if variant.app in ("bare", *NOT_THE_LIBRARY) else backlog,
         shutdown_s=shutdown_s,
         gc_us=data["gc"]["seconds"] / max(served, 1) * 1e6,
         gc_collections=data["gc"]["collections"],
@@ -316,7 +320,7 @@ def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) ->
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names[1:]:
-        if name == "floor":  # it tracks nothing
+        if name in NOT_THE_LIBRARY:  # they track nothing
             continue
         mine = [r for r in runs if r.variant == name]
         served = sum(r.served for r in mine)
@@ -343,7 +347,7 @@ def plot(runs: list[Run], names: list[str], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     width = 0.38
-    colours = {"naive": "#c44e52", "floor": "#999999"}
+    colours = {"naive": "#c44e52", "floor": "#999999", "passthrough": "#bbbbbb"}
     for i, name in enumerate(names):
         rps = [r.rps for r in runs if r.variant == name]
         left.bar(i, statistics.median(rps), color=colours.get(name, "#4c72b0"))
@@ -373,7 +377,7 @@ def plot(runs: list[Run], names: list[str], path: Path) -> None:
                 xytext=(0, 2),
                 textcoords="offset points",
             )
-    labels = [f"{n}\n(not the library)" if n == "floor" else n for n in names]
+    labels = [f"{n}\n(not the library)" if n in NOT_THE_LIBRARY else n for n in names]
     for ax in (left, right):
         ax.set_xticks(range(len(names)), labels, rotation=20, ha="right", fontsize=8)
     left.set_ylabel("requests/s (bar: median, dots: repetitions)")

@@ -228,7 +228,10 @@ class MatomoMiddleware:
             raise
         if status is None:
             status = CLIENT_CLOSED_REQUEST if disconnected else 500
-        await self._track(scope, state, info, status, start, finished)
+        # Inlined _track: the common case queues without creating a coroutine.
+        unsent = self._submit(scope, state, info, status, start, finished)
+        if unsent:
+            await self._sender.send_now(unsent)
 
     def _submit(
         self,
