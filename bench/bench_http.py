@@ -5,8 +5,9 @@
 Each round POSTs the same realistic bulk body (`--hits` page views, about 50 KB of
 JSON at 100) `--posts` times, one after the other on one keep-alive connection, to
 a minimal receiver in another process, first with httpx then with the lean client
-(alternating which goes first). Each request goes through `anyio.fail_after` and
-reads `.text`, as the sender does. Prints the user and system CPU time per POST of
+(alternating which goes first). Each request is bounded as the sender bounds it
+(`anyio.fail_after` around httpx, the lean client's own `timeout=`) and reads
+`.text`. Prints the user and system CPU time per POST of
 this process (the receiver's CPU is not counted), the median of the rounds.
 
 Only 127.0.0.1 is used; every loop is bounded.
@@ -30,7 +31,7 @@ import anyio
 import httpx
 
 from asgi_matomo._hit import Hit
-from asgi_matomo._http import LeanClient
+from asgi_matomo._http import LeanClient, LeanResponse
 from asgi_matomo._version import __version__
 
 HOST = "127.0.0.1"
@@ -89,10 +90,10 @@ def _serve(conn: Connection) -> None:
     asyncio.run(main())
 
 
-class _Client(Protocol):
-    async def post(
-        self, url: str, *, content: bytes, headers: dict[str, str]
-    ) -> httpx.Response | object: ...
+class _Post(Protocol):
+    """One bounded POST, as the sender makes it with this client."""
+
+    async def __call__(self, url: str, content: bytes) -> httpx.Response | LeanResponse: ...
 
 
 def body(hits: int) -> bytes:
@@ -108,7 +109,7 @@ def _cpu() -> tuple[float, float]:
 
 
 async def cpu_per_post(
-    make: Callable[[], tuple[_Client, Callable[[], Awaitable[None]]]],
+    make: Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]],
     url: str,
     content: bytes,
     posts: int,
@@ -118,37 +119,43 @@ async def cpu_per_post(
     System time is mostly the kernel carrying the body over loopback: the same
     for any client, and what a real network card costs too.
     """
-    client, close = make()
+    post, close = make()
     try:
         for _ in range(50):
-            await _one(client, url, content)
+            await _one(post, url, content)
         user, system = _cpu()
         for _ in range(posts):
-            await _one(client, url, content)
+            await _one(post, url, content)
         user_end, system_end = _cpu()
         return (user_end - user) / posts, (system_end - system) / posts
     finally:
         await close()
 
 
-async def _one(client: _Client, url: str, content: bytes) -> None:
-    with anyio.fail_after(5.0):
-        response = await client.post(url, content=content, headers=HEADERS)
-    status = getattr(response, "status_code", None)
-    text = getattr(response, "text", "")
-    assert status == 200, status
-    assert '"tracked":' in text, text
+async def _one(post: _Post, url: str, content: bytes) -> None:
+    response = await post(url, content)
+    assert response.status_code == 200, response.status_code
+    assert '"tracked":' in response.text, response.text
 
 
-def make_httpx() -> tuple[_Client, Callable[[], Awaitable[None]]]:
+def make_httpx() -> tuple[_Post, Callable[[], Awaitable[None]]]:
     client = httpx.AsyncClient(timeout=5.0, headers=CLIENT_HEADERS)
-    return client, client.aclose
+
+    async def post(url: str, content: bytes) -> httpx.Response:
+        with anyio.fail_after(5.0):
+            return await client.post(url, content=content, headers=HEADERS)
+
+    return post, client.aclose
 
 
-def make_lean(url: str) -> Callable[[], tuple[_Client, Callable[[], Awaitable[None]]]]:
-    def make() -> tuple[_Client, Callable[[], Awaitable[None]]]:
+def make_lean(url: str) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
+    def make() -> tuple[_Post, Callable[[], Awaitable[None]]]:
         client = LeanClient(url, headers=CLIENT_HEADERS)
-        return client, client.aclose
+
+        async def post(url: str, content: bytes) -> LeanResponse:
+            return await client.post(url, content=content, headers=HEADERS, timeout=5.0)
+
+        return post, client.aclose
 
     return make
 
