@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from unittest import mock
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asgi_matomo import MatomoMiddleware
+from asgi_matomo import MatomoMiddleware, _middleware
 from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_matomo.trackers import PerfMsTracker
 from tests.helpers import http_scope
@@ -170,6 +171,48 @@ async def test_pathsend_ends_the_response(matomo: Matomo) -> None:
     sent = await call(middleware(file_app, matomo), http_scope("/f"))
     assert sent[-1]["type"] == "http.response.pathsend"
     assert "pf_srv" in matomo.hits[0]
+
+
+class _Clock:
+    """Stands in for the `time` module of the middleware: time moves when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.wall = time.time()
+
+    def time(self) -> float:
+        return self.wall + self.now - 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+async def test_server_time_stops_when_the_app_hands_over_its_answer(
+    matomo: Matomo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pf_srv is the app's time: a client slow to read the body (the server's send
+    # waiting on flow control) must not show up in it.
+    clock = _Clock()
+    monkeypatch.setattr(_middleware, "time", clock)
+
+    async def working_app(scope: Scope, receive: Receive, send: Send) -> None:
+        clock.now += 0.25  # the handler's own work
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        clock.now += 0.5  # more work between the parts
+        await send({"type": "http.response.body", "body": b"y"})
+
+    async def slow_client_send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            clock.now += 5.0  # the last part waits for the client to read
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    app = middleware(working_app, matomo)
+    await app(http_scope("/slow-reader"), receive, slow_client_send)
+    assert clock.now == 1005.75
+    assert matomo.hits[0]["pf_srv"] == "750"
 
 
 async def test_state_dict_replaced_or_mutated_both_work(matomo: Matomo) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from asgi_matomo import _sender
@@ -195,17 +195,21 @@ class MatomoMiddleware:
                 disconnected = True
             return message
 
-        async def send_and_watch(message: Message) -> None:
+        def send_and_watch(message: Message) -> Awaitable[None]:
+            # A plain function returning the server's own awaitable: no coroutine
+            # of ours per message. The app's answer is complete when it hands over
+            # the last part, which is when the clock stops: a slow client reading
+            # the body is not the server's time.
             nonlocal status, finished
             message_type = message.get("type")
             if message_type == "http.response.start":
                 # An answer to a client that already left reaches nobody.
                 status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
-            await send(message)
-            if (
+            elif (
                 message_type == "http.response.body" and not message.get("more_body", False)
             ) or message_type == "http.response.pathsend":
                 finished = time.perf_counter()
+            return send(message)
 
         try:
             await self.app(scope, receive_and_watch, send_and_watch)
