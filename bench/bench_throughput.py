@@ -345,7 +345,7 @@ def plot(runs: list[Run], names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.38
     colours = {"naive": "#c44e52", "floor": "#999999", "passthrough": "#bbbbbb"}
     for i, name in enumerate(names):
@@ -373,13 +373,13 @@ def plot(runs: list[Run], names: list[str], path: Path) -> None:
                 (i + offset, median),
                 ha="center",
                 va="bottom",
-                fontsize=7,
+                fontsize=6,
                 xytext=(0, 2),
                 textcoords="offset points",
             )
     labels = [f"{n}\n(not the library)" if n in NOT_THE_LIBRARY else n for n in names]
     for ax in (left, right):
-        ax.set_xticks(range(len(names)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(names)), labels, rotation=30, ha="right", fontsize=8)
     left.set_ylabel("requests/s (bar: median, dots: repetitions)")
     left.set_title("Hello-world Starlette on uvicorn under wrk")
     right.axhline(0.95, color="#55a868", linestyle="--", label="target 0.95")
