@@ -42,9 +42,15 @@ JSON = {"Content-Type": "application/json"}
 OK_BODY = b'{"status":"success","tracked":1,"invalid":0}'
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        # What `uvicorn[standard]` runs: the client only uses asyncio's public API.
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """The middleware under every server users run it on, over real HTTP on loopback.
 
-uvicorn (lifespan on, and off: then each hit is sent right after its response),
-hypercorn on asyncio and trio, and granian. Each serves tests.apps:server_app:
+uvicorn (on asyncio with h11, on uvloop with httptools, and with lifespan off:
+then each hit is sent right after its response), hypercorn on asyncio and trio,
+and granian. Each serves tests.apps:server_app:
 plain, streaming and file responses on one keep-alive connection, and clients
 that go away before the response is complete.
 """
@@ -22,9 +23,12 @@ from tests.servers import Server, serve
 pytestmark = pytest.mark.slow
 
 APP = "tests.apps:server_app"
+ASYNCIO_H11 = ("--loop", "asyncio", "--http", "h11")
 SERVERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "uvicorn": ("uvicorn", ()),
-    "uvicorn-lifespan-off": ("uvicorn", ("--lifespan", "off")),
+    "uvicorn": ("uvicorn", ASYNCIO_H11),
+    # What `pip install uvicorn[standard]` runs.
+    "uvicorn-uvloop-httptools": ("uvicorn", ("--loop", "uvloop", "--http", "httptools")),
+    "uvicorn-lifespan-off": ("uvicorn", ("--lifespan", "off", *ASYNCIO_H11)),
     "hypercorn-asyncio": ("hypercorn-asyncio", ()),
     "hypercorn-trio": ("hypercorn-trio", ()),
     "granian": ("granian", ()),
@@ -115,7 +119,7 @@ def test_client_gone_mid_response(name: str, collector: Collector, tmp_path: Pat
     assert len(collector.hits()) == 1
 
 
-@pytest.mark.parametrize("name", ["uvicorn", "hypercorn-asyncio"])
+@pytest.mark.parametrize("name", ["uvicorn", "uvicorn-uvloop-httptools", "hypercorn-asyncio"])
 def test_client_gone_before_the_response(name: str, collector: Collector, tmp_path: Path) -> None:
     """The client gave up waiting: the app answers afterwards, to nobody."""
     with start(name, collector, tmp_path) as server:

@@ -569,14 +569,28 @@ class LeanClient:
         loop = asyncio.get_running_loop()
         if self._tls and self._ssl is None:
             self._ssl = _ssl_context()
-        _, conn = await loop.create_connection(
-            lambda: _Connection(loop, self._forget),
-            self._host,
-            self._port,
-            ssl=self._ssl if self._tls else None,
-            server_hostname=self._host if self._tls else None,
-            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
-        )
+        ssl = self._ssl if self._tls else None
+        server_hostname = self._host if self._tls else None
+        if isinstance(loop, asyncio.BaseEventLoop):
+            # asyncio's own loops try the host's addresses in parallel when asked.
+            _, conn = await loop.create_connection(
+                lambda: _Connection(loop, self._forget),
+                self._host,
+                self._port,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+            )
+        else:
+            # Other loops (uvloop, which `uvicorn[standard]` runs) take no such
+            # argument: a TypeError on every connection. They try one by one.
+            _, conn = await loop.create_connection(
+                lambda: _Connection(loop, self._forget),
+                self._host,
+                self._port,
+                ssl=ssl,
+                server_hostname=server_hostname,
+            )
         self._connections.add(conn)
         if self._closed:  # aclose() ran while connecting
             conn.abort()
