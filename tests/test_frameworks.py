@@ -128,9 +128,11 @@ def check_example(framework: Framework, kind: str, collector: Collector, tmp_pat
         assert hit.cvar["2"] == ["http_method", method]
         assert hit.pf_srv is not None
         if path == "/report":
-            # Set by the handler: the override and PerfMsTracker's timing of a 50 ms wait.
+            # Set by the handler: the override and PerfMsTracker's timing of a 50 ms
+            # wait. uvloop's timers count whole milliseconds from a clock read at the
+            # start of each loop turn, so a 50 ms sleep may end a little early.
             assert hit.cvar["3"] == ["plan", "pro"]
-            assert hit.pf_srv >= 50
+            assert hit.pf_srv >= 48
         else:
             assert "3" not in hit.cvar
 
