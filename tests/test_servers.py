@@ -1,10 +1,10 @@
 """The middleware under every server users run it on, over real HTTP on loopback.
 
 uvicorn (on asyncio with h11, on uvloop with httptools, and with lifespan off:
-then each hit is sent right after its response), hypercorn on asyncio and trio,
-and granian. Each serves tests.apps:server_app:
-plain, streaming and file responses on one keep-alive connection, and clients
-that go away before the response is complete.
+then each hit is sent right after its response), hypercorn on asyncio, uvloop
+and trio, and granian. Each serves tests.apps:server_app: plain, streaming and
+file responses on one keep-alive connection, and clients that go away before
+the response is complete.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ SERVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "uvicorn-lifespan-off": ("uvicorn", ("--lifespan", "off", *ASYNCIO_H11)),
     "hypercorn-asyncio": ("hypercorn-asyncio", ()),
     "hypercorn-trio": ("hypercorn-trio", ()),
+    "hypercorn-uvloop": ("hypercorn-uvloop", ()),
     "granian": ("granian", ()),
 }
 # Servers that offer the `http.response.pathsend` extension for file responses.
