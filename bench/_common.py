@@ -366,8 +366,13 @@ def start_uvicorn(
     sender: Mapping[str, Any],
     cpus: str,
     directory: Path | None = None,
+    stack: str = "h11",
 ) -> Server:
-    """Start uvicorn (1 worker, h11, asyncio, no access log) on a free port; wait for it."""
+    """Start uvicorn (1 worker, no access log) on a free port; wait for it.
+
+    `stack` is `h11` (h11 on asyncio: plain `pip install uvicorn`) or `standard`
+    (httptools on uvloop: `pip install uvicorn[standard]`).
+    """
     directory = directory or Path(tempfile.mkdtemp(prefix="bench-"))
     port = free_port()
     report = directory / f"{variant}-{port}.json"
@@ -382,7 +387,10 @@ def start_uvicorn(
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent)]
     command += ["--factory", "_common:create_app", "--host", HOST, "--port", str(port)]
     command += ["--workers", "1", "--no-access-log", "--log-level", "warning"]
-    command += ["--loop", "asyncio", "--http", "h11", "--lifespan", "on"]
+    command += ["--loop", "uvloop", "--http", "httptools"] if stack == "standard" else [
+        "--loop", "asyncio", "--http", "h11",
+    ]  # fmt: skip
+    command += ["--lifespan", "on"]
     if cpus:
         command = ["taskset", "-c", cpus, *command]
     with log.open("w") as log_file:

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_throughput.py [--duration 10] [--repeat 5] [--plot PNG]
 
-Each repetition starts a fresh uvicorn (1 worker, h11, asyncio, no access log)
+Each repetition starts a fresh uvicorn (1 worker, h11 on asyncio or with `--stack
+standard` httptools on uvloop, no access log)
 per variant, in a rotating order, warms it up, loads it with `wrk` for
 `--duration` seconds, then stops it with SIGTERM (the sender flushes) and
 compares the hits the collector stored with the requests the app served.
@@ -98,6 +99,7 @@ VARIANTS = [
     Variant("floor", "floor"),
     Variant("passthrough", "passthrough"),
 ]
+STACKS = {"h11": "h11, asyncio", "standard": "httptools, uvloop"}
 DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive,floor,passthrough"
 # Comparison variants that track nothing.
 NOT_THE_LIBRARY = ("floor", "passthrough")
@@ -160,7 +162,7 @@ def run_once(
         collector.set_delay(variant.delay)
     try:
         server = start_uvicorn(
-            variant.app, collector.tracking_url, variant.sender, args.app_cpus, tmp
+            variant.app, collector.tracking_url, variant.sender, args.app_cpus, tmp, args.stack
         )
         try:
             port = server.port
@@ -211,6 +213,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--stack",
+        choices=STACKS,
+        default="h11",
+        help="uvicorn's HTTP parser and loop: h11 on asyncio, or httptools on uvloop",
+    )
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated")
     parser.add_argument("--app-cpus", default="0", help="taskset list for uvicorn ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
@@ -292,7 +300,7 @@ def _span(values: list[float], fmt: str) -> str:
 def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) -> None:
     print(f"Machine: {machine_facts()}\n")
     print(
-        f"uvicorn 1 worker (h11, asyncio) pinned to CPU {args.app_cpus or '-'}; wrk -t1 "
+        f"uvicorn 1 worker ({STACKS[args.stack]}) pinned to CPU {args.app_cpus or '-'}; wrk -t1 "
         f"-c{args.connections} and the collector process pinned to CPU {args.load_cpus or '-'}; "
         f"{args.warmup:g} s warm-up + {args.duration:g} s measured per run, "
         f"{args.repeat} repetitions, variants in rotating order. Medians (min..max).\n"
