@@ -369,18 +369,24 @@ def start_uvicorn(
     cpus: str,
     directory: Path | None = None,
     stack: str = "h11",
+    wrapper: Sequence[str] = (),
+    startup_timeout: float = STARTUP_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """Start uvicorn (1 worker, no access log) on a free port; wait for it.
 
     `stack` is `h11` (h11 on asyncio: plain `pip install uvicorn`) or `standard`
-    (httptools on uvloop: `pip install uvicorn[standard]`).
+    (httptools on uvloop: `pip install uvicorn[standard]`). `wrapper` is a command
+    that runs the server (valgrind, for counting instructions); `env`, extra
+    environment variables.
     """
     directory = directory or Path(tempfile.mkdtemp(prefix="bench-"))
     port = free_port()
     report = directory / f"{variant}-{port}.json"
     log = directory / f"{variant}-{port}.log"
-    env = dict(
+    environment = dict(
         os.environ,
+        **(env or {}),
         BENCH_VARIANT=variant,
         BENCH_MATOMO_URL=matomo_url,
         BENCH_SENDER=json.dumps(dict(sender)),
@@ -393,13 +399,16 @@ def start_uvicorn(
         "--loop", "asyncio", "--http", "h11",
     ]  # fmt: skip
     command += ["--lifespan", "on"]
+    command = [*wrapper, *command]
     if cpus:
         command = ["taskset", "-c", cpus, *command]
     with log.open("w") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=environment, stdout=log_file, stderr=subprocess.STDOUT
+        )
     server = Server(variant, port, process, report, log)
     try:
-        wait_for_port(port, STARTUP_TIMEOUT, lambda: process.poll() is None)
+        wait_for_port(port, startup_timeout, lambda: process.poll() is None)
     except BaseException:
         process.kill()
         process.wait()

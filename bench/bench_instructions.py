@@ -1,0 +1,216 @@
+"""Instructions per request under uvicorn, counted by valgrind: a noise-free CPU ratio.
+
+    .venv/bin/python bench/bench_instructions.py [--stacks h11,standard]
+        [--variants bare,passthrough,floor,matomo] [--requests 2000,10000]
+
+On a shared machine the CPU time of the same work varies by tens of percent from
+minute to minute (other guests on the host), so req/s and CPU µs per request
+need many repetitions to show a few percent. Instructions executed do not depend
+on the neighbours: each variant's server runs under valgrind's cachegrind (no
+cache simulation: it only counts instructions), serves exactly N requests, and is
+stopped (Ctrl-C: the sender flushes and closes). Two runs with different N give
+the instructions per request, start-up and shutdown cancelling out:
+
+    (instructions(N2) - instructions(N1)) / (N2 - N1)
+
+Instructions are not time (a cache miss costs more than an addition), but for an
+interpreter running the same kind of code they track it closely; RESULTS.md
+compares this ratio with the measured CPU ratio.
+
+The server is the app of `bench_throughput.py` (`_common.create_app`) with the
+same variants; `matomo` sends to a minimal bulk endpoint in another process
+(`_common.ReceiverProcess`) and must report every hit sent. The requests come from
+`--connections` keep-alive connections carrying a browser's headers, as wrk's.
+`PYTHONHASHSEED=0` makes the runs repeatable. Needs valgrind (`apt-get install -y
+valgrind`). Only 127.0.0.1 is used; every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from _common import (
+    HEADERS,
+    HOST,
+    ReceiverProcess,
+    machine_facts,
+    pin,
+    start_uvicorn,
+    stop_uvicorn,
+)
+
+VARIANTS = ("bare", "passthrough", "floor", "matomo")
+NOT_THE_LIBRARY = ("floor", "passthrough")
+REQUEST = (
+    f"GET / HTTP/1.1\r\nHost: {HOST}\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
+    + "\r\n"
+).encode()
+# Python under cachegrind runs some 30-50 times slower: these bound each phase.
+STARTUP_TIMEOUT = 300.0
+DRIVE_TIMEOUT = 1800.0
+_SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
+
+
+@dataclass
+class Count:
+    stack: str
+    variant: str
+    requests: int
+    instructions: int
+    sent: int | None
+
+
+async def _drive(port: int, total: int, connections: int) -> int:
+    """Send `total` requests over `connections` keep-alive connections; count 200s."""
+    tickets = iter(range(total))
+
+    async def connection() -> int:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        answered = 0
+        try:
+            for _ in tickets:  # shared by every connection: `total` requests in all
+                writer.write(REQUEST)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200 "):
+                    raise RuntimeError(f"unexpected answer: {head[:80]!r}")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if length is None:
+                    raise RuntimeError("an answer without Content-Length")
+                await reader.readexactly(int(length.group(1)))
+                answered += 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        return answered
+
+    async with asyncio.timeout(DRIVE_TIMEOUT):
+        counts = await asyncio.gather(*(connection() for _ in range(connections)))
+    return sum(counts)
+
+
+def _count(
+    stack: str, variant: str, requests: int, connections: int, receiver_url: str, cpus: str
+) -> Count:
+    directory = Path(tempfile.mkdtemp(prefix="bench-instructions-"))
+    out = directory / "cachegrind.out"
+    wrapper = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--branch-sim=no"]
+    wrapper += [f"--cachegrind-out-file={out}"]
+    server = start_uvicorn(
+        variant,
+        receiver_url,
+        {},
+        cpus,
+        directory,
+        stack=stack,
+        wrapper=wrapper,
+        startup_timeout=STARTUP_TIMEOUT,
+        env={"PYTHONHASHSEED": "0"},
+    )
+    try:
+        answered = asyncio.run(_drive(server.port, requests, connections))
+    finally:
+        report = stop_uvicorn(server)
+    if answered != requests:
+        raise RuntimeError(f"{variant}: {answered} of {requests} requests answered")
+    match = _SUMMARY.search(out.read_bytes())
+    if match is None:
+        raise RuntimeError(f"no instruction count in {out}")
+    stats = report.get("stats")
+    sent = None if stats is None else int(stats["sent"])
+    if variant == "matomo" and sent != requests:
+        raise RuntimeError(f"matomo: {sent} hits acknowledged for {requests} requests")
+    shutil.rmtree(directory, ignore_errors=True)
+    return Count(stack, variant, requests, int(match.group(1)), sent)
+
+
+def _table(counts: list[Count], stacks: list[str], variants: list[str]) -> str:
+    lines = [
+        "| Stack | Variant | instructions per request | ratio bare/variant | added per request |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for stack in stacks:
+        per_request: dict[str, float] = {}
+        for variant in variants:
+            runs = sorted(
+                (c for c in counts if c.stack == stack and c.variant == variant),
+                key=lambda c: c.requests,
+            )
+            low, high = runs[0], runs[-1]
+            per_request[variant] = (high.instructions - low.instructions) / (
+                high.requests - low.requests
+            )
+        bare = per_request.get("bare")
+        for variant in variants:
+            value = per_request[variant]
+            name = f"{variant} (not the library)" if variant in NOT_THE_LIBRARY else variant
+            ratio = "-" if bare is None else f"{bare / value:.3f}"
+            added = "-" if bare is None else f"{(value - bare) / 1000:+,.1f} k"
+            lines.append(f"| {stack} | {name} | {value / 1000:,.1f} k | {ratio} | {added} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--stacks",
+        default="h11,standard",
+        help="h11 (h11, asyncio) and/or standard (httptools, uvloop)",
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--requests", default="2000,10000", help="N1,N2: requests per run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--app-cpus", default="0")
+    parser.add_argument("--load-cpus", default="1")
+    parser.add_argument("--json", type=Path, help="write every count here")
+    args = parser.parse_args()
+    stacks = args.stacks.split(",")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    low, high = (int(n) for n in args.requests.split(","))
+    if not 0 < low < high:
+        parser.error("--requests: N1,N2 with 0 < N1 < N2")
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed: apt-get install -y valgrind")
+    pin([int(c) for c in args.load_cpus.split(",")])
+    receiver = ReceiverProcess([int(c) for c in args.load_cpus.split(",")])
+    counts: list[Count] = []
+    try:
+        for stack in stacks:
+            for variant in variants:
+                for requests in (low, high):
+                    count = _count(
+                        stack, variant, requests, args.connections, receiver.tracking_url,
+                        args.app_cpus,
+                    )  # fmt: skip
+                    counts.append(count)
+                    print(
+                        f"# {stack} {variant:12} {requests:6} requests: "
+                        f"{count.instructions:,} instructions (sent {count.sent})",
+                        flush=True,
+                    )
+    finally:
+        receiver.stop()
+    if args.json:
+        args.json.write_text(json.dumps([asdict(c) for c in counts], indent=1))
+    print(f"Machine: {machine_facts()}\n")
+    print(
+        f"valgrind cachegrind (instruction counts only), uvicorn 1 worker pinned to CPU "
+        f"{args.app_cpus}, {args.connections} keep-alive connections, browser headers; "
+        f"per request = difference of the runs with {high} and {low} requests / {high - low}.\n"
+    )
+    print(_table(counts, stacks, variants))
+
+
+if __name__ == "__main__":
+    main()
