@@ -23,6 +23,11 @@ same variants; `matomo` sends to a minimal bulk endpoint in another process
 `--connections` keep-alive connections carrying a browser's headers, as wrk's.
 `PYTHONHASHSEED=0` makes the runs repeatable. Needs valgrind (`apt-get install -y
 valgrind`). Only 127.0.0.1 is used; every phase is bounded in time.
+
+`--steps` also counts the parts of the request path in process, the same way
+(two runs of N1 and N2 calls each): reading the headers, `inspect_request`,
+`build_hits`, what the sender does per hit (encode it, join the bulk body), and
+the whole middleware around a trivial ASGI app, on realistic browser scopes.
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from _common import (
     HEADERS,
@@ -58,6 +67,26 @@ REQUEST = (
 STARTUP_TIMEOUT = 300.0
 DRIVE_TIMEOUT = 1800.0
 _SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
+# In-process steps: (what is reported, the mode counted, the mode subtracted).
+STEPS = (
+    ("reading the headers", "headers", "setup"),
+    ("inspect_request (headers included)", "inspect", "setup"),
+    ("build_hits", "build", "inspect"),
+    ("sender: encode + bulk body, per hit", "encode", "setup"),
+    ("the whole middleware, trivial app, sender running", "middleware", "trivial"),
+)
+
+
+def _cachegrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--branch-sim=no",
+            f"--cachegrind-out-file={out}"]  # fmt: skip
+
+
+def _instructions(out: Path) -> int:
+    match = _SUMMARY.search(out.read_bytes())
+    if match is None:
+        raise RuntimeError(f"no instruction count in {out}")
+    return int(match.group(1))
 
 
 @dataclass
@@ -102,8 +131,7 @@ def _count(
 ) -> Count:
     directory = Path(tempfile.mkdtemp(prefix="bench-instructions-"))
     out = directory / "cachegrind.out"
-    wrapper = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--branch-sim=no"]
-    wrapper += [f"--cachegrind-out-file={out}"]
+    wrapper = _cachegrind(out)
     server = start_uvicorn(
         variant,
         receiver_url,
@@ -121,15 +149,97 @@ def _count(
         report = stop_uvicorn(server)
     if answered != requests:
         raise RuntimeError(f"{variant}: {answered} of {requests} requests answered")
-    match = _SUMMARY.search(out.read_bytes())
-    if match is None:
-        raise RuntimeError(f"no instruction count in {out}")
+    instructions = _instructions(out)
     stats = report.get("stats")
     sent = None if stats is None else int(stats["sent"])
     if variant == "matomo" and sent != requests:
         raise RuntimeError(f"matomo: {sent} hits acknowledged for {requests} requests")
     shutil.rmtree(directory, ignore_errors=True)
-    return Count(stack, variant, requests, int(match.group(1)), sent)
+    return Count(stack, variant, requests, instructions, sent)
+
+
+def _run_step(mode: str, calls: int) -> None:
+    """One in-process step, `calls` times (run under valgrind by `_count_steps`)."""
+    import time
+
+    from _common import realistic_scope
+    from bench_overhead import fresh, receive, send, trivial_app
+
+    from asgi_matomo import MatomoMiddleware
+    from asgi_matomo._core import _headers, build_hits, inspect_request, route_template
+    from asgi_matomo._sender import bulk_body
+
+    # A sender that never sends on its own: the queue is emptied every 100 calls
+    # instead, as a running sender would, without counting a POST.
+    middleware = MatomoMiddleware(
+        trivial_app,
+        matomo_url=f"http://{HOST}:9/",
+        idsite=1,
+        batch_size=10 * calls,
+        max_queue_size=10 * calls,
+        flush_interval=3600,
+    )
+    config = middleware._config
+    scopes = [fresh(realistic_scope(i % 50)) for i in range(calls)]
+    now = time.time()
+
+    def build(scope: Any) -> list[Any]:
+        info = inspect_request(config, scope, now)
+        assert info is not None
+        template = route_template(scope)
+        return build_hits(
+            config, info, status=200, elapsed_ms=1.5, template=template, overrides={},
+            rand=lambda: 123456789,
+        )  # fmt: skip
+
+    if mode == "headers":
+        for scope in scopes:
+            _headers(scope)
+    elif mode == "inspect":
+        for scope in scopes:
+            inspect_request(config, scope, now)
+    elif mode == "build":
+        for scope in scopes:
+            build(scope)
+    elif mode == "encode":
+        hits = [hit for scope in scopes[:100] for hit in build(scope)]
+        for _ in range(calls // 100):
+            bulk_body([h.encode(authenticated=False) for h in hits], None)
+    elif mode in ("middleware", "trivial"):
+        app: Callable[..., Any] = middleware if mode == "middleware" else trivial_app
+
+        async def serve() -> None:
+            sender = middleware._sender
+            async with sender.running_in_background():
+                for i, scope in enumerate(scopes):
+                    await app(scope, receive, send)
+                    if i % 100 == 99:
+                        sender._queue.clear()
+
+        asyncio.run(serve())
+    elif mode != "setup":
+        raise ValueError(f"unknown step {mode!r}")
+
+
+def _count_steps(low: int, high: int) -> list[tuple[str, float]]:
+    """Instructions per call of each step: the difference of two counted runs."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-steps-"))
+    per_call: dict[str, float] = {}
+    for mode in sorted({m for _, a, b in STEPS for m in (a, b)}):
+        counts = []
+        for calls in (low, high):
+            out = directory / f"{mode}-{calls}.out"
+            command = [*_cachegrind(out), sys.executable, __file__, "--step", mode]
+            command += ["--calls", str(calls)]
+            subprocess.run(
+                command, check=True, capture_output=True, timeout=DRIVE_TIMEOUT,
+                env=dict(os.environ, PYTHONHASHSEED="0"),
+            )  # fmt: skip
+            counts.append(_instructions(out))
+        per_call[mode] = (counts[1] - counts[0]) / (high - low)
+        print(f"# step {mode:10}: {per_call[mode]:,.0f} instructions per call", flush=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    return [(name, per_call[mode] - per_call[base]) for name, mode, base in STEPS]
 
 
 def _table(counts: list[Count], stacks: list[str], variants: list[str]) -> str:
@@ -171,7 +281,14 @@ def main() -> None:
     parser.add_argument("--app-cpus", default="0")
     parser.add_argument("--load-cpus", default="1")
     parser.add_argument("--json", type=Path, help="write every count here")
+    parser.add_argument("--steps", action="store_true", help="also count the steps in process")
+    parser.add_argument("--steps-only", action="store_true", help="only count the steps")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # one counted step (internal)
+    parser.add_argument("--calls", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.step:
+        _run_step(args.step, args.calls)
+        return
     stacks = args.stacks.split(",")
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -186,7 +303,7 @@ def main() -> None:
     receiver = ReceiverProcess([int(c) for c in args.load_cpus.split(",")])
     counts: list[Count] = []
     try:
-        for stack in stacks:
+        for stack in [] if args.steps_only else stacks:
             for variant in variants:
                 for requests in (low, high):
                     count = _count(
@@ -201,15 +318,27 @@ def main() -> None:
                     )
     finally:
         receiver.stop()
+    steps = _count_steps(low, high) if args.steps or args.steps_only else []
     if args.json:
-        args.json.write_text(json.dumps([asdict(c) for c in counts], indent=1))
+        args.json.write_text(
+            json.dumps({"servers": [asdict(c) for c in counts], "steps": steps}, indent=1)
+        )
     print(f"Machine: {machine_facts()}\n")
     print(
-        f"valgrind cachegrind (instruction counts only), uvicorn 1 worker pinned to CPU "
-        f"{args.app_cpus}, {args.connections} keep-alive connections, browser headers; "
-        f"per request = difference of the runs with {high} and {low} requests / {high - low}.\n"
+        f"valgrind cachegrind (instruction counts only); per request or call = difference "
+        f"of the runs with {high} and {low} of them / {high - low}.\n"
     )
-    print(_table(counts, stacks, variants))
+    if counts:
+        print(
+            f"uvicorn 1 worker pinned to CPU {args.app_cpus}, {args.connections} keep-alive "
+            "connections, browser headers.\n"
+        )
+        print(_table(counts, stacks, variants))
+    if steps:
+        print("\n| In process (realistic browser scopes) | instructions per call |")
+        print("|---|---:|")
+        for name, value in steps:
+            print(f"| {name} | {value / 1000:,.1f} k |")
 
 
 if __name__ == "__main__":
