@@ -720,7 +720,7 @@ def build_hits(
     Matomo stores a hit that carries an event as an event only, dropping its page
     title and `pf_srv` (MATOMO.md), so an event travels as a second hit (`ca=1`).
     """
-    details = lookup_route_details(config, info, template)
+    details = lookup_route_details(config, info, template) if config.route_details else None
     if not details and not overrides and not config.custom_dimensions:
         # What nearly every request is: no parameter to merge or remove.
         return [_plain_hit(config, info, status, elapsed_ms, template, rand)]

@@ -383,6 +383,11 @@ def _fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
 
 def _overrides(scope: Scope, state: MutableMapping[str, Any] | None) -> Mapping[str, Any] | None:
     """What the handler set, read when the response ends."""
+    if scope.get("state") is state and state is not None:
+        # The common case: the request's own state dict, still in place.
+        own: Any = state.get(STATE_KEY)
+        if own.__class__ is dict:
+            return own
     for candidate in (scope.get("state"), state):
         if candidate is not None and (
             candidate.__class__ is dict or isinstance(candidate, Mapping)
