@@ -517,9 +517,6 @@ async def test_aflush_when_not_running_is_trivially_done() -> None:
         httpx.Response(200, content=b"GIF89a\x01\x00"),
         httpx.Response(200),
         httpx.Response(202, text=" \r\n"),
-        httpx.Response(200, json=["a list"]),
-        httpx.Response(200, json={"status": "success"}),
-        httpx.Response(200, json={"tracked": True}),
     ],
 )
 async def test_answers_without_counts_mean_success(response: httpx.Response) -> None:
@@ -578,6 +575,33 @@ async def test_an_answer_that_is_not_matomos_is_reported_and_rejected(
     ) in html
     assert "x" * 200 not in html
     assert "answered HTTP 200, text/plain; charset=utf-8: 'OK'." in text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "answer",
+    [["a list"], {"status": "success"}, {"tracked": True}, {"ok": True, "tracked": "2"}],
+)
+async def test_a_json_answer_without_counts_is_not_matomos(
+    answer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Matomo's bulk answer always carries its counts (QueuedTracking answers 204 or
+    # a GIF): JSON without them is some other API, which recorded nothing.
+    matomo = Matomo(lambda body: httpx.Response(200, json=answer))
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with sender.running_in_background():
+            with caplog.at_level(logging.WARNING, "asgi_matomo"):
+                sender.submit(hit(0))
+                sender.submit(hit(1))
+                assert await sender.aflush(DEADLINE)
+    stats = sender.stats
+    assert (stats.sent, stats.rejected, stats.retried) == (0, 2, 0)
+    check_books(stats)
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert "does not look like Matomo's tracking endpoint" in record.getMessage()
+    assert "application/json" in record.getMessage()
 
 
 @pytest.mark.anyio

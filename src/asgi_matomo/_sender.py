@@ -261,14 +261,19 @@ def _header(response: object, name: str) -> str | None:
 
 
 def _parse_counts(text: str, n: int) -> tuple[int, int] | None:
-    """(tracked, invalid) from a 2xx JSON answer (all tracked without counts); None if not JSON."""
+    """(tracked, invalid) from a 2xx bulk answer; None when it is not Matomo's JSON.
+
+    Matomo answers every bulk request it handled with its counts (MATOMO.md), and
+    with QueuedTracking a 204 or a GIF, never JSON: a JSON answer without counts
+    comes from something else (an API, a proxy), which recorded nothing.
+    """
     try:
         data = json.loads(text)
     except ValueError:
         return None
     tracked = data.get("tracked") if isinstance(data, dict) else None
     if not isinstance(tracked, int) or isinstance(tracked, bool):
-        return n, 0
+        return None
     # Elements Matomo skipped without counting them (it does that for malformed
     # ones) are lost all the same: count them invalid so the books balance.
     tracked = min(max(tracked, 0), n)
