@@ -458,6 +458,8 @@ def _assert_spool_error(path: Path, *needles: str) -> SpoolError:
         SqliteSpool(path).close()
     message = str(info.value)
     assert message.startswith(f"spool_path {str(path)!r}")
+    # A configuration error like any other option's.
+    assert isinstance(info.value, ValueError)
     for needle in needles:
         assert needle in message
     return info.value

@@ -63,7 +63,7 @@ class MatomoMiddleware:
             visitor IP (`cip`) and hits older than 24 h. Sent in the request body only.
         assume_https: report URLs as `https://` whatever the server saw.
         client: your own `httpx.AsyncClient`; never closed by the middleware.
-        http_timeout: seconds per request to Matomo, for the client made here.
+        http_timeout: seconds each request to Matomo may take, whole exchange, any client.
         exclude_paths: paths not tracked (exact match).
         exclude_patterns: regular expressions of paths not tracked.
         route_details: Matomo parameters per path or route template.

@@ -130,7 +130,7 @@ class Stats:
     retried: int = 0  # HTTP requests repeated after a retryable failure
     invalid: int = 0  # counted invalid by Matomo (bulk answer)
     rejected: int = 0  # refused with a non-retryable HTTP status, or answered by a non-Matomo
-    dropped: int = 0  # lost: queue full, retry deadline passed, closed, too old, spool full
+    dropped: int = 0  # lost: queue full, deadline passed, closed, too old, spool unwritable or full
     spooled: int = 0  # written to the spool
     replayed: int = 0  # read back from the spool and tracked
     batches: int = 0  # HTTP requests made

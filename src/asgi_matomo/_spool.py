@@ -59,8 +59,12 @@ _SPOOLS: weakref.WeakSet[SqliteSpool] = weakref.WeakSet()
 _FORKING: list[SqliteSpool] = []
 
 
-class SpoolError(Exception):
-    """The spool database cannot be opened or is not an asgi-matomo spool."""
+class SpoolError(ValueError):
+    """The spool database cannot be opened or is not an asgi-matomo spool.
+
+    A `ValueError`: like every other unusable option, a bad `spool_path` is a
+    configuration error, raised when the middleware is built.
+    """
 
 
 class SqliteSpool:
