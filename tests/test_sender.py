@@ -577,6 +577,15 @@ async def test_an_answer_that_is_not_matomos_is_reported_and_rejected(
     assert "answered HTTP 200, text/plain; charset=utf-8: 'OK'." in text
 
 
+async def _send_two_logged(sender: BatchSender, caplog: pytest.LogCaptureFixture) -> None:
+    """Two hits through a running sender, flushed, with its warnings captured."""
+    async with sender.running_in_background():
+        with caplog.at_level(logging.WARNING, "asgi_matomo"):
+            sender.submit(hit(0))
+            sender.submit(hit(1))
+            assert await sender.aflush(DEADLINE)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "answer",
@@ -590,11 +599,7 @@ async def test_a_json_answer_without_counts_is_not_matomos(
     matomo = Matomo(lambda body: httpx.Response(200, json=answer))
     async with matomo.client() as client:
         sender = sender_for(client)
-        async with sender.running_in_background():
-            with caplog.at_level(logging.WARNING, "asgi_matomo"):
-                sender.submit(hit(0))
-                sender.submit(hit(1))
-                assert await sender.aflush(DEADLINE)
+        await _send_two_logged(sender, caplog)
     stats = sender.stats
     assert (stats.sent, stats.rejected, stats.retried) == (0, 2, 0)
     check_books(stats)
@@ -863,11 +868,7 @@ async def test_retry_deadline_then_spool_or_drop(
         sender = sender_for(
             client, clock=clock, sleep=clock.sleep, retry_deadline=60.0, spool=spool
         )
-        async with sender.running_in_background():
-            with caplog.at_level(logging.WARNING, "asgi_matomo"):
-                sender.submit(hit(0))
-                sender.submit(hit(1))
-                assert await sender.aflush(DEADLINE)
+        await _send_two_logged(sender, caplog)
     stats = sender.stats
     assert sum(clock.sleeps) <= 60.0
     assert stats.retried == len(clock.sleeps) >= 3
