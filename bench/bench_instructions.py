@@ -166,8 +166,8 @@ def _run_step(mode: str, calls: int) -> None:
     from bench_overhead import fresh, receive, send, trivial_app
 
     from asgi_matomo import MatomoMiddleware
+    from asgi_matomo._bulk import bulk_body
     from asgi_matomo._core import _headers, build_hits, inspect_request, route_template
-    from asgi_matomo._sender import bulk_body
 
     # A sender that never sends on its own: the queue is emptied every 100 calls
     # instead, as a running sender would, without counting a POST.

@@ -52,9 +52,10 @@ from _common import (
 from asgi_lifespan import LifespanManager
 
 from asgi_matomo import MatomoMiddleware
+from asgi_matomo._bulk import bulk_body
 from asgi_matomo._core import _headers, build_hits, inspect_request, route_template
 from asgi_matomo._hit import Hit
-from asgi_matomo._sender import DEFAULT_MAX_QUEUE_SIZE, BatchSender, bulk_body
+from asgi_matomo._sender import DEFAULT_MAX_QUEUE_SIZE, BatchSender
 from asgi_matomo._types import Message, Scope
 
 # The app on CPU 0, the receiver on CPU 1 (when there are two).

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_matomo import MatomoMiddleware, _core
+from asgi_matomo._bulk import bulk_body
 from asgi_matomo._config import build_config
-from asgi_matomo._sender import bulk_body
 from asgi_matomo._types import Message, Receive, Scope, Send
 
 HEADER_NAMES = [

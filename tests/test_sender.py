@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from asgi_matomo import _sender
+from asgi_matomo._bulk import parse_retry_after
 from asgi_matomo._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from asgi_matomo._sender import (
     DEFAULT_BATCH_SIZE,
@@ -35,7 +36,6 @@ from asgi_matomo._sender import (
     BatchSender,
     Stats,
     backoff_delay,
-    parse_retry_after,
 )
 from asgi_matomo._spool import SqliteSpool
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import math
 import os
@@ -29,7 +28,6 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import anyio
@@ -37,6 +35,7 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 
+from ._bulk import Answer, Kind, bulk_body, read_answer
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from ._http import LeanClient, supports
 from ._version import __version__
@@ -85,15 +84,11 @@ TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
 LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
 _MAX_CAUSES = 64
-_BODY_EXCERPT = 200
-# How much of a 2xx answer that is not Matomo's (an HTML page) a log line shows.
-_PAGE_EXCERPT = 100
 _CLOSE_TIMEOUT = 1.0
 
 _HEADERS = {"Content-Type": "application/json"}
 _CLIENT_HEADERS = {"User-Agent": f"asgi-matomo/{__version__}"}
 # 408 and 429 say "later"; 5xx covers a rolled-back bulk transaction and an overloaded proxy.
-_RETRY_STATUSES = frozenset({408, 429})
 
 logger = logging.getLogger("asgi_matomo")
 
@@ -164,24 +159,6 @@ class _Token(enum.Enum):
     REJECTED = "rejected"
 
 
-class _Kind(enum.Enum):
-    OK = "ok"
-    RETRY = "retry"
-    REFUSED = "refused"
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    kind: _Kind
-    tracked: int = 0
-    invalid: int = 0
-    status: int | None = None
-    cause: str = ""
-    retry_after: float | None = None
-    # A 2xx answer that no Matomo gives: the URL is not its tracking endpoint.
-    foreign: bool = False
-
-
 class _Batch:
     """Hits being delivered; `hits` shrinks to what is still undelivered."""
 
@@ -232,23 +209,6 @@ def replay_delay(failures: int, rand: Callable[[], float] = random.random) -> fl
     return ceiling * (0.5 + 0.5 * rand())
 
 
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    if math.isnan(seconds):
-        return None
-    return max(0.0, seconds)
-
-
 def _header(response: object, name: str) -> str | None:
     headers: Any = getattr(response, "headers", {})
     try:
@@ -258,26 +218,6 @@ def _header(response: object, name: str) -> str | None:
     except Exception:  # a duck-typed response: headers is whatever the test double put there
         return None
     return value if isinstance(value, str) else None
-
-
-def _parse_counts(text: str, n: int) -> tuple[int, int] | None:
-    """(tracked, invalid) from a 2xx bulk answer; None when it is not Matomo's JSON.
-
-    Matomo answers every bulk request it handled with its counts (MATOMO.md), and
-    with QueuedTracking a 204 or a GIF, never JSON: a JSON answer without counts
-    comes from something else (an API, a proxy), which recorded nothing.
-    """
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    tracked = data.get("tracked") if isinstance(data, dict) else None
-    if not isinstance(tracked, int) or isinstance(tracked, bool):
-        return None
-    # Elements Matomo skipped without counting them (it does that for malformed
-    # ones) are lost all the same: count them invalid so the books balance.
-    tracked = min(max(tracked, 0), n)
-    return tracked, n - tracked
 
 
 def _check_number(name: str, value: object, minimum: float, *, strict: bool = False) -> None:
@@ -828,7 +768,7 @@ class BatchSender:
                 return []
             sent_as = self._token_state if authenticated else _Token.NONE
             answer = await self._post(hits, authenticated=authenticated)
-            if answer.kind is _Kind.OK:
+            if answer.kind is Kind.OK:
                 batch.tracked += answer.tracked
                 resend = self._settle(hits, answer, sent_as=sent_as, probing=probing)
                 if resend is None:
@@ -844,7 +784,7 @@ class BatchSender:
                         await lock.acquire()
                         held.append(lock)
                 continue
-            if answer.kind is _Kind.REFUSED:
+            if answer.kind is Kind.REFUSED:
                 if authenticated and answer.status in (401, 403):
                     self._reject_token(f"HTTP {answer.status}")
                     continue
@@ -938,7 +878,7 @@ class BatchSender:
         if not fresh:
             return False
         answer = await self._post(fresh, authenticated=False)
-        if answer.kind is not _Kind.OK:
+        if answer.kind is not Kind.OK:
             return False
         self._reject_token(
             "HTTP 5xx with it, accepted without it: a wrong token, or this server's IP "
@@ -951,7 +891,7 @@ class BatchSender:
         return True
 
     def _settle(
-        self, hits: list[Hit], answer: _Answer, *, sent_as: _Token, probing: bool
+        self, hits: list[Hit], answer: Answer, *, sent_as: _Token, probing: bool
     ) -> list[Hit] | None:
         """Count a 2xx answer; returns the hits to resend without the token, if any.
 
@@ -991,7 +931,7 @@ class BatchSender:
             )
         return None
 
-    def _conclude_probe(self, answer: _Answer, n: int) -> None:
+    def _conclude_probe(self, answer: Answer, n: int) -> None:
         if answer.tracked == n:
             self._reject_token("hits with cip were invalid with it, tracked without it")
         elif answer.tracked == 0:
@@ -1015,7 +955,7 @@ class BatchSender:
             why,
         )
 
-    def _refused(self, hits: list[Hit], answer: _Answer) -> None:
+    def _refused(self, hits: list[Hit], answer: Answer) -> None:
         self._counters.rejected += len(hits)
         body = answer.cause
         if self._token:
@@ -1050,7 +990,7 @@ class BatchSender:
             self._drop(len(hits) - len(keep), "too_old", _WHY["too_old"])
         return keep
 
-    async def _post(self, hits: list[Hit], *, authenticated: bool) -> _Answer:
+    async def _post(self, hits: list[Hit], *, authenticated: bool) -> Answer:
         content = bulk_body(
             [h.encode(authenticated=authenticated) for h in hits],
             self._token if authenticated else None,
@@ -1069,43 +1009,25 @@ class BatchSender:
                 with anyio.fail_after(self._http_timeout):
                     response = await client.post(self._endpoint, content=content, headers=_HEADERS)
         except TimeoutError:
-            return _Answer(_Kind.RETRY, cause="timeout")
+            return Answer(Kind.RETRY, cause="timeout")
         except Exception as exc:  # connection errors, and whatever a user's client raises
-            return _Answer(_Kind.RETRY, cause=type(exc).__name__)
+            return Answer(Kind.RETRY, cause=type(exc).__name__)
         status = getattr(response, "status_code", None)
-        text = getattr(response, "text", "")
-        text = text if isinstance(text, str) else ""
         logger.debug("asgi_matomo: bulk request of %d hits answered %s", len(hits), status)
         if not isinstance(status, int) or isinstance(status, bool):
-            return _Answer(_Kind.REFUSED, cause="an answer without a status code")
-        if 200 <= status < 300:
-            counts = _parse_counts(text, len(hits))
-            if counts is not None:
-                return _Answer(_Kind.OK, tracked=counts[0], invalid=counts[1], status=status)
-            content_type = _header(response, "Content-Type")
-            if status == 204 or not text.strip() or _is_gif(content_type, text):
-                # A single hit's answers, and QueuedTracking's: accepted, no counts.
-                return _Answer(_Kind.OK, tracked=len(hits), status=status)
-            # A login page, a captive portal, Matomo's index.php: nothing was recorded.
-            return _Answer(
-                _Kind.REFUSED,
-                status=status,
-                cause=f"HTTP {status}, {content_type or 'no content type'}: "
-                f"{self._excerpt(text, _PAGE_EXCERPT)!r}",
-                foreign=True,
-            )
-        if status in _RETRY_STATUSES or status >= 500:
-            retry_after = parse_retry_after(_header(response, "Retry-After"), self._wall_clock())
-            return _Answer(
-                _Kind.RETRY, status=status, cause=f"HTTP {status}", retry_after=retry_after
-            )
-        if 300 <= status < 400:
-            # httpx does not follow redirects, and a redirected POST would lose its body.
-            location = _header(response, "Location")
-            return _Answer(
-                _Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL"
-            )
-        return _Answer(_Kind.REFUSED, status=status, cause=self._excerpt(text, _BODY_EXCERPT))
+            # A test double, most likely: nothing more of it is read.
+            return Answer(Kind.REFUSED, cause="an answer without a status code")
+        text = getattr(response, "text", "")
+        return read_answer(
+            status,
+            text if isinstance(text, str) else "",
+            len(hits),
+            content_type=_header(response, "Content-Type"),
+            retry_after=_header(response, "Retry-After"),
+            location=_header(response, "Location"),
+            now=self._wall_clock(),
+            excerpt=self._excerpt,
+        )
 
     def _excerpt(self, text: str, limit: int) -> str:
         """The start of an answer for a log line: one line, the token masked (before cutting)."""
@@ -1246,41 +1168,11 @@ _WHY = {
 }
 
 
-# Every byte a percent-encoded query may hold and a JSON string may hold as it is:
-# printable ASCII but the quote and the backslash.
-_JSON_PLAIN = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
-
-
-def bulk_body(requests: list[str], token: str | None) -> bytes:
-    """The JSON body of a bulk request: `{"requests": [...], "token_auth": ...}`.
-
-    Hits are percent-encoded query strings, which JSON takes without escaping:
-    joining them is about four times cheaper than `json.dumps`, which matters for
-    the longest step the sender takes on the app's event loop. Anything that would
-    need escaping (a hit not made by our encoder) goes through `json.dumps`.
-    """
-    joined = '{"requests":["' + '","'.join(requests) + '"]'
-    body = joined.encode("utf-8", "surrogatepass") if requests else b""
-    # What is left after deleting the plain bytes must be the structure's own quotes.
-    if not requests or body.translate(None, _JSON_PLAIN) != b'"' * (2 * len(requests) + 2):
-        body = json.dumps({"requests": requests}, separators=(",", ":")).encode()[:-1]
-    if token is not None:
-        body += b',"token_auth":' + json.dumps(token).encode()
-    return body + b"}"
-
-
 _Entry = tuple[int, float, str, float, str | None]
 
 
 def _hits_of(entries: Iterable[_Entry]) -> list[Hit]:
     return [Hit(query, timestamp, cip) for _, _, query, timestamp, cip in entries]
-
-
-def _is_gif(content_type: str | None, text: str) -> bool:
-    """Matomo's tracking pixel, by its content type or, without one, its first bytes."""
-    if content_type is not None:
-        return content_type.split(";", 1)[0].strip().lower() == "image/gif"
-    return text.startswith("GIF8")
 
 
 def _auth_hits(hits: list[Hit]) -> list[Hit]:
