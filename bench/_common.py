@@ -384,14 +384,14 @@ def start_uvicorn(
     port = free_port()
     report = directory / f"{variant}-{port}.json"
     log = directory / f"{variant}-{port}.log"
-    environment = dict(
-        os.environ,
+    environment = {
+        **os.environ,
         **(env or {}),
-        BENCH_VARIANT=variant,
-        BENCH_MATOMO_URL=matomo_url,
-        BENCH_SENDER=json.dumps(dict(sender)),
-        BENCH_REPORT=str(report),
-    )
+        "BENCH_VARIANT": variant,
+        "BENCH_MATOMO_URL": matomo_url,
+        "BENCH_SENDER": json.dumps(dict(sender)),
+        "BENCH_REPORT": str(report),
+    }
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent)]
     command += ["--factory", "_common:create_app", "--host", HOST, "--port", str(port)]
     command += ["--workers", "1", "--no-access-log", "--log-level", "warning"]

@@ -69,7 +69,7 @@ DRIVE_TIMEOUT = 1800.0
 _SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
 # In-process steps: (what is reported, the mode counted, the mode subtracted).
 STEPS = (
-    ("reading the headers", "headers", "setup"),
+    ("reading the headers (no trusted proxy)", "headers", "setup"),
     ("inspect_request (headers included)", "inspect", "setup"),
     ("build_hits", "build", "inspect"),
     ("sender: encode + bulk body, per hit", "encode", "setup"),
@@ -167,7 +167,13 @@ def _run_step(mode: str, calls: int) -> None:
 
     from asgi_matomo import MatomoMiddleware
     from asgi_matomo._bulk import bulk_body
-    from asgi_matomo._core import _headers, build_hits, inspect_request, route_template
+    from asgi_matomo._core import (
+        _DIRECT_ORDER,
+        _headers,
+        build_hits,
+        inspect_request,
+        route_template,
+    )
 
     # A sender that never sends on its own: the queue is emptied every 100 calls
     # instead, as a running sender would, without counting a POST.
@@ -194,7 +200,8 @@ def _run_step(mode: str, calls: int) -> None:
 
     if mode == "headers":
         for scope in scopes:
-            _headers(scope)
+            # What inspect_request reads without a trusted proxy, as configured here.
+            _headers(scope, _DIRECT_ORDER)
     elif mode == "inspect":
         for scope in scopes:
             inspect_request(config, scope, now)

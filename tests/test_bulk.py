@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import NoReturn
 
 import pytest
 
@@ -24,15 +25,9 @@ def answer(
     retry_after: str | None = None,
     location: str | None = None,
 ) -> Answer:
+    headers = {"Content-Type": content_type, "Retry-After": retry_after, "Location": location}
     return read_answer(
-        status,
-        text,
-        hits,
-        content_type=content_type,
-        retry_after=retry_after,
-        location=location,
-        now=NOW,
-        excerpt=excerpt,
+        status, text, hits, header=headers.__getitem__, now=lambda: NOW, excerpt=excerpt
     )
 
 
@@ -102,6 +97,16 @@ def test_other_statuses_are_refused_with_the_start_of_the_answer(status: int) ->
     verdict = answer(status, "x" * 500)
     assert (verdict.kind, verdict.status, verdict.foreign) == (Kind.REFUSED, status, False)
     assert verdict.cause == "x" * 200
+
+
+def test_the_common_answer_reads_no_header_and_no_clock() -> None:
+    def untouchable(*args: object) -> NoReturn:
+        raise AssertionError("read for an answer that does not need it")
+
+    verdict = read_answer(
+        200, '{"tracked":2,"invalid":0}', 2, header=untouchable, now=untouchable, excerpt=excerpt
+    )
+    assert (verdict.kind, verdict.tracked) == (Kind.OK, 2)
 
 
 def test_the_body_carries_the_token_only_when_given() -> None:

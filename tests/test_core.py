@@ -564,6 +564,11 @@ def test_a_proxy_on_a_unix_socket_can_be_trusted() -> None:
     assert visitor(headers, client=None, trusted_proxies="unix") == "198.51.100.9"
     assert visitor(headers, client=None, trusted_proxies=["10.0.0.0/8"]) is None
     assert visitor(headers, client=("10.0.0.2", 1), trusted_proxies=["unix"]) == "10.0.0.2"
+    # Any iterable, a generator too (read once for the networks, once for "unix").
+    both = (p for p in ["unix", "10.0.0.0/8"])
+    assert visitor(headers, client=None, trusted_proxies=both) == "198.51.100.9"
+    both = (p for p in ["unix", "10.0.0.0/8"])
+    assert visitor(headers, client=("10.0.0.2", 1), trusted_proxies=both) == "198.51.100.9"
 
 
 def test_forwarded_header_option_is_checked() -> None:

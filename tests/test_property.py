@@ -149,6 +149,13 @@ def test_the_fast_header_table_reads_what_the_careful_loop_reads(
     # list (repeated names, mixed case, empty names) must read the same as the loop.
     assert _core._headers({"headers": headers}) == _core._headers_by_loop(headers)
     assert _core._headers({"headers": tuple(headers)}) == _core._headers_by_loop(headers)
+    # Without a trusted proxy only four are looked up: the same values for those.
+    wanted = _core._DIRECT_ORDER
+    direct = _core._headers({"headers": headers}, wanted)
+    expected = _core._headers_by_loop(headers)
+    assert {k: direct[k] for k in wanted if k in direct} == {
+        k: expected[k] for k in wanted if k in expected
+    }
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 from unittest import mock
 from urllib.parse import parse_qsl
 
@@ -527,6 +527,30 @@ async def test_answers_without_counts_mean_success(response: httpx.Response) -> 
             sender.submit(hit(0))
             sender.submit(hit(1))
     assert (sender.stats.sent, sender.stats.invalid, sender.stats.retried) == (2, 0, 0)
+
+
+class _AnswerWithoutHeaders:
+    """What a user's client might return: Matomo's counts, and headers that fail."""
+
+    status_code = 200
+    text = '{"status":"success","tracked":1,"invalid":0}'
+
+    @property
+    def headers(self) -> NoReturn:
+        raise RuntimeError("no headers here")
+
+
+@pytest.mark.anyio
+async def test_an_answer_with_counts_needs_no_headers() -> None:
+    class Client:
+        async def post(self, url: str, **kwargs: Any) -> _AnswerWithoutHeaders:
+            return _AnswerWithoutHeaders()
+
+    sender = sender_for(Client())
+    async with sender.running_in_background():
+        sender.submit(hit(0))
+        assert await sender.aflush(DEADLINE)
+    assert (sender.stats.sent, sender.stats.dropped, sender.stats.rejected) == (1, 0, 0)
 
 
 LOGIN_PAGE = (

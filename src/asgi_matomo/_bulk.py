@@ -69,21 +69,22 @@ def read_answer(
     text: str,
     hits: int,
     *,
-    content_type: str | None,
-    retry_after: str | None,
-    location: str | None,
-    now: float,
+    header: Callable[[str], str | None],
+    now: Callable[[], float],
     excerpt: Callable[[str, int], str],
 ) -> Answer:
     """The verdict on Matomo's answer to a bulk request of `hits` hits.
 
-    `excerpt(text, limit)` shortens an answer for a log line (the sender masks
-    its token there); `now` is the wall clock, for a Retry-After date.
+    `header(name)` reads a response header and `now()` the wall clock (for a
+    Retry-After date); each is called only by the answers that need it, as the
+    common one (a 200 with counts) needs neither. `excerpt(text, limit)` shortens
+    an answer for a log line (the sender masks its token there).
     """
     if 200 <= status < 300:
         counts = parse_counts(text, hits)
         if counts is not None:
             return Answer(Kind.OK, tracked=counts[0], invalid=counts[1], status=status)
+        content_type = header("Content-Type")
         if status == 204 or not text.strip() or is_gif(content_type, text):
             # A single hit's answers, and QueuedTracking's: accepted, no counts.
             return Answer(Kind.OK, tracked=hits, status=status)
@@ -96,10 +97,11 @@ def read_answer(
             foreign=True,
         )
     if status in RETRY_STATUSES or status >= 500:
-        delay = parse_retry_after(retry_after, now)
+        delay = parse_retry_after(header("Retry-After"), now())
         return Answer(Kind.RETRY, status=status, cause=f"HTTP {status}", retry_after=delay)
     if 300 <= status < 400:
         # httpx does not follow redirects, and a redirected POST would lose its body.
+        location = header("Location")
         return Answer(Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL")
     return Answer(Kind.REFUSED, status=status, cause=excerpt(text, BODY_EXCERPT))
 

@@ -222,6 +222,9 @@ def build_config(
             f"forwarded_header must be one of {', '.join(map(repr, FORWARDED_HEADERS))} "
             f"(the header your proxy writes), got {forwarded_header!r}"
         )
+    if trusted_proxies is not None and not isinstance(trusted_proxies, str):
+        # Read twice below: a generator would be empty the second time.
+        trusted_proxies = tuple(trusted_proxies)
     networks = parse_trusted_proxies(trusted_proxies)
     trust_unix = trusted_proxies is not None and any(
         isinstance(item, str) and item.strip().lower() == UNIX_SOCKET

@@ -210,8 +210,8 @@ def replay_delay(failures: int, rand: Callable[[], float] = random.random) -> fl
 
 
 def _header(response: object, name: str) -> str | None:
-    headers: Any = getattr(response, "headers", {})
     try:
+        headers: Any = getattr(response, "headers", {})
         value = headers.get(name)
         if value is None:
             value = headers.get(name.lower())
@@ -1022,10 +1022,9 @@ class BatchSender:
             status,
             text if isinstance(text, str) else "",
             len(hits),
-            content_type=_header(response, "Content-Type"),
-            retry_after=_header(response, "Retry-After"),
-            location=_header(response, "Location"),
-            now=self._wall_clock(),
+            # Headers and the clock are read only by the answers that need them.
+            header=lambda name: _header(response, name),
+            now=self._wall_clock,
             excerpt=self._excerpt,
         )
 
