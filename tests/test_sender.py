@@ -26,7 +26,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from asgi_matomo import _sender
+from asgi_matomo import _sender, _token
 from asgi_matomo._bulk import parse_retry_after
 from asgi_matomo._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from asgi_matomo._sender import (
@@ -1105,7 +1105,7 @@ async def test_lockout_of_a_verified_token_is_detected() -> None:
         async with sender.running_in_background():
             sender.submit(hit(0, cip="203.0.113.7"))
             assert await sender.aflush(DEADLINE)
-            assert sender._token_state is _sender._Token.VERIFIED
+            assert sender._tokens.state is _token.TokenState.VERIFIED
             blocked = True
             sender.submit(hit(1, cip="203.0.113.7"))
             assert await sender.aflush(DEADLINE)
@@ -1149,7 +1149,7 @@ async def test_lockout_probes_of_a_verified_token_are_rate_limited() -> None:
             sender.submit(hit(1, cip="203.0.113.7"))
             assert await sender.aflush(DEADLINE)
     assert [t - start for t in without_token_at] == [10.0, 70.0, 130.0, 190.0, 250.0]
-    assert sender._token_state is _sender._Token.VERIFIED
+    assert sender._tokens.state is _token.TokenState.VERIFIED
     assert (sender.stats.sent, sender.stats.dropped) == (1, 1)
 
 
@@ -1248,7 +1248,7 @@ async def test_all_invalid_with_and_without_token_blames_idsite(
     assert (stats.sent, stats.invalid) == (0, 6)
     # A few probes without the token, then the token is kept for good.
     with_token = [("token_auth" in b) for b in matomo.bodies]
-    assert with_token.count(False) == _sender.TOKEN_PROBES
+    assert with_token.count(False) == _token.TOKEN_PROBES
     assert with_token[-1]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
@@ -1269,7 +1269,7 @@ async def test_inconclusive_probe_keeps_the_token() -> None:
         async with sender.running_in_background():
             sender.submit(hit(0, cip="203.0.113.7"))
             sender.submit(hit(1, cip="203.0.113.7"))
-    assert sender._token_state is _sender._Token.UNKNOWN
+    assert sender._tokens.state is _token.TokenState.UNKNOWN
     assert (sender.stats.sent, sender.stats.invalid) == (1, 1)
 
 
@@ -1289,7 +1289,7 @@ async def test_a_token_revoked_after_it_was_verified_is_noticed(
                 for n in range(15):
                     sender.submit(hit(n, cip="203.0.113.7"))
                 assert await sender.aflush(DEADLINE)
-                assert sender._token_state is _sender._Token.VERIFIED
+                assert sender._tokens.state is _token.TokenState.VERIFIED
                 # Confirmed: batches now go side by side. Then the token is revoked.
                 matomo.gate = anyio.Event()
                 for n in range(15, 200):
@@ -1833,7 +1833,7 @@ async def test_cancelled_body_still_closes_cleanly() -> None:
 @pytest.mark.anyio
 async def test_fork_child_starts_afresh(owned_clients: list[httpx.AsyncClient]) -> None:
     sender = BatchSender(endpoint=ENDPOINT, access_token=TOKEN)
-    sender._token_state = _sender._Token.REJECTED
+    sender._tokens.state = _token.TokenState.REJECTED
     with anyio.CancelScope() as scope:  # a real child has no worker task to stop
         async with sender.running_in_background():
             sender.submit(hit(0))

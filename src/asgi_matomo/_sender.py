@@ -38,6 +38,7 @@ import httpx
 from ._bulk import Answer, Kind, bulk_body, read_answer
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from ._http import LeanClient, supports
+from ._token import TokenPolicy, TokenState, auth_hits
 from ._version import __version__
 
 __all__ = [
@@ -68,18 +69,6 @@ RETRY_BASE = 0.5
 RETRY_CAP = 30.0
 # Direct mode sends while a request finishes; a few quick attempts, no long backoff.
 DIRECT_ATTEMPTS = 3
-# Until Matomo has confirmed the token, this many all-invalid batches are resent
-# without it to find out whether the token or something else is wrong.
-TOKEN_PROBES = 3
-# A batch sent with a not yet confirmed token that gets this many 5xx answers is
-# tried once without it: Matomo answers 500 to an IP it locked out.
-LOCKOUT_PROBE_AFTER = 2
-# A confirmed token can be revoked, or the IP blocked by failed logins of other
-# processes: 5xx answers to it are tried without it too, at most once per this many seconds.
-LOCKOUT_PROBE_INTERVAL = 60.0
-# A hit this old (seconds) goes with the token, when there is one: Matomo wants it for a
-# cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
-TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
 # A repeated warning (Matomo down, queue full) is logged at most once per this many seconds.
 LOG_INTERVAL = 60.0
 # Distinct refusal causes remembered for the duplicate filter; beyond this, no more lines.
@@ -150,13 +139,6 @@ class _State(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class _Token(enum.Enum):
-    NONE = "none"  # no access_token configured
-    UNKNOWN = "unknown"  # configured, not yet confirmed by Matomo
-    VERIFIED = "verified"
-    REJECTED = "rejected"
 
 
 class _Batch:
@@ -311,9 +293,7 @@ class BatchSender:
         self._clock = clock
         self._wall_clock = wall_clock
         self._sleep = sleep
-        self._token_state = _Token.UNKNOWN if self._token else _Token.NONE
-        self._probes_left = TOKEN_PROBES
-        self._lockout_probed_at: float | None = None
+        self._tokens = TokenPolicy(configured=self._token is not None)
         self._throttle = _Throttle(clock)
         self._causes: set[str] = set()
         self._reset()
@@ -388,7 +368,7 @@ class BatchSender:
             spooled=c.spooled,
             replayed=c.replayed,
             batches=c.batches,
-            token_rejected=self._token_state is _Token.REJECTED,
+            token_rejected=self._tokens.rejected,
         )
 
     # -- request path ---------------------------------------------------------------
@@ -704,13 +684,8 @@ class BatchSender:
             # Matomo answers again: time to bring back what was spooled.
             _set(self._replay_wanted)
 
-    def _use_token(self) -> bool:
-        return self._token_state in (_Token.UNKNOWN, _Token.VERIFIED)
-
     def _needs_token(self, hits: list[Hit]) -> bool:
-        """True when a hit carries cip or is (nearly) too old to track without the token."""
-        oldest = self._wall_clock() - TOKEN_AGE
-        return any(h.cip is not None or h.timestamp <= oldest for h in hits)
+        return self._tokens.needed_by(hits, self._wall_clock())
 
     async def _deliver(
         self, batch: _Batch, *, span: float, attempts: int | None = None
@@ -720,7 +695,7 @@ class BatchSender:
         # time (in direct mode too: a burst of requests must not send it side by
         # side): a wrong token then costs a couple of failed logins, not dozens,
         # and Matomo blocks the IP after about 20.
-        if self._token_state is _Token.UNKNOWN and self._needs_token(batch.hits):
+        if self._tokens.unproven and self._needs_token(batch.hits):
             async with self._token_lock_here():
                 return await self._deliver_unlocked(batch, span, attempts, locked=True)
         return await self._deliver_unlocked(batch, span, attempts, locked=False)
@@ -759,14 +734,14 @@ class BatchSender:
             # Every request with a wrong token is a failed login: it goes only with
             # the batches that need it.
             authenticated = (
-                not without_token and self._use_token() and self._needs_token(batch.hits)
+                not without_token and self._tokens.in_use and self._needs_token(batch.hits)
             )
             if not authenticated:
                 batch.hits = self._drop_too_old(batch.hits)
             hits = batch.hits
             if not hits:
                 return []
-            sent_as = self._token_state if authenticated else _Token.NONE
+            sent_as = self._tokens.state if authenticated else TokenState.NONE
             answer = await self._post(hits, authenticated=authenticated)
             if answer.kind is Kind.OK:
                 batch.tracked += answer.tracked
@@ -775,10 +750,8 @@ class BatchSender:
                     batch.hits = []
                     return []
                 batch.hits, without_token = resend, True
-                if self._token_state is _Token.UNKNOWN:
+                if self._tokens.probing(sent_as):
                     probing = True
-                    if sent_as is _Token.UNKNOWN:
-                        self._probes_left -= 1
                     if not locked and not held:
                         lock = self._token_lock_here()
                         await lock.acquire()
@@ -833,19 +806,7 @@ class BatchSender:
 
     def _may_probe_lockout(self, token_errors: int) -> bool:
         """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
-        if self._token_state is _Token.UNKNOWN:
-            return token_errors == LOCKOUT_PROBE_AFTER
-        # Verified: a revoked token or an IP blocked by other processes' failed logins
-        # look like Matomo being down; checked now and then, not by every batch.
-        if token_errors < LOCKOUT_PROBE_AFTER:
-            return False
-        now = self._clock()
-        if self._lockout_probed_at is not None and now - self._lockout_probed_at < (
-            LOCKOUT_PROBE_INTERVAL
-        ):
-            return False
-        self._lockout_probed_at = now
-        return True
+        return self._tokens.may_probe_lockout(token_errors, self._clock())
 
     async def _deliver_halves(self, batch: _Batch, span: float, *, locked: bool) -> list[Hit]:
         """Send a batch too large for the web server in front of Matomo as two."""
@@ -885,40 +846,23 @@ class BatchSender:
             "is blocked after failed logins"
         )
         batch.tracked += answer.tracked
-        self._settle(fresh, answer, sent_as=_Token.NONE, probing=False)
+        self._settle(fresh, answer, sent_as=TokenState.NONE, probing=False)
         sent = {id(h) for h in fresh}
         batch.hits = [h for h in batch.hits if id(h) not in sent]
         return True
 
     def _settle(
-        self, hits: list[Hit], answer: Answer, *, sent_as: _Token, probing: bool
+        self, hits: list[Hit], answer: Answer, *, sent_as: TokenState, probing: bool
     ) -> list[Hit] | None:
         """Count a 2xx answer; returns the hits to resend without the token, if any.
 
-        `sent_as` is the token's state when the batch was sent with it, `_Token.NONE`
-        when it was sent without.
+        `sent_as` is the token's state when the batch was sent with it,
+        `TokenState.NONE` when it was sent without.
         """
-        auth_hits = _auth_hits(hits)
         self._counters.sent += answer.tracked
-        if sent_as is not _Token.NONE and auth_hits:
-            # The pattern of a token Matomo does not accept: exactly the hits
-            # carrying cip were refused, the others tracked.
-            suspect = answer.invalid == len(auth_hits)
-            if self._token_state is _Token.UNKNOWN and answer.invalid == 0:
-                self._token_state = _Token.VERIFIED
-            elif suspect and (sent_as is _Token.VERIFIED or self._token_state is _Token.REJECTED):
-                # A token that worked before may have been revoked or rotated: find
-                # out again before its failed logins get this server's IP blocked.
-                # Every batch sent with it meanwhile is resent without it (as those
-                # sent before it was found out), outside the probe budget.
-                if self._token_state is _Token.VERIFIED:
-                    self._token_state = _Token.UNKNOWN
-                    self._probes_left = TOKEN_PROBES
-                return auth_hits
-            elif suspect and self._token_state is _Token.UNKNOWN and self._probes_left > 0:
-                # Resending the cip hits without the token tells a bad token from a
-                # bad idsite.
-                return auth_hits
+        carrying = auth_hits(hits)
+        if self._tokens.doubts(sent_as, len(carrying), answer.invalid):
+            return carrying
         self._counters.invalid += answer.invalid
         if probing:
             self._conclude_probe(answer, len(hits))
@@ -944,7 +888,7 @@ class BatchSender:
             )
 
     def _reject_token(self, why: str) -> None:
-        self._token_state = _Token.REJECTED
+        self._tokens.reject()
         self._log_once(
             "token",
             logging.ERROR,
@@ -1172,11 +1116,6 @@ _Entry = tuple[int, float, str, float, str | None]
 
 def _hits_of(entries: Iterable[_Entry]) -> list[Hit]:
     return [Hit(query, timestamp, cip) for _, _, query, timestamp, cip in entries]
-
-
-def _auth_hits(hits: list[Hit]) -> list[Hit]:
-    """The hits Matomo refuses without a valid token (they carry cip)."""
-    return [h for h in hits if h.cip is not None]
 
 
 def _set(event: anyio.Event | None) -> None:

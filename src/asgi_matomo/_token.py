@@ -1,0 +1,125 @@
+"""What the sender does with `access_token`: the decisions, without I/O.
+
+Matomo counts every request that carries a wrong token as a failed login and,
+after about 20, blocks the sender's IP for all authenticated tracking (MATOMO.md).
+So the token goes only with the batches that need it, is proven on a few of them
+before it is used freely, and is doubted again when Matomo's answers suggest it
+was revoked. The sender asks this policy and does the sending and the logging.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
+
+# Until Matomo has confirmed the token, this many all-invalid batches are resent
+# without it to find out whether the token or something else is wrong.
+TOKEN_PROBES = 3
+# A batch sent with a not yet confirmed token that gets this many 5xx answers is
+# tried once without it: Matomo answers 500 to an IP it locked out.
+LOCKOUT_PROBE_AFTER = 2
+# A confirmed token can be revoked, or the IP blocked by failed logins of other
+# processes: 5xx answers to it are tried without it too, at most once per this many seconds.
+LOCKOUT_PROBE_INTERVAL = 60.0
+# A hit this old (seconds) goes with the token, when there is one: Matomo wants it for a
+# cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
+TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
+
+
+class TokenState(enum.Enum):
+    NONE = "none"  # no access_token configured
+    UNKNOWN = "unknown"  # configured, not yet confirmed by Matomo
+    VERIFIED = "verified"
+    REJECTED = "rejected"
+
+
+def auth_hits(hits: Sequence[Hit]) -> list[Hit]:
+    """The hits Matomo refuses without a valid token (they carry cip)."""
+    return [h for h in hits if h.cip is not None]
+
+
+class TokenPolicy:
+    """The token's state, and what each answer of Matomo says about it."""
+
+    __slots__ = ("lockout_probed_at", "probes_left", "state")
+
+    def __init__(self, configured: bool) -> None:
+        self.state = TokenState.UNKNOWN if configured else TokenState.NONE
+        self.probes_left = TOKEN_PROBES
+        self.lockout_probed_at: float | None = None
+
+    @property
+    def in_use(self) -> bool:
+        """Whether batches that need the token get it."""
+        return self.state in (TokenState.UNKNOWN, TokenState.VERIFIED)
+
+    @property
+    def unproven(self) -> bool:
+        """Configured and not yet confirmed: batches with it go one at a time."""
+        return self.state is TokenState.UNKNOWN
+
+    @property
+    def rejected(self) -> bool:
+        return self.state is TokenState.REJECTED
+
+    def needed_by(self, hits: Sequence[Hit], now: float) -> bool:
+        """True when a hit carries cip or is (nearly) too old to track without the token."""
+        oldest = now - TOKEN_AGE
+        return any(h.cip is not None or h.timestamp <= oldest for h in hits)
+
+    def may_probe_lockout(self, token_errors: int, now: float) -> bool:
+        """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
+        if self.state is TokenState.UNKNOWN:
+            return token_errors == LOCKOUT_PROBE_AFTER
+        # Verified: a revoked token or an IP blocked by other processes' failed logins
+        # look like Matomo being down; checked now and then, not by every batch.
+        if token_errors < LOCKOUT_PROBE_AFTER:
+            return False
+        last = self.lockout_probed_at
+        if last is not None and now - last < LOCKOUT_PROBE_INTERVAL:
+            return False
+        self.lockout_probed_at = now
+        return True
+
+    def doubts(self, sent_as: TokenState, carrying: int, invalid: int) -> bool:
+        """After a 2xx answer to a batch sent with the token: resend its cip hits without it?
+
+        `sent_as` is the token's state when the batch left, `carrying` the number
+        of its hits with cip, `invalid` what Matomo counted invalid.
+        """
+        if sent_as is TokenState.NONE or not carrying:
+            return False
+        # The pattern of a token Matomo does not accept: exactly the hits carrying
+        # cip were refused, the others tracked.
+        suspect = invalid == carrying
+        if self.state is TokenState.UNKNOWN and invalid == 0:
+            self.state = TokenState.VERIFIED
+            return False
+        if suspect and (sent_as is TokenState.VERIFIED or self.state is TokenState.REJECTED):
+            # A token that worked before may have been revoked or rotated: find out
+            # again before its failed logins get this server's IP blocked. Every
+            # batch sent with it meanwhile is resent without it (as those sent before
+            # it was found out), outside the probe budget.
+            if self.state is TokenState.VERIFIED:
+                self.state = TokenState.UNKNOWN
+                self.probes_left = TOKEN_PROBES
+            return True
+        # Resending the cip hits without the token tells a bad token from a bad idsite.
+        return suspect and self.state is TokenState.UNKNOWN and self.probes_left > 0
+
+    def probing(self, sent_as: TokenState) -> bool:
+        """A resend without the token begins: whether it is a probe of the token.
+
+        A probe made after a batch sent with an unproven token uses up one of the
+        probes; one made for a token in doubt after it had worked does not.
+        """
+        if self.state is not TokenState.UNKNOWN:
+            return False
+        if sent_as is TokenState.UNKNOWN:
+            self.probes_left -= 1
+        return True
+
+    def reject(self) -> None:
+        self.state = TokenState.REJECTED
