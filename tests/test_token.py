@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from asgi_matomo._hit import Hit
 from asgi_matomo._token import (
     LOCKOUT_PROBE_AFTER,
@@ -69,15 +71,27 @@ def test_a_token_that_worked_is_doubted_again_outside_the_probe_budget() -> None
 
 def test_lockout_probes_once_for_an_unproven_token_then_once_a_minute() -> None:
     unproven = TokenPolicy(configured=True)
-    tries = [unproven.may_probe_lockout(n, NOW) for n in range(1, LOCKOUT_PROBE_AFTER + 2)]
+    # The clock is read only when the answer depends on it.
+    reads: list[float] = []
+
+    def at(t: float) -> Callable[[], float]:
+        def clock() -> float:
+            reads.append(t)
+            return t
+
+        return clock
+
+    tries = [unproven.may_probe_lockout(n, at(NOW)) for n in range(1, LOCKOUT_PROBE_AFTER + 2)]
     assert tries == [False] * (LOCKOUT_PROBE_AFTER - 1) + [True, False]
+    assert reads == []
 
     verified = TokenPolicy(configured=True)
     verified.doubts(UNKNOWN, carrying=1, invalid=0)
-    assert not verified.may_probe_lockout(LOCKOUT_PROBE_AFTER - 1, NOW)
-    assert verified.may_probe_lockout(LOCKOUT_PROBE_AFTER, NOW)
-    assert not verified.may_probe_lockout(LOCKOUT_PROBE_AFTER + 5, NOW + 1)
-    assert verified.may_probe_lockout(LOCKOUT_PROBE_AFTER, NOW + LOCKOUT_PROBE_INTERVAL)
+    assert not verified.may_probe_lockout(LOCKOUT_PROBE_AFTER - 1, at(NOW))
+    assert reads == []
+    assert verified.may_probe_lockout(LOCKOUT_PROBE_AFTER, at(NOW))
+    assert not verified.may_probe_lockout(LOCKOUT_PROBE_AFTER + 5, at(NOW + 1))
+    assert verified.may_probe_lockout(LOCKOUT_PROBE_AFTER, at(NOW + LOCKOUT_PROBE_INTERVAL))
 
 
 def test_the_token_goes_with_visitor_ips_and_with_hits_close_to_a_day_old() -> None:

@@ -806,7 +806,7 @@ class BatchSender:
 
     def _may_probe_lockout(self, token_errors: int) -> bool:
         """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
-        return self._tokens.may_probe_lockout(token_errors, self._clock())
+        return self._tokens.may_probe_lockout(token_errors, self._clock)
 
     async def _deliver_halves(self, batch: _Batch, span: float, *, locked: bool) -> list[Hit]:
         """Send a batch too large for the web server in front of Matomo as two."""

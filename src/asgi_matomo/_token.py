@@ -10,7 +10,7 @@ was revoked. The sender asks this policy and does the sending and the logging.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 
@@ -69,14 +69,18 @@ class TokenPolicy:
         oldest = now - TOKEN_AGE
         return any(h.cip is not None or h.timestamp <= oldest for h in hits)
 
-    def may_probe_lockout(self, token_errors: int, now: float) -> bool:
-        """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
+    def may_probe_lockout(self, token_errors: int, clock: Callable[[], float]) -> bool:
+        """Whether a batch that got `token_errors` 5xx answers with the token tries without.
+
+        `clock` (monotonic) is read only when the answer depends on it.
+        """
         if self.state is TokenState.UNKNOWN:
             return token_errors == LOCKOUT_PROBE_AFTER
         # Verified: a revoked token or an IP blocked by other processes' failed logins
         # look like Matomo being down; checked now and then, not by every batch.
         if token_errors < LOCKOUT_PROBE_AFTER:
             return False
+        now = clock()
         last = self.lockout_probed_at
         if last is not None and now - last < LOCKOUT_PROBE_INTERVAL:
             return False
