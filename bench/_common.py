@@ -120,6 +120,10 @@ class NaiveMatomo:
             await self.client.post(self.url, data=params)
 
 
+# Comparison variants that are not the library: they track nothing.
+NOT_THE_LIBRARY = ("floor", "passthrough")
+
+
 class Passthrough:
     """A middleware that does nothing but call the app: not the library.
 
@@ -453,6 +457,27 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
 
 
 # -- realistic requests ---------------------------------------------------------------
+
+# A browser's page request to the bench app, as raw HTTP/1.1 (wrk sends the same).
+HTTP_REQUEST = (
+    f"GET / HTTP/1.1\r\nHost: {HOST}\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
+    + "\r\n"
+).encode()
+
+
+async def get_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One HTTP_REQUEST on a keep-alive connection, its 200 answer read whole."""
+    writer.write(HTTP_REQUEST)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError(f"unexpected answer: {head[:80]!r}")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
+            return
+    raise RuntimeError(f"no content-length in {head!r}")
+
 
 _PATHS = ("/", "/products/42", "/blog/2026/11/asgi-tracking", "/search", "/cart")
 

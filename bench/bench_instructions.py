@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    HEADERS,
     HOST,
+    NOT_THE_LIBRARY,
     ReceiverProcess,
+    get_page,
     machine_facts,
     pin,
     start_uvicorn,
@@ -57,12 +58,6 @@ from _common import (
 )
 
 VARIANTS = ("bare", "passthrough", "floor", "matomo")
-NOT_THE_LIBRARY = ("floor", "passthrough")
-REQUEST = (
-    f"GET / HTTP/1.1\r\nHost: {HOST}\r\n"
-    + "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
-    + "\r\n"
-).encode()
 # Python under cachegrind runs some 30-50 times slower: these bound each phase.
 STARTUP_TIMEOUT = 300.0
 DRIVE_TIMEOUT = 1800.0
@@ -107,14 +102,7 @@ async def _drive(port: int, total: int, connections: int) -> int:
         answered = 0
         try:
             for _ in tickets:  # shared by every connection: `total` requests in all
-                writer.write(REQUEST)
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 200 "):
-                    raise RuntimeError(f"unexpected answer: {head[:80]!r}")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                if length is None:
-                    raise RuntimeError("an answer without Content-Length")
-                await reader.readexactly(int(length.group(1)))
+                await get_page(reader, writer)
                 answered += 1
         finally:
             writer.close()

@@ -38,10 +38,10 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import (
-    HEADERS,
     HOST,
     CollectorProcess,
     ReceiverProcess,
+    get_page,
     machine_facts,
     percentile,
     pin,
@@ -194,11 +194,6 @@ def breakdown(calls: int) -> dict[str, float]:
     return result
 
 
-HTTP_REQUEST = (
-    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    + "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
-    + "\r\n"
-).encode()
 HTTP_BLOCK = 200  # requests to one server before switching to the next
 HTTP_WARMUP = 2000
 # name: (create_app variant, MatomoMiddleware options)
@@ -208,16 +203,6 @@ HTTP_SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     # One bulk request per 500 hits instead of 100: does the tail follow the batches?
     "matomo-b500": ("matomo", {"batch_size": 500}),
 }
-
-
-async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    writer.write(HTTP_REQUEST)
-    head = await reader.readuntil(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":", 1)[1]))
-            return
-    raise RuntimeError(f"no content-length in {head!r}")
 
 
 async def http_latency(requests: int, rounds: int, app_cpus: str) -> dict[str, Any]:
@@ -235,7 +220,7 @@ async def http_latency(requests: int, rounds: int, app_cpus: str) -> dict[str, A
         }
         for name in conns:
             for _ in range(HTTP_WARMUP):
-                await _get(*conns[name])
+                await get_page(*conns[name])
         before = collector.counts()
         clock = time.perf_counter_ns
         for _ in range(rounds):
@@ -248,7 +233,7 @@ async def http_latency(requests: int, rounds: int, app_cpus: str) -> dict[str, A
                     times = samples[name]
                     for _ in range(HTTP_BLOCK):
                         began = clock()
-                        await _get(reader, writer)
+                        await get_page(reader, writer)
                         times.append(clock() - began)
             row: dict[str, float] = {}
             for q in (50, 90, 99, 99.9):

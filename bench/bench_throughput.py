@@ -46,6 +46,7 @@ from typing import Any
 from _common import (
     HEADERS,
     HOST,
+    NOT_THE_LIBRARY,
     CollectorProcess,
     ReceiverProcess,
     machine_facts,
@@ -110,8 +111,6 @@ VARIANTS = [
 ]
 STACKS = {"h11": "h11, asyncio", "standard": "httptools, uvloop"}
 DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive,floor,passthrough"
-# Comparison variants that track nothing.
-NOT_THE_LIBRARY = ("floor", "passthrough")
 # Variants whose hits the collector does not see.
 UNSEEN = (*NOT_THE_LIBRARY, "matomo-receiver")
 

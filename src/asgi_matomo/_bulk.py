@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-# Retried, besides every 5xx: a server that timed out waiting (408) or asks for less (429).
+# 408 and 429 say "later"; so does every 5xx (a rolled-back bulk transaction, an
+# overloaded proxy).
 RETRY_STATUSES = frozenset({408, 429})
 # How much of a refusal a log line quotes.
 BODY_EXCERPT = 200

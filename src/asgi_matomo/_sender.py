@@ -77,7 +77,6 @@ _CLOSE_TIMEOUT = 1.0
 
 _HEADERS = {"Content-Type": "application/json"}
 _CLIENT_HEADERS = {"User-Agent": f"asgi-matomo/{__version__}"}
-# 408 and 429 say "later"; 5xx covers a rolled-back bulk transaction and an overloaded proxy.
 
 logger = logging.getLogger("asgi_matomo")
 
