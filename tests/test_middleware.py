@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -572,6 +573,9 @@ async def test_stats_are_exposed(matomo: Matomo) -> None:
         ({"assume_https": "yes"}, TypeError, "assume_https"),
         ({"action_name_from_route": 1}, TypeError, "action_name_from_route"),
         ({"spool_path": 5}, TypeError, "spool_path"),
+        ({"spool_path": ""}, ValueError, "spool_path"),
+        ({"spool_path": ":memory:"}, ValueError, "spool_path"),
+        ({"spool_path": "/"}, ValueError, "spool_path '/' is a directory"),
     ],
 )
 def test_bad_options_are_clear_errors(
@@ -616,6 +620,24 @@ def test_spool_path_opens_at_startup(tmp_path: Any) -> None:
     )
     assert (tmp_path / "s.sqlite").exists()
     assert app.stats.spooled == 0
+
+
+def test_an_unusable_spool_file_does_not_stop_the_app(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "s.sqlite").write_bytes(b"not a database" * 100)
+    (tmp_path / "foreign.sqlite").write_bytes(b"")
+    conn = sqlite3.connect(tmp_path / "foreign.sqlite")
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    for name in ("s.sqlite", "foreign.sqlite"):
+        MatomoMiddleware(
+            plain_app, matomo_url="https://m.example", idsite=1, spool_path=tmp_path / name
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert "is corrupt" in errors[0]
+    assert "not an asgi-matomo spool" in errors[1]
 
 
 _: Callable[..., Awaitable[None]] = plain_app

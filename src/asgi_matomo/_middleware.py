@@ -154,8 +154,9 @@ class MatomoMiddleware:
         self._sender = self._new_sender()
 
     def _new_sender(self) -> _sender.BatchSender:
-        # The spool is opened here, at start-up, so that a corrupt or unwritable
-        # file is a clear error before the first request, never inside one.
+        # The spool is opened here, at start-up: a wrong spool_path is a clear
+        # error before the first request, and a file problem (full disk, corrupt
+        # file) is logged at once; it never stops the app (see _spool_guard).
         spool = _open_spool(self._spool_path)
         return _sender.BatchSender(**self._sender_options, spool=spool)
 
@@ -405,6 +406,7 @@ def _open_spool(spool_path: str | os.PathLike[str] | None) -> Any:
         return None
     if not isinstance(spool_path, str | os.PathLike):
         raise TypeError(f"spool_path must be a path, got {spool_path!r}")
-    from asgi_matomo._spool import SqliteSpool  # sqlite3 is loaded only when a spool is used
+    # sqlite3 is loaded only when a spool is used.
+    from asgi_matomo._spool_guard import GuardedSpool
 
-    return SqliteSpool(spool_path)
+    return GuardedSpool(spool_path)

@@ -10,14 +10,14 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ._hit import Hit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["SpoolError", "SqliteSpool"]
+__all__ = ["Problem", "SpoolError", "SqliteSpool", "describe_error", "problem_of"]
 
 logger = logging.getLogger("asgi_matomo")
 
@@ -59,12 +59,64 @@ _SPOOLS: weakref.WeakSet[SqliteSpool] = weakref.WeakSet()
 _FORKING: list[SqliteSpool] = []
 
 
+# What keeps a spool file from being used, for the caller to decide what to do:
+# "corrupt" files can be moved aside, "foreign"/"version" ones belong to someone
+# else, "full"/"unwritable"/"locked" may pass, "directory"/"no_wal" need another path.
+Problem = Literal[
+    "corrupt", "foreign", "version", "full", "unwritable", "locked", "directory", "no_wal"
+]
+
+# SQLite's primary result codes (the low byte of an extended code).
+_PROBLEM_OF_CODE: dict[int, Problem] = {
+    3: "unwritable",  # SQLITE_PERM
+    5: "locked",  # SQLITE_BUSY
+    6: "locked",  # SQLITE_LOCKED
+    8: "unwritable",  # SQLITE_READONLY
+    10: "unwritable",  # SQLITE_IOERR
+    11: "corrupt",  # SQLITE_CORRUPT
+    13: "full",  # SQLITE_FULL
+    14: "unwritable",  # SQLITE_CANTOPEN
+    26: "corrupt",  # SQLITE_NOTADB
+}
+# The same from the message, for Python 3.10 (no sqlite_errorcode attribute).
+_PROBLEM_OF_MESSAGE: tuple[tuple[str, Problem], ...] = (
+    ("malformed", "corrupt"),
+    ("not a database", "corrupt"),
+    ("disk is full", "full"),
+    ("locked", "locked"),
+    ("readonly", "unwritable"),
+    ("unable to open", "unwritable"),
+    ("disk i/o error", "unwritable"),
+)
+
+
+def problem_of(exc: BaseException) -> Problem | None:
+    """What an exception says about the spool file, or None (a bug, a closed spool)."""
+    if isinstance(exc, SpoolError):
+        return exc.problem
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _PROBLEM_OF_CODE.get(code & 0xFF)
+    reason = str(exc).lower()
+    for needle, problem in _PROBLEM_OF_MESSAGE:
+        if needle in reason:
+            return problem
+    return None
+
+
 class SpoolError(ValueError):
     """The spool database cannot be opened or is not an asgi-matomo spool.
 
-    A `ValueError`: like every other unusable option, a bad `spool_path` is a
-    configuration error, raised when the middleware is built.
+    A `ValueError`, with `problem` saying why (see `Problem`). The middleware
+    does not raise it: it logs it and keeps hits in memory until the file can
+    be used (see `_spool_guard`).
     """
+
+    def __init__(self, message: str, problem: Problem = "unwritable") -> None:
+        super().__init__(message)
+        self.problem: Problem = problem
 
 
 class SqliteSpool:
@@ -295,13 +347,13 @@ def _open(path: str) -> sqlite3.Connection:
             check_same_thread=False,  # one thread at a time, under the spool's lock
         )
     except sqlite3.Error as exc:
-        raise _open_error(path, exc) from exc
+        raise describe_error(path, exc) from exc
     try:
         _prepare(conn, path)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.Error):
-            raise _open_error(path, exc) from exc
+            raise describe_error(path, exc) from exc
         raise
     return conn
 
@@ -313,7 +365,8 @@ def _prepare(conn: sqlite3.Connection, path: str) -> None:
     if mode != "wal":
         raise SpoolError(
             f"spool_path {path!r} cannot use SQLite's WAL journal (got {mode!r}): "
-            "pass the path of a file on a local filesystem"
+            "pass the path of a file on a local filesystem",
+            "no_wal",
         )
     # WAL with synchronous=NORMAL survives an app crash; only a power loss may
     # lose the last transactions, which is fine for hits kept as a fallback.
@@ -360,34 +413,47 @@ def _check_schema(conn: sqlite3.Connection, path: str) -> bool:
     if application_id != APPLICATION_ID:
         raise SpoolError(
             f"spool_path {path!r} is a SQLite database that is not an asgi-matomo "
-            "spool: pass the path of a new file instead (it is created)"
+            "spool: pass the path of a new file instead (it is created)",
+            "foreign",
         )
     if version != SCHEMA_VERSION:
         raise SpoolError(
             f"spool_path {path!r} is an asgi-matomo spool of schema version {version}, "
             f"this version reads {SCHEMA_VERSION}: let the asgi-matomo version that wrote "
-            "it deliver its hits, or move the file away"
+            "it deliver its hits, or move the file away",
+            "version",
         )
     return False
 
 
-def _open_error(path: str, exc: sqlite3.Error) -> SpoolError:
+def describe_error(path: str, exc: sqlite3.Error) -> SpoolError:
+    """The error to report for `exc` on the spool at `path`: what is wrong, what to do."""
     if os.path.isdir(path):
         return SpoolError(
             f"spool_path {path!r} is a directory: pass the path of a file in it, "
-            f"e.g. {os.path.join(path, 'asgi-matomo-spool.sqlite3')!r}"
+            f"e.g. {os.path.join(path, 'asgi-matomo-spool.sqlite3')!r}",
+            "directory",
         )
     reason = str(exc)
-    if "locked" in reason:
+    problem = problem_of(exc)
+    if problem == "locked":
         return SpoolError(
             f"spool_path {path!r} stayed locked by another process for more than "
             f"{BUSY_TIMEOUT_SECONDS:g} s ({reason}): check that no other program keeps "
-            "it open in a transaction (an sqlite3 shell, a backup tool)"
+            "it open in a transaction (an sqlite3 shell, a backup tool)",
+            "locked",
         )
-    if "not a database" in reason or "malformed" in reason:
+    if problem == "corrupt":
         return SpoolError(
             f"spool_path {path!r} is not a usable SQLite database ({reason}): "
-            "move the file away or pass another spool_path"
+            "move the file away or pass another spool_path",
+            "corrupt",
+        )
+    if problem == "full":
+        return SpoolError(
+            f"spool_path {path!r} cannot be written: the disk is full ({reason}): "
+            "free some space on it or pass a spool_path on another disk",
+            "full",
         )
     return SpoolError(
         f"spool_path {path!r} cannot be opened for writing ({reason}): check that its "
