@@ -8,7 +8,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,7 +18,7 @@ from asgi_matomo._sender import SpoolProtocol
 from asgi_matomo._spool import SCHEMA_VERSION, SpoolError, SqliteSpool
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from multiprocessing.synchronize import Event
 
 START = 1_700_000_000.0
@@ -489,6 +489,30 @@ def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     error = _assert_spool_error(tmp_path / "file" / "spool.sqlite3", "cannot be opened")
     assert isinstance(error.__cause__, sqlite3.OperationalError)
+
+
+def test_a_directory_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    _assert_spool_error(missing / "spool.sqlite3", f"{str(missing)!r} is not an existing directory")
+
+
+def test_a_read_only_filesystem_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    # Opening a new file fails as on a read-only mount; the mount flag says why.
+    monkeypatch.setattr(sqlite3, "connect", _raises(sqlite3.OperationalError("unable to open")))
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+    _assert_spool_error(tmp_path / "spool.sqlite3", "on a read-only filesystem", "read-write")
+    monkeypatch.setattr(os, "statvfs", _raises(OSError("no statvfs here")))
+    _assert_spool_error(tmp_path / "spool.sqlite3", "cannot be opened for writing", "may write")
+
+
+def _raises(exc: Exception) -> Callable[..., Any]:
+    def fail(*args: object, **kwargs: object) -> Any:
+        raise exc
+
+    return fail
 
 
 def test_an_unwritable_directory_is_refused(tmp_path: Path) -> None:

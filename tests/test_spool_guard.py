@@ -243,7 +243,7 @@ def test_a_database_that_is_not_ours_is_left_untouched_and_tried_again(
     assert list(path.parent.glob("*.corrupt-*")) == []
     [line] = errors(logs)
     assert "not an asgi-matomo spool" in line or "schema version" in line
-    assert f"tried again every {RETRY_MAX_SECONDS:g} s at most" in line
+    assert f"tried again (at most every {RETRY_MAX_SECONDS:g} s)" in line
     # The operator moves it away: the next attempt makes a new spool, no restart.
     path.rename(path.with_name("elsewhere.sqlite3"))
     clock.now += RETRY_FIRST_SECONDS

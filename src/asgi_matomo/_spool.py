@@ -455,11 +455,30 @@ def describe_error(path: str, exc: sqlite3.Error) -> SpoolError:
             "free some space on it or pass a spool_path on another disk",
             "full",
         )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return SpoolError(
+            f"spool_path {path!r} cannot be opened for writing ({reason}): "
+            f"{directory!r} is not an existing directory: create it (writable by the "
+            "app's user) or pass another spool_path"
+        )
+    if _read_only_filesystem(directory):
+        return SpoolError(
+            f"spool_path {path!r} cannot be written ({reason}): it is on a read-only "
+            "filesystem: mount it read-write or pass a spool_path on a writable disk"
+        )
     return SpoolError(
-        f"spool_path {path!r} cannot be opened for writing ({reason}): check that its "
-        "directory exists and that the app's user may write to the directory and "
-        "the file (SQLite creates -wal and -shm files next to it)"
+        f"spool_path {path!r} cannot be opened for writing ({reason}): check that "
+        "the app's user may write to its directory and the file (SQLite creates -wal "
+        "and -shm files next to it)"
     )
+
+
+def _read_only_filesystem(directory: str) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
 
 
 def _before_fork() -> None:

@@ -278,9 +278,9 @@ class GuardedSpool:
         self._problem = problem
         self._announced |= self._report(
             problem,
-            "asgi_matomo: %s. Tracking goes on without the spool: hits beyond max_queue_size,"
-            " and at shutdown those not delivered, are dropped and counted. The file is"
-            " tried again every %g s at most; no restart is needed once it is fixed",
+            "asgi_matomo: %s. Tracking goes on in memory meanwhile: hits that would have"
+            " been spooled are dropped and counted. The file is tried again (at most every"
+            " %g s) as long as the app runs: no restart is needed once it is fixed",
             reason,
             RETRY_MAX_SECONDS,
         )
