@@ -83,7 +83,8 @@ class MatomoMiddleware:
         max_concurrent_batches: bulk requests in flight at once.
         retry_deadline: seconds a failing batch is retried.
         shutdown_timeout: seconds the shutdown may spend delivering the queue.
-        spool_path: SQLite file for hits that would otherwise be lost.
+        spool_path: SQLite file for hits that would otherwise be lost. A file that
+            cannot be used (full disk, corrupt) is logged and tried again, not raised.
     """
 
     def __init__(
