@@ -14,7 +14,8 @@ import pytest
 from asgi_matomo import _spool_guard
 from asgi_matomo._hit import Hit
 from asgi_matomo._sender import SpoolProtocol
-from asgi_matomo._spool import SCHEMA_VERSION, SpoolError, SqliteSpool, problem_of
+from asgi_matomo._spool import SCHEMA_VERSION, SqliteSpool
+from asgi_matomo._spool_errors import SpoolError, problem_of
 from asgi_matomo._spool_guard import (
     RETRY_FIRST_SECONDS,
     RETRY_MAX_SECONDS,

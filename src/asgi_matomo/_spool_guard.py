@@ -19,13 +19,14 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from ._spool import SpoolError, SqliteSpool, describe_error, problem_of
+from ._spool import BUSY_TIMEOUT_SECONDS, SqliteSpool
+from ._spool_errors import SpoolError, describe_error, problem_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from ._hit import Hit
-    from ._spool import Problem
+    from ._spool_errors import Problem
 
 __all__ = ["GuardedSpool", "SpoolUnavailableError"]
 
@@ -373,7 +374,7 @@ def _reason(path: str, exc: BaseException) -> str:
     if isinstance(exc, SpoolError):
         return str(exc)
     if isinstance(exc, sqlite3.Error):
-        return str(describe_error(path, exc))
+        return str(describe_error(path, exc, busy_timeout=BUSY_TIMEOUT_SECONDS))
     return f"spool_path {path!r} cannot be used ({type(exc).__name__}: {exc})"
 
 
