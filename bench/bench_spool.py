@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._spool import SqliteSpool
+from asgi_matomo._spool_guard import GuardedSpool
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -50,14 +51,21 @@ def make_batches(hits: int) -> list[list[Hit]]:
 
 
 def one_process(
-    path: Path, batches: list[list[Hit]], *, max_rows: int | None = None, backlog: int = 0
+    path: Path,
+    batches: list[list[Hit]],
+    *,
+    max_rows: int | None = None,
+    backlog: int = 0,
+    guarded: bool = False,
 ) -> dict[str, tuple[float, int]]:
     """(seconds, hits) for put, claim and ack through one spool instance.
 
     Claims and acks alternate batch by batch, as the sender replays. With a
-    backlog, that many rows wait in the spool before the timed puts.
+    backlog, that many rows wait in the spool before the timed puts. `guarded`:
+    through the `GuardedSpool` the middleware uses (a lock and a stat per call).
     """
-    spool = SqliteSpool(path, max_rows=max_rows)
+    spool: SqliteSpool | GuardedSpool
+    spool = GuardedSpool(path) if guarded else SqliteSpool(path, max_rows=max_rows)
     try:
         for batch in make_batches(backlog):
             spool.put(batch)
@@ -140,6 +148,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             for phase, (seconds, count) in one_process(Path(tmp, "a.sqlite3"), batches).items():
                 record(f"`{phase}` (1 process)", seconds, count)
+            guarded = one_process(Path(tmp, "g.sqlite3"), batches, guarded=True)
+            for phase, (seconds, count) in guarded.items():
+                record(f"`{phase}` (1 process, as the middleware uses it)", seconds, count)
             capped = one_process(Path(tmp, "b.sqlite3"), batches, max_rows=hits * 2)
             record("`put` with `max_rows` (1 process)", *capped["put"])
             behind = one_process(
