@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo needs the library and a server only (the `demo` extra), not the
+# development toolchain: its own stamp, so `make test` still installs `.[dev]`
+# after `make demo`, and `make demo` after `make test` installs nothing new.
+DEMO_STAMP := $(VENV)/.demo-installed
 
 .PHONY: demo test lint typecheck pytest format docs clean bench
 
@@ -13,7 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# pip is upgraded only when the one the venv came with cannot install the
+# project in editable mode (pip < 21.3): the upgrade costs more than the demo.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[demo]' \
+		|| { $(BIN)/python -m pip install --quiet --upgrade pip \
+		&& $(BIN)/python -m pip install --quiet -e '.[demo]'; }
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/asgi-matomo demo
 
 test: lint typecheck docs pytest

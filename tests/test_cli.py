@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
+import re
 import runpy
 import select
 import signal
@@ -12,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,7 +97,9 @@ def test_check_unknown_site(collector: Collector, capsys: pytest.CaptureFixture[
     args = ["check", "--matomo-url", collector.base_url, "--idsite", "2", "--token", TOKEN]
     assert main(args) == 1
     captured = capsys.readouterr()
-    assert "site 2 does not exist" in captured.out
+    assert "[ok]   tracker:" in captured.out
+    assert "[FAIL] site: site 2 does not exist" in captured.out
+    assert "Invalid idSite" in captured.out
     assert "Some checks failed" in captured.err
 
 
@@ -109,7 +114,7 @@ def test_check_wrong_token(collector: Collector) -> None:
 def test_check_without_token(collector: Collector) -> None:
     code, out = run_check(collector.base_url, 1)
     assert code == 0
-    assert "needs --token" in out
+    assert "[ok]   site: the tracker accepts site 1" in out
     assert "app server's IP" in out
 
 
@@ -182,7 +187,7 @@ SITE = {"idsite": "1", "name": "Shop", "main_url": "https://shop.test"}
         (
             httpx.Response(204),
             True,
-            "[--]   bulk tracking: POST https://m.test/matomo.php answers 204",
+            "[ok]   bulk tracking: POST https://m.test/matomo.php accepts batches",
         ),
         (httpx.Response(200, content=b"GIF89a..."), True, "QueuedTracking"),
         (httpx.Response(413), False, "too large (413)"),
@@ -384,14 +389,14 @@ def test_collector_command_prints_the_address(
 ) -> None:
     calls: list[tuple[Any, ...]] = []
 
-    def fake_serve(*args: Any, ready: Callable[[Collector], None]) -> None:
-        calls.append(args)
+    def fake_serve(*args: Any, ready: Callable[[Collector], None], **kwargs: Any) -> None:
+        calls.append((*args, kwargs))
         with Collector(port=0) as running:
             ready(running)
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     assert main(["collector", "--port", "0", "--db", "h.sqlite", "--sites", "1,2,"]) == 0
-    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2])]
+    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False})]
     out = capsys.readouterr().out
     assert "asgi-matomo collector: open http://127.0.0.1:" in out
     assert "/matomo.php" in out
@@ -442,3 +447,125 @@ def test_python_dash_m(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
 def test_importing_main_runs_nothing() -> None:
     module = importlib.import_module("asgi_matomo.__main__")
     assert module.main is main
+
+
+def read_stderr_until(process: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
+    """Read the process's stderr until `marker` shows up, with a deadline."""
+    assert process.stderr is not None
+    fd = process.stderr.fileno()
+    text = b""
+    deadline = time.monotonic() + timeout
+    while marker not in text:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{marker!r} not on stderr within {timeout}s: {text!r}")
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the collector exited early: {text!r}"
+            text += chunk
+    return text
+
+
+@pytest.mark.slow
+def test_collector_without_options_takes_every_site_and_says_refusals() -> None:
+    # Only --port 0 (any free port): the suite runs beside other servers.
+    command = [sys.executable, "-m", "asgi_matomo", "collector", "--port", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            first = read_line(process).decode()
+            match = re.search(r"open (http://127\.0\.0\.1:\d+)/", first)
+            assert match is not None, first
+            base = match.group(1)
+            assert "sites: every site" in read_line(process).decode() + read_line(process).decode()
+            with httpx.Client(timeout=10) as client:
+                tracked = client.get(
+                    f"{base}/matomo.php",
+                    params={"idsite": "12345", "rec": "1", "url": "https://a.test/docs-example"},
+                )
+                refused = client.get(f"{base}/matomo.php", params={"rec": "1", "url": "x"})
+                hits = client.get(f"{base}/api/hits").json()
+                page = client.get(f"{base}/").text
+            assert tracked.status_code == 200
+            assert refused.status_code == 400
+            assert [(hit["idsite"], hit["url"]) for hit in hits] == [
+                (12345, "https://a.test/docs-example")
+            ]
+            assert "https://a.test/docs-example" in page
+            said = read_stderr_until(process, b"idsite", 20).decode()
+            assert " WARNING " in said
+            assert "refused a hit (400): a hit without idsite" in said
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0
+        finally:
+            if process.poll() is None:  # pragma: no cover - only when the test fails
+                process.kill()
+                process.wait()
+
+
+def test_check_against_queued_tracking(capsys: pytest.CaptureFixture[str]) -> None:
+    with Collector(token=TOKEN, sites=(1, 3), queued_tracking=True) as queued:
+        assert main(["check", "--matomo-url", queued.base_url, "--idsite", "3"]) == 0
+        out = capsys.readouterr().out
+        assert queued.hits() == []
+    assert "[ok]   tracker:" in out
+    assert "[--]   QueuedTracking:" in out
+    assert "Connection: close" in out
+    assert "validates hits later" in out
+    assert "'Number of requests to process at once' to 1" in out
+    # A queued tracker accepts any idsite: only the reporting API can tell.
+    assert "[--]   site: not checked" in out
+
+
+def test_check_against_queued_tracking_with_token(capsys: pytest.CaptureFixture[str]) -> None:
+    with Collector(token=TOKEN, sites=(1, 3), queued_tracking=True) as queued:
+        args = ["check", "--matomo-url", queued.base_url, "--idsite", "3", "--token", TOKEN]
+        assert main(args) == 0
+        wrong_site = ["check", "--matomo-url", queued.base_url, "--idsite", "2", "--token", TOKEN]
+        assert main(wrong_site) == 1
+    out = capsys.readouterr().out
+    assert "QueuedTracking" in out
+    assert "cip is accepted" in out
+    assert "site 2 does not exist" in out
+
+
+def test_check_unknown_site_without_token(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--matomo-url", collector.base_url, "--idsite", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] site: site 2 does not exist in this Matomo" in out
+    assert "bulk" not in out
+    # Probing records nothing.
+    assert collector.hits() == []
+
+
+def test_check_tracker_400_not_from_matomo() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, text="Bad Request")
+
+    ok, out = mocked_check(handle, token=None)
+    assert not ok
+    assert "answers HTTP 400" in out
+
+
+def test_check_tracker_400_then_unreachable() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.query:
+            return httpx.Response(400)
+        raise httpx.ConnectError("Connection refused")
+
+    ok, out = mocked_check(handle, token=None)
+    assert not ok
+    assert "answers HTTP 400" in out
+
+
+def test_check_bulk_counts_the_probe_invalid() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(204)
+        return httpx.Response(200, json={"status": "success", "tracked": 0, "invalid": 1})
+
+    ok, out = mocked_check(handle, token=None)
+    assert not ok
+    assert "counts the probe for site 1 invalid" in out

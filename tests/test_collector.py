@@ -113,9 +113,9 @@ def test_no_parameters_post_is_bad_request(collector: Collector, client: httpx.C
     ("params", "status"),
     [
         ({"idsite": "1", "send_image": "0"}, 204),
-        ({"idsite": "99"}, 200),
+        ({"idsite": "2"}, 200),
         ({"rec": "0", "idsite": "1"}, 200),
-        ({"rec": "abc", "cip": "1.2.3.4"}, 200),
+        ({"rec": "abc", "idsite": "1", "cip": "1.2.3.4"}, 200),
     ],
 )
 def test_without_rec_success_and_nothing_stored(

@@ -181,6 +181,10 @@ def test_demo_against_another_matomo() -> None:
     assert "sent=48" in output
     assert {hit.idsite for hit in hits} == {7}
     assert {hit.visitor_ip for hit in hits} >= {"2001:db8::7", "203.0.113.10"}
+    # Several visitors, each with one address, browser and language: Matomo
+    # (and the stand-in's page) groups their hits into one visit each.
+    visitors = {(hit.visitor_ip, hit.ua, hit.lang) for hit in hits}
+    assert visitors == set(_demo.VISITORS)
 
 
 def test_demo_against_another_matomo_that_refuses_everything(
@@ -266,6 +270,15 @@ def test_traffic_covers_every_page() -> None:
     assert len({v.headers["Accept-Language"] for v in visits}) > 3
     assert any("Referer" in v.headers for v in visits)
     assert any("Referer" not in v.headers for v in visits)
+    # Every made-up visitor comes back several times, always the same person.
+    seen = {
+        (v.headers["X-Forwarded-For"], v.headers["User-Agent"], v.headers["Accept-Language"])
+        for v in visits
+    }
+    assert seen == set(_demo.VISITORS)
+    assert len(seen) >= 5
+    for ip, _, _ in _demo.VISITORS:
+        assert sum(v.headers["X-Forwarded-For"] == ip for v in visits) >= 3
 
 
 def test_progress_bar_on_a_terminal() -> None:

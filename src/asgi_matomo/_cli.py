@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ CHECK_TIMEOUT = 10.0
 TRACKER_SCRIPTS = ("matomo.php", "piwik.php", "index.php")
 GIF_MAGIC = (b"GIF87a", b"GIF89a")
 USER_AGENT = f"asgi-matomo-check/{__version__}"
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+CONSOLE_TIME_FORMAT = "%H:%M:%S"
 
 
 def _sites(value: str) -> list[int]:
@@ -69,7 +72,17 @@ def _build_parser() -> argparse.ArgumentParser:
     collector.add_argument("--db", help="SQLite file to keep the hits in (default: memory)")
     collector.add_argument("--token", help="the token_auth it accepts (needed for cip)")
     collector.add_argument(
-        "--sites", type=_sites, default=[1], help="comma-separated site ids (default: 1)"
+        "--sites",
+        type=_sites,
+        default=None,
+        help="comma-separated site ids it serves; hits for others are refused"
+        " (default: every site)",
+    )
+    collector.add_argument(
+        "--queued-tracking",
+        action="store_true",
+        help="answer like a Matomo with the QueuedTracking plugin: no counts, hits"
+        " validated after the answer",
     )
     collector.set_defaults(handler=_run_collector)
 
@@ -121,15 +134,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_collector(args: argparse.Namespace) -> int:
     def ready(collector: Collector) -> None:
+        sites = "every site" if args.sites is None else ", ".join(map(str, args.sites))
+        mode = " (as with QueuedTracking)" if args.queued_tracking else ""
         print(f"asgi-matomo collector: open {collector.base_url}/", flush=True)
-        print(f"  tracking URL: {collector.tracking_url}", flush=True)
-        print(f"  sites: {', '.join(map(str, args.sites))}; Ctrl-C stops it.", flush=True)
+        print(f"  tracking URL: {collector.tracking_url}{mode}", flush=True)
+        print(f"  sites: {sites}; Ctrl-C stops it.", flush=True)
 
+    # The console is the collector's voice: every refusal is said there, at
+    # WARNING, with the reason and the fix (rate-limited by the collector).
+    logger = logging.getLogger("asgi_matomo")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(CONSOLE_FORMAT, CONSOLE_TIME_FORMAT))
+    console.setLevel(logging.WARNING)
+    logger.addHandler(console)
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
     try:
-        serve(args.host, args.port, args.db, args.token, args.sites, ready=ready)
+        serve(
+            args.host,
+            args.port,
+            args.db,
+            args.token,
+            args.sites,
+            queued_tracking=args.queued_tracking,
+            ready=ready,
+        )
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logger.removeHandler(console)
+        logger.setLevel(level)
     return 0
 
 
@@ -217,11 +253,13 @@ def _describe_error(exc: httpx.HTTPError, url: str) -> str:
     return f"cannot reach {url} ({text or type(exc).__name__})"
 
 
-def _check_tracker(client: httpx.Client, base: str, report: _Report) -> bool:
+def _check_tracker(client: httpx.Client, base: str, idsite: int, report: _Report) -> bool:
     url = f"{base}/matomo.php"
-    # Without rec=1 Matomo answers success and records nothing (MATOMO.md).
+    # The site's id without rec=1: a healthy Matomo answers success (204) and
+    # records nothing; without an idsite, or with an unknown one, it answers
+    # 400 (MATOMO.md, "Probes that record nothing").
     try:
-        response = client.get(url, params={"send_image": "0"})
+        response = client.get(url, params={"idsite": str(idsite), "send_image": "0"})
     except httpx.HTTPError as exc:
         report.fail("tracker", _describe_error(exc, url))
         return False
@@ -238,6 +276,14 @@ def _check_tracker(client: httpx.Client, base: str, report: _Report) -> bool:
     if status == 204 or (status == 200 and body.startswith(GIF_MAGIC)):
         report.ok("tracker", f"{url} answers like Matomo ({status})")
         return True
+    if status == 400 and _is_matomo_tracker(client, url):
+        report.ok("tracker", f"{url} is Matomo's tracker")
+        report.fail(
+            "site",
+            f"site {idsite} does not exist in this Matomo: its tracker refuses it (400,"
+            " Invalid idSite). Check --idsite (Matomo > Administration > Websites)",
+        )
+        return False
     if status == 404:
         report.fail("tracker", f"{url} not found (404): is Matomo installed at {base}/?")
     elif status == 503:
@@ -253,7 +299,17 @@ def _check_tracker(client: httpx.Client, base: str, report: _Report) -> bool:
     return False
 
 
-def _check_bulk(client: httpx.Client, base: str, idsite: int, report: _Report) -> None:
+def _is_matomo_tracker(client: httpx.Client, url: str) -> bool:
+    """Whether `url` answers a request without parameters with Matomo's text."""
+    try:
+        response = client.get(url)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and b"Matomo" in response.content
+
+
+def _check_bulk(client: httpx.Client, base: str, idsite: int, report: _Report) -> bool:
+    """The bulk probe; True when QueuedTracking answers it (no counts)."""
     what = "bulk tracking"
     url = f"{base}/matomo.php"
     # The sender batches hits in bulk POSTs: a proxy may refuse POST or JSON
@@ -262,21 +318,39 @@ def _check_bulk(client: httpx.Client, base: str, idsite: int, report: _Report) -
         response = client.post(url, json={"requests": [f"?idsite={idsite}&send_image=0"]})
     except httpx.HTTPError as exc:
         report.fail(what, _describe_error(exc, url))
-        return
+        return False
     status = response.status_code
     try:
         data = response.json()
     except ValueError:
         data = None
     if status == 200 and isinstance(data, dict) and data.get("status") == "success":
-        report.ok(what, f"POST {url} answers Matomo's JSON: batches are accepted")
-    elif status == 204 or (status == 200 and response.content.startswith(GIF_MAGIC)):
+        if data.get("invalid"):
+            report.fail(
+                what,
+                f"POST {url} counts the probe for site {idsite} invalid: batched hits for"
+                " this site would be refused, check --idsite",
+            )
+        else:
+            report.ok(what, f"POST {url} answers Matomo's JSON: batches are accepted")
+        return False
+    if status == 204 or (status == 200 and response.content.startswith(GIF_MAGIC)):
+        closes = response.headers.get("Connection", "").lower() == "close"
+        report.ok(what, f"POST {url} accepts batches")
         report.note(
-            what,
-            f"POST {url} answers {status} without counts (the QueuedTracking plugin?):"
-            " batches are accepted but invalid hits are not reported",
+            "QueuedTracking",
+            f"the bulk answer is {status} {response.headers.get('Content-Type', '')}"
+            f"{' with Connection: close' if closes else ''}, without counts: the"
+            " QueuedTracking plugin is in front. It queues every request and validates"
+            " hits later, when a worker replays the queue, so a hit Matomo refuses (an"
+            " unknown idsite, a bad parameter) is dropped in silence and counted as sent;"
+            " only a cip without the right token is refused at once (400). Set the"
+            " plugin's 'Number of requests to process at once' to 1: each batch is one"
+            " queued request, and with the default (25) nothing is stored until 25"
+            " batches wait.",
         )
-    elif status == 413:
+        return True
+    if status == 413:
         report.fail(what, f"POST {url} refused as too large (413): raise the body limit")
     else:
         report.fail(
@@ -284,6 +358,7 @@ def _check_bulk(client: httpx.Client, base: str, idsite: int, report: _Report) -
             f"POST {url} answers HTTP {status}, not Matomo's JSON: batched hits would be"
             " lost. Is a proxy or firewall refusing POST requests or JSON bodies?",
         )
+    return False
 
 
 def _api(client: httpx.Client, base: str, method: str, token: str, **params: str) -> Any:
@@ -394,11 +469,18 @@ def check(
     with httpx.Client(
         timeout=CHECK_TIMEOUT, headers=headers, verify=True, transport=transport
     ) as client:
-        if not _check_tracker(client, base, report):
+        if not _check_tracker(client, base, idsite, report):
             return False
-        _check_bulk(client, base, idsite, report)
+        queued = _check_bulk(client, base, idsite, report)
         if token is None:
-            report.note("site", "not checked: needs --token (the reporting API needs it)")
+            if queued:
+                report.note(
+                    "site",
+                    "not checked: a queued tracker accepts any idsite; --token lets the"
+                    " reporting API check it",
+                )
+            else:
+                report.ok("site", f"the tracker accepts site {idsite}")
             report.note(
                 "cip (visitor IPs)",
                 "impossible without a token: every hit will carry the app server's IP",

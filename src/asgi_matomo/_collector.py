@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
+from asgi_matomo._collector_log import RefusalLog
 from asgi_matomo._collector_page import render_page
 
 if TYPE_CHECKING:
@@ -76,6 +77,10 @@ CONNECTION_TIMEOUT = 60.0
 # stop() waits for the accept loop to notice: keep test suites' teardowns short.
 POLL_INTERVAL = 0.01
 HTTP_STATUS_NAMES = frozenset({"http_status_code", "http_status"})
+# A refusal names the served sites, up to this many.
+MAX_SITES_SHOWN = 10
+# Sites the reporting API lists when every site is served (see _remember_site).
+MAX_SEEN_SITES = 1000
 
 _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
@@ -195,7 +200,15 @@ class _Fault:
 
 
 class _InvalidHitError(Exception):
-    """Matomo refuses the hit: 400 for a single hit, counted `invalid` in a bulk."""
+    """Matomo refuses the hit: 400 for a single hit, counted `invalid` in a bulk.
+
+    `kind` names the rule (one of a few fixed names: the console's rate limit is
+    per kind); the message says what was wrong and how to fix it.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -454,7 +467,10 @@ class Collector:
         db_path: the SQLite file; None keeps the hits in memory.
         token: the `token_auth` with write access to every site; None: no token
             is ever right.
-        sites: the site ids that exist.
+        sites: the site ids that exist; None: every site id exists.
+        queued_tracking: answer like a Matomo with the QueuedTracking plugin:
+            hits are queued and validated later, so answers carry no counts and
+            refuse nothing but a `cip` without the right token.
     """
 
     def __init__(
@@ -464,15 +480,19 @@ class Collector:
         port: int = 0,
         db_path: str | os.PathLike[str] | None = None,
         token: str | None = None,
-        sites: Iterable[int] = (1,),
+        sites: Iterable[int] | None = None,
+        queued_tracking: bool = False,
     ) -> None:
         self._host = host
         self._port = port
         self._token = token
-        self._sites = frozenset(sites)
-        for site in self._sites:
+        self._sites = None if sites is None else frozenset(sites)
+        for site in self._sites or ():
             if isinstance(site, bool) or not isinstance(site, int) or site < 1:
                 raise ValueError(f"sites: site ids are positive integers, got {site!r}")
+        self._queued = queued_tracking
+        self._refusals = RefusalLog()
+        self._seen_sites: set[int] = set()
         self._cond = threading.Condition()
         self._db = sqlite3.connect(
             ":memory:" if db_path is None else db_path,
@@ -684,6 +704,9 @@ class Collector:
         body = _read_body(handler)
         if body is None:
             handler.close_connection = True
+            self._refusals.refused(
+                "size", f"refused a request body over {MAX_BODY} bytes (413): send smaller batches"
+            )
             _write(handler, _Answer(413, ERROR_TEXT, "text/html; charset=utf-8"))
             return
         path = split.path
@@ -708,11 +731,32 @@ class Collector:
     def _auth(self, peer: str, tokens: Iterable[str]) -> _Auth:
         """Count failed logins and tell whether the peer is blocked."""
         tokens = [token for token in tokens if token]
+        failed = 0
         with self._cond:
             blocked = self._failed_logins.get(peer, 0) >= BRUTE_FORCE_LIMIT
             if not blocked and any(not self._token_is_right(t) for t in tokens):
-                self._failed_logins[peer] = self._failed_logins.get(peer, 0) + 1
+                failed = self._failed_logins[peer] = self._failed_logins.get(peer, 0) + 1
+        if failed:
+            self._refusals.refused(
+                "token",
+                f"a wrong token_auth from {peer}, failed login {failed} of"
+                f" {BRUTE_FORCE_LIMIT} before it is blocked: {self._token_fix()}",
+            )
         return _Auth(token=tokens[0] if tokens else None, blocked=blocked and bool(tokens))
+
+    def _token_fix(self) -> str:
+        if self._token is None:
+            return "start the collector with --token <t> and give the tracker the same token"
+        return "give the tracker the collector's --token (access_token=)"
+
+    def _remember_site(self, site: int) -> None:
+        # With every site served, the reporting API can only list the sites it
+        # has heard of; bounded whatever the senders send.
+        if self._sites is not None:
+            return
+        with self._cond:
+            if len(self._seen_sites) < MAX_SEEN_SITES:
+                self._seen_sites.add(site)
 
     def _token_is_right(self, token: str | None) -> bool:
         if not token or self._token is None:
@@ -738,7 +782,7 @@ class Collector:
             if answer is not _PROCEED:
                 return answer
         if bulk:
-            return self._bulk(handler, body)
+            return self._bulk(handler, query, body)
         return self._single(handler, query, body)
 
     def _faulted(
@@ -788,19 +832,31 @@ class Collector:
             # Matomo prints its "this is the tracking API" text; a POST without
             # any parameter is a bad request.
             status = 200 if handler.command == "GET" else 400
+            if status == 400:
+                self._refusals.refused(
+                    "empty",
+                    "refused a POST without any parameter (400): send the hit as a form"
+                    " (application/x-www-form-urlencoded) or in the query string",
+                )
             self._record(ReceivedRequest("single", status, 0, int(status != 200), 0, False))
             return _Answer(status, EMPTY_REQUEST_TEXT, "text/html; charset=utf-8")
         auth = self._auth(handler.client_address[0], [token])
+        if self._queued and params.get("queuedtracking") != "0":
+            send_image = params.get("send_image")
+            return self._enqueue(handler, "single", [(0, params, auth.token)], auth, send_image, 1)
         tracked = invalid = 0
         try:
             if auth.blocked:
-                raise _InvalidHitError("brute-force protection: peer blocked")
+                raise _InvalidHitError("blocked", _blocked_message(handler.client_address[0]))
+            # Matomo checks the site of every request, also of one that records
+            # nothing: `?send_image=0` alone is a 400 (MATOMO.md, probes).
+            self._check_site(params)
             if _is_recording(params):
                 row = self._validate(params, auth.token, handler, time.time())
                 self._store([row])
                 tracked = 1
         except _InvalidHitError as exc:
-            LOGGER.debug("collector: invalid hit: %s", exc)
+            self._refusals.refused(exc.kind, f"refused a hit (400): {exc}")
             invalid = 1
         status = 400 if invalid else 204 if params.get("send_image") == "0" else 200
         self._record(ReceivedRequest("single", status, tracked, invalid, 1, auth.token is not None))
@@ -810,15 +866,25 @@ class Collector:
             return _Answer(204)
         return _Answer(200, GIF, "image/gif")
 
-    def _bulk(self, handler: _Handler, body: bytes) -> _Answer:
+    def _bulk(self, handler: _Handler, query: str, body: bytes) -> _Answer:
         try:
             data = json.loads(body)
         except ValueError:
             data = None
         requests = data.get("requests") if isinstance(data, dict) else None
+        queued = self._queued and _query_params(query).get("queuedtracking") != "0"
         if not isinstance(data, dict) or not isinstance(requests, list):
             # MATOMO.md: malformed JSON -> 200, nothing tracked, no error.
+            self._refusals.refused(
+                "bulk",
+                "stored nothing from a bulk request whose body is not JSON with a"
+                ' "requests" list (Matomo answers success all the same): send'
+                ' {"requests": ["?idsite=1&rec=1&...", ...]}',
+            )
             self._record(ReceivedRequest("bulk", 200, 0, 0, 0, False))
+            if queued:
+                handler.close_connection = True
+                return _Answer(200, GIF, "image/gif")
             return _json_answer(200, {"status": "success", "tracked": 0, "invalid": 0})
         top_token = data.get("token_auth")
         top_token = top_token if isinstance(top_token, str) and top_token else None
@@ -827,31 +893,47 @@ class Collector:
         tokens += [p.get("token_auth", "") for p in elements if p and p.get("token_auth")]
         auth = self._auth(handler.client_address[0], tokens)
         has_token = bool(tokens)
+        for index, params in enumerate(elements):
+            if params is None:
+                self._refusals.refused(
+                    "element",
+                    f"skipped bulk element {index}: it is neither a query string"
+                    " ('?idsite=1&rec=1&...') nor an object (Matomo skips it silently)",
+                )
+        hits = [
+            (index, params, params.pop("token_auth", "") or top_token)
+            for index, params in enumerate(elements)
+            if params is not None
+        ]
+        send_image = data.get("send_image")
+        if queued:
+            return self._enqueue(handler, "bulk", hits, auth, send_image, len(requests))
         if auth.blocked:
+            self._refusals.refused(
+                "blocked",
+                f"answered a bulk request 500: {_blocked_message(handler.client_address[0])}",
+            )
             self._record(ReceivedRequest("bulk", 500, 0, 0, len(requests), has_token))
             return _json_answer(500, {"status": "error", "message": BLOCKED_MESSAGE})
         now = time.time()
         rows: list[dict[str, object]] = []
         tracked = 0
         invalid_indices: list[int] = []
-        for index, params in enumerate(elements):
-            if params is None:
-                continue
-            token = params.pop("token_auth", "") or top_token
-            if not _is_recording(params):
-                # Matomo counts an excluded request as logged and stores nothing.
-                tracked += 1
-                continue
+        for index, params, token in hits:
             try:
+                self._check_site(params)
+                if not _is_recording(params):
+                    # Matomo counts an excluded request as logged and stores nothing.
+                    tracked += 1
+                    continue
                 rows.append(self._validate(params, token, handler, now))
             except _InvalidHitError as exc:
-                LOGGER.debug("collector: invalid bulk element %d: %s", index, exc)
+                self._refusals.refused(exc.kind, f"counted bulk element {index} invalid: {exc}")
                 invalid_indices.append(index)
             else:
                 tracked += 1
         self._store(rows)
         invalid = len(invalid_indices)
-        send_image = data.get("send_image")
         status = 204 if send_image in (0, "0") else 200
         self._record(ReceivedRequest("bulk", status, tracked, invalid, len(requests), has_token))
         if status == 204:
@@ -861,31 +943,125 @@ class Collector:
             answer["invalid_indices"] = invalid_indices
         return _json_answer(200, answer)
 
+    def _enqueue(
+        self,
+        handler: _Handler,
+        kind: Literal["single", "bulk"],
+        hits: list[tuple[int, dict[str, str], str | None]],
+        auth: _Auth,
+        send_image: object,
+        elements: int,
+    ) -> _Answer:
+        """What Matomo with the QueuedTracking plugin does (MATOMO.md, QueuedTracking).
+
+        The plugin answers before any hit is validated, closes the connection,
+        and checks only the token when it queues the request: a `cip` without
+        the right token refuses the whole request, valid hits too. The rest is
+        validated when a worker replays the queue, which the sender never hears
+        of; here the replay happens at once (the plugin set to process one
+        request at a time).
+        """
+        handler.close_connection = True
+        peer = handler.client_address[0]
+        refusal: str | None = None
+        if auth.blocked:
+            refusal = _blocked_message(peer)
+        elif any(
+            params.get("cip") and not self._token_is_right(token) for _, params, token in hits
+        ):
+            refusal = (
+                "a hit carries cip without the right token_auth, and the plugin checks"
+                " it when it queues the request: give the tracker the collector's"
+                " --token, or send no cip"
+            )
+        if refusal is not None:
+            self._refusals.refused(
+                "queued", f"refused a whole {kind} request (400, nothing queued): {refusal}"
+            )
+            self._record(ReceivedRequest(kind, 400, 0, len(hits), elements, auth.token is not None))
+            return _Answer(400, GIF, "image/gif")
+        now = time.time()
+        rows: list[dict[str, object]] = []
+        dropped = 0
+        for _, params, token in hits:
+            try:
+                self._check_site(params)
+                if _is_recording(params):
+                    rows.append(self._validate(params, token, handler, now))
+            except _InvalidHitError as exc:
+                dropped += 1
+                self._refusals.refused(
+                    exc.kind,
+                    f"dropped a queued hit, after answering success (the tracker cannot"
+                    f" know): {exc}",
+                )
+        self._store(rows)
+        status = 204 if send_image in (0, "0") else 200
+        record = ReceivedRequest(kind, status, len(rows), dropped, elements, auth.token is not None)
+        self._record(record)
+        return _Answer(204) if status == 204 else _Answer(200, GIF, "image/gif")
+
+    def _check_site(self, params: Mapping[str, str]) -> int:
+        """The hit's site id; _InvalidHitError when Matomo has no such site."""
+        idsite = params.get("idsite", "").strip()
+        if not idsite:
+            raise _InvalidHitError(
+                "idsite",
+                "a hit without idsite (Matomo answers 400, Invalid idSite): send the"
+                " site id, e.g. idsite=1 (the middleware's idsite=)",
+            )
+        if not _DIGITS.fullmatch(idsite) or int(idsite) < 1:
+            raise _InvalidHitError(
+                "idsite", f"idsite {idsite[:20]!r} is not a site id: send a positive integer"
+            )
+        site = int(idsite)
+        if self._sites is not None and site not in self._sites:
+            served = ", ".join(map(str, sorted(self._sites)[:MAX_SITES_SHOWN]))
+            if len(self._sites) > MAX_SITES_SHOWN:
+                served += ", ..."
+            raise _InvalidHitError(
+                "idsite",
+                f"idsite {site} is not served (sites: {served}): drop --sites to serve"
+                f" every site, or add {site} to it",
+            )
+        self._remember_site(site)
+        return site
+
     def _validate(
         self, params: dict[str, str], token: str | None, handler: _Handler, now: float
     ) -> dict[str, object]:
         """The row Matomo would store for one hit; _InvalidHitError when it refuses it."""
         authorized = self._token_is_right(token)
-        idsite = params.get("idsite", "").strip()
-        if not _DIGITS.fullmatch(idsite) or int(idsite) not in self._sites:
-            raise _InvalidHitError("missing, non-numeric or unknown idsite")
+        idsite = self._check_site(params)
         hit_time = now
         cdt = params.get("cdt", "").strip()
         if cdt:
             stamp = _parse_cdt(cdt, now)
             if stamp is not None:
                 if now - stamp >= UNAUTHENTICATED_MAX_AGE and not authorized:
-                    raise _InvalidHitError("cdt older than 24 hours needs token_auth")
+                    raise _InvalidHitError(
+                        "cdt",
+                        f"cdt {cdt[:30]!r} is older than 24 hours and the hit has"
+                        f" {_token_state(token)}: {self._token_fix()}",
+                    )
                 hit_time = stamp
         cid = params.get("cid", "")
         if cid and len(cid) != CID_LENGTH:
-            raise _InvalidHitError("cid must be 16 characters")
+            raise _InvalidHitError(
+                "cid",
+                f"cid {cid[:40]!r} is not 16 characters: send 16 hex characters, or no cid",
+            )
         cip = params.get("cip", "")
         if cip and not authorized:
-            raise _InvalidHitError("cip needs a token_auth with write access")
+            raise _InvalidHitError(
+                "cip", f"cip with {_token_state(token)}: {self._token_fix()}, or send no cip"
+            )
         hit_type = _hit_type(params)
         if hit_type == "event" and not params.get("e_a", "").strip():
-            raise _InvalidHitError("an event needs e_a")
+            raise _InvalidHitError(
+                "event",
+                f"an event (e_c={params['e_c'][:40]!r}) without e_a: an event needs an action",
+            )
         cvar = _parse_cvar(params.get("cvar"))
         visit_id = _nonempty(params, "_id")
         search_count = params.get("search_count", "")
@@ -893,7 +1069,7 @@ class Collector:
         return {
             "time": hit_time,
             "received": now,
-            "idsite": int(idsite),
+            "idsite": idsite,
             "hit_type": hit_type,
             "url": _truncate(_nonempty(params, url), MAX_URL_LENGTH),
             # An event keeps no page title (MATOMO.md: action_name dropped).
@@ -963,7 +1139,10 @@ class Collector:
         authorized = self._token_is_right(token)
         method = params.get("method", "")
         if method == "SitesManager.getSitesIdWithAdminAccess":
-            return _json_answer(200, sorted(self._sites) if authorized else [])
+            sites = self._seen_sites if self._sites is None else self._sites
+            with self._cond:
+                listed = sorted(sites)
+            return _json_answer(200, listed if authorized else [])
         if method != "SitesManager.getSiteFromId":
             module, _, name = method.partition(".")
             return _api_error(
@@ -981,12 +1160,15 @@ class Collector:
                 "You can't access this resource as it requires 'view' access for the"
                 f" website id = {id_site}."
             )
-        if not _DIGITS.fullmatch(id_site) or int(id_site) not in self._sites:
+        try:
+            site = self._check_site({"idsite": id_site})
+        except _InvalidHitError:
+            site = 0
+        if not site:
             return _api_error(
                 f"An unexpected website was found in the request: website id was set to"
                 f" '{id_site}' ."
             )
-        site = int(id_site)
         return _json_answer(
             200,
             {
@@ -999,6 +1181,18 @@ class Collector:
                 "type": "website",
             },
         )
+
+
+def _token_state(token: str | None) -> str:
+    return "a wrong token_auth" if token else "no token_auth"
+
+
+def _blocked_message(peer: str) -> str:
+    return (
+        f"{peer} is blocked after {BRUTE_FORCE_LIMIT} wrong token_auth values, as"
+        " Matomo's brute-force protection does: fix the tracker's token, then restart"
+        " the collector (Matomo: wait for the block to expire)"
+    )
 
 
 def _json_or_none(value: object) -> str | None:
@@ -1117,8 +1311,9 @@ def serve(
     port: int = 8765,
     db_path: str | os.PathLike[str] | None = None,
     token: str | None = None,
-    sites: Iterable[int] = (1,),
+    sites: Iterable[int] | None = None,
     *,
+    queued_tracking: bool = False,
     ready: Callable[[Collector], None] | None = None,
 ) -> None:
     """Run a collector until Ctrl-C or SIGTERM.
@@ -1129,7 +1324,14 @@ def serve(
 
     Parameters are those of `Collector`; `ready` is called once it listens.
     """
-    collector = Collector(host=host, port=port, db_path=db_path, token=token, sites=sites)
+    collector = Collector(
+        host=host,
+        port=port,
+        db_path=db_path,
+        token=token,
+        sites=sites,
+        queued_tracking=queued_tracking,
+    )
     # Never set: serve() returns only on Ctrl-C or SIGTERM.
     forever = threading.Event()
     with _terminate_on_sigterm():

@@ -45,7 +45,7 @@ DEMO_SITE = 12345
 DEMO_SITES = (1, DEMO_SITE)
 # What the app needs and the library does not depend on (the dev extra has both).
 REQUIREMENTS = ("uvicorn", "starlette")
-INSTALL_HINT = "pip install uvicorn starlette"
+INSTALL_HINT = "pip install uvicorn starlette (from a clone: pip install '.[demo]')"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 HITS_TIMEOUT = 15.0
