@@ -6,18 +6,24 @@ typo in a settings file never turns into silently missing data in Matomo.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asgi_matomo._core import TrackingConfig, template_key
 from asgi_matomo._proxy import UNIX_SOCKET, parse_trusted_proxies
+from asgi_matomo._visitor import VisitorIds
+from asgi_matomo._visitor_key import visitor_key as _visitor_key
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 ALL_METHODS = "all-methods"
+# CORS preflights: a browser sends one before many cross-origin API calls, and
+# counting them as page views would double those calls' page views.
+DEFAULT_IGNORED_METHODS = ("OPTIONS",)
 # The header families a reverse proxy writes: X-Forwarded-For (with -Proto and
 # -Host), or RFC 7239 Forwarded. Only the configured one is read.
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
@@ -132,6 +138,21 @@ def _allowed_methods(value: object) -> frozenset[str] | None:
     return _methods("allowed_methods", value)
 
 
+def function(name: str, value: object, hint: str = "") -> Callable[..., Any] | None:
+    """A user callable option: None, or a plain (not async) function."""
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be a function or None, got {value!r}{hint}")
+    target = getattr(value, "__call__", value)  # noqa: B004 - an object with an async __call__
+    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"{name} must be a plain function: it runs when the response ends, "
+            f"where nothing is awaited; got the async {value!r}"
+        )
+    return value
+
+
 def _overrides(name: str, key: object, value: object) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name}[{key!r}] must be a dict of Matomo parameters, got {value!r}")
@@ -198,11 +219,18 @@ def build_config(
     trusted_proxies: object,
     anonymize_ip_bytes: object,
     forwarded_header: object = "x-forwarded-for",
+    visitor_ids: object = False,
+    visitor_key: object = None,
 ) -> TrackingConfig:
-    """Validate the tracking options into the pure core's `TrackingConfig`."""
+    """Validate the tracking options into the pure core's `TrackingConfig`.
+
+    `visitor_ids` is off here and on in the middleware: the core's tests see
+    hits without a `cid` unless they ask for one.
+    """
     for name, flag in (
         ("assume_https", assume_https),
         ("action_name_from_route", action_name_from_route),
+        ("visitor_ids", visitor_ids),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -226,18 +254,26 @@ def build_config(
         # Read twice below: a generator would be empty the second time.
         trusted_proxies = tuple(trusted_proxies)
     networks = parse_trusted_proxies(trusted_proxies)
+    site = positive_int("idsite", idsite)
+    allowed = _allowed_methods(allowed_methods)
+    ignored = _methods("ignored_methods", ignored_methods)
+    if ignored_methods is DEFAULT_IGNORED_METHODS and allowed is not None:
+        # A method listed in allowed_methods is wanted, default or not.
+        ignored -= allowed
     trust_unix = trusted_proxies is not None and any(
         isinstance(item, str) and item.strip().lower() == UNIX_SOCKET
         for item in ([trusted_proxies] if isinstance(trusted_proxies, str) else trusted_proxies)
     )
+    # Read last, so that a mistake in another option never costs a key file.
+    key = _visitor_key(visitor_key) if visitor_ids else None
     return TrackingConfig(
-        idsite=positive_int("idsite", idsite),
+        idsite=site,
         assume_https=bool(assume_https),
         track_visitor_ip=track_visitor_ip,
         exclude_paths=frozenset(_strings("exclude_paths", exclude_paths)),
         exclude_patterns=_patterns("exclude_patterns", exclude_patterns),
-        allowed_methods=_allowed_methods(allowed_methods),
-        ignored_methods=_methods("ignored_methods", ignored_methods),
+        allowed_methods=allowed,
+        ignored_methods=ignored,
         ignored_user_agents=_patterns("ignored_user_agents", ignored_user_agents),
         route_details=_route_details(route_details),
         action_name_from_route=bool(action_name_from_route),
@@ -246,4 +282,5 @@ def build_config(
         trust_unix_socket=trust_unix,
         forwarded_header=str(forwarded_header),
         anonymize_ip_bytes=anonymize_ip_bytes,
+        visitor=VisitorIds(key, site) if key is not None else None,
     )

@@ -27,6 +27,7 @@ from asgi_matomo._proxy import (
     resolve_forwarded,
 )
 from asgi_matomo._types import Scope
+from asgi_matomo._visitor import VisitorIds, cookie_visitor_id, valid_cid
 
 logger = logging.getLogger("asgi_matomo")
 
@@ -84,6 +85,8 @@ class TrackingConfig:
     trust_unix_socket: bool = False
     forwarded_header: str = "x-forwarded-for"
     anonymize_ip_bytes: int = 0
+    # None: no visitor id (`cid`) on the hits.
+    visitor: VisitorIds | None = None
 
 
 class RequestInfo(NamedTuple):
@@ -102,6 +105,8 @@ class RequestInfo(NamedTuple):
     referrer: str | None
     visitor_ip: str | None
     started_at: float
+    # From the JS tracker's cookie, else the day's keyed hash; None when switched off.
+    visitor_id: str | None = None
 
 
 # isinstance() with a tuple: `bytes | bytearray` in a call builds a union object each time.
@@ -195,6 +200,10 @@ _WANTED_ORDER = tuple(sorted(_WANTED_HEADERS))
 _DIRECT_ORDER = tuple(sorted({b"host", b"user-agent", b"accept-language", b"referer"}))
 # Headers a proxy chain may legitimately repeat; their values are joined in order.
 _LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
+# Under this name `_headers` returns the visitor id of the JS tracker's cookie, not
+# the Cookie header: cookies are long, differ per visitor and never go into a hit,
+# so they are neither decoded nor cached.
+COOKIE_VISITOR = b"cookie"
 
 
 def _header_value(value: object) -> str:
@@ -208,8 +217,15 @@ def _header_value(value: object) -> str:
     return _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
 
 
-def _headers(scope: Scope, wanted: tuple[bytes, ...] = _WANTED_ORDER) -> dict[bytes, str]:
-    """The few headers tracking reads, decoded; the first occurrence wins except for lists."""
+def _headers(
+    scope: Scope,
+    wanted: tuple[bytes, ...] = _WANTED_ORDER,
+    cookie: re.Pattern[bytes] | None = None,
+) -> dict[bytes, str]:
+    """The few headers tracking reads, decoded; the first occurrence wins except for lists.
+
+    With a `cookie` pattern, also the visitor id it finds in the Cookie header(s).
+    """
     raw = scope.get("headers")
     if raw.__class__ is list or raw.__class__ is tuple:
         # What servers send: lowercase byte names (the ASGI spec), each once. A
@@ -229,14 +245,20 @@ def _headers(scope: Scope, wanted: tuple[bytes, ...] = _WANTED_ORDER) -> dict[by
                     # A cache hit inline; the call only for a new or unusual value.
                     text = texts.get(value) if value.__class__ is bytes else None
                     found[key] = text if text is not None else _header_value(value)
+            if cookie is not None:
+                value = table.get(COOKIE_VISITOR)
+                visitor = cookie_visitor_id(value, cookie) if value.__class__ is bytes else None
+                if visitor is not None:
+                    found[COOKIE_VISITOR] = visitor
             return found
-    return _headers_by_loop(raw)
+    return _headers_by_loop(raw, cookie)
 
 
-def _headers_by_loop(raw: object) -> dict[bytes, str]:
+def _headers_by_loop(raw: object, cookie: re.Pattern[bytes] | None = None) -> dict[bytes, str]:
     found: dict[bytes, str] = {}
     if not isinstance(raw, Iterable):
         return found
+    cookies: list[bytes] = []
     for item in raw:
         try:
             name, value = item
@@ -248,6 +270,9 @@ def _headers_by_loop(raw: object) -> dict[bytes, str]:
             continue
         key = bytes(name).lower()
         if key not in _WANTED_HEADERS:
+            if key == COOKIE_VISITOR and cookie is not None and isinstance(value, _BYTES_TYPES):
+                # HTTP/2 may split the cookies over several fields.
+                cookies.append(bytes(value))
             continue
         text = _header_value(value)
         if key in found:
@@ -255,6 +280,10 @@ def _headers_by_loop(raw: object) -> dict[bytes, str]:
                 found[key] = _clip(f"{found[key]}, {text}", MAX_TEXT_LENGTH)
             continue
         found[key] = text
+    if cookies:
+        visitor = cookie_visitor_id(b"; ".join(cookies), cookie)  # type: ignore[arg-type]
+        if visitor is not None:
+            found[COOKIE_VISITOR] = visitor
     return found
 
 
@@ -344,7 +373,12 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     if (config.exclude_paths or config.exclude_patterns) and _path_excluded(config, full, app_path):
         return None
     proxied = config.trusted_proxies or config.trust_unix_socket
-    headers = _headers(scope, _WANTED_ORDER if proxied else _DIRECT_ORDER)
+    visitor = config.visitor
+    headers = _headers(
+        scope,
+        _WANTED_ORDER if proxied else _DIRECT_ORDER,
+        visitor.cookie if visitor is not None else None,
+    )
     user_agent = headers.get(b"user-agent") or None
     if (
         user_agent
@@ -402,10 +436,16 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         if query_text:
             url += "?" + query_text
 
+    visitor_id = None
+    if visitor is not None:
+        # The full address, before any masking: it only enters the keyed hash.
+        visitor_id = headers.get(COOKIE_VISITOR) or visitor.daily_id(
+            visitor_ip, user_agent, started_at
+        )
     if visitor_ip is not None and config.anonymize_ip_bytes:
         visitor_ip = anonymize_ip(visitor_ip, config.anonymize_ip_bytes)
     # Positional: a named tuple is made faster that way (method, path, app_path,
-    # url, user_agent, language, referrer, visitor_ip, started_at).
+    # url, user_agent, language, referrer, visitor_ip, started_at, visitor_id).
     return RequestInfo(
         method,
         full,
@@ -416,6 +456,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         headers.get(b"referer") or None,
         visitor_ip if config.track_visitor_ip else None,
         started_at,
+        visitor_id,
     )
 
 
@@ -611,6 +652,27 @@ def _timestamp(value: object, default: float) -> float:
     return float(value) if math.isfinite(value) and value > 0 else default
 
 
+def _set_visitor(
+    config: TrackingConfig, info: RequestInfo, params: dict[str, str], app_id: str | None
+) -> None:
+    if params.get("uid"):
+        # Matomo derives the visitor id from the user id; a `cid` would only compete.
+        params.pop("cid", None)
+        return
+    if "cid" in params:
+        # Matomo answers 400 to a cid that is not 16 hex: one it would refuse is hashed.
+        cid = params["cid"]
+        own = config.visitor.cid(cid) if config.visitor is not None else valid_cid(cid)
+        if own is None:
+            del params["cid"]
+        else:
+            params["cid"] = own
+        return
+    visitor_id = app_id or info.visitor_id
+    if visitor_id:
+        params["cid"] = visitor_id
+
+
 # `{id:int}` and `{id}` name the same parameter: frameworks show templates with or
 # without their converters (Starlette's `path` vs `path_format`, Litestar, Quart).
 _CONVERTER = re.compile(r"\{([^{}:]+):[^{}]*\}")
@@ -684,6 +746,7 @@ def _plain_hit(
     elapsed_ms: float | None,
     template: str | None,
     rand: Callable[[], int],
+    visitor_id: str | None,
 ) -> Hit:
     """`build_hits` without overrides: the same query, written straight as a string.
 
@@ -701,6 +764,9 @@ def _plain_hit(
         if pf_srv is not None:
             query += "&pf_srv=" + pf_srv
     query += _default_cvar_query(str(status), info.method)
+    visitor_id = visitor_id or info.visitor_id
+    if visitor_id:
+        query += "&cid=" + visitor_id
     cip = info.visitor_ip if config.track_visitor_ip else None
     return Hit(query, info.started_at, cip or None)
 
@@ -714,16 +780,22 @@ def build_hits(
     template: str | None,
     overrides: Mapping[Any, Any] | None,
     rand: Callable[[], int],
+    app_details: Mapping[Any, Any] | None = None,
+    visitor_id: str | None = None,
 ) -> list[Hit]:
     """The Matomo hits for one finished request: a page view, and an event if asked for.
 
     Matomo stores a hit that carries an event as an event only, dropping its page
     title and `pf_srv` (MATOMO.md), so an event travels as a second hit (`ca=1`).
+    Parameters are layered: route details, then the app's (`app_details`, from
+    the `request_details` option), then the request's own `overrides`. The
+    visitor is, in order: a `uid` (then no `cid`: Matomo derives the visitor from
+    it), a `cid` override, the app's `visitor_id` (already hashed), the request's.
     """
     details = lookup_route_details(config, info, template) if config.route_details else None
-    if not details and not overrides and not config.custom_dimensions:
+    if not details and not overrides and not app_details and not config.custom_dimensions:
         # What nearly every request is: no parameter to merge or remove.
-        return [_plain_hit(config, info, status, elapsed_ms, template, rand)]
+        return [_plain_hit(config, info, status, elapsed_ms, template, rand, visitor_id)]
     action_name = _action_name(config, info, status, template)
     params: dict[str, str] = {
         "idsite": str(config.idsite),
@@ -747,6 +819,8 @@ def build_hits(
     hit_fields: dict[str, Any] = {}
     if details:
         _merge_overrides(params, custom, details, hit_fields)
+    if app_details:
+        _merge_overrides(params, custom, app_details, hit_fields)
     if overrides:
         _merge_overrides(params, custom, overrides, hit_fields)
     # Overrides may lengthen or remove these; Matomo keeps 1024 characters of each.
@@ -757,6 +831,7 @@ def build_hits(
     cvar = _custom_variables(config, custom, params)
     if cvar is not None:
         params["cvar"] = cvar
+    _set_visitor(config, info, params, visitor_id)
 
     timestamp = _timestamp(hit_fields.get("cdt"), info.started_at)
     cip_value = hit_fields.get("cip", info.visitor_ip)

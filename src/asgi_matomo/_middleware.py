@@ -6,20 +6,27 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from asgi_matomo import _sender
+from asgi_matomo._config import (
+    DEFAULT_IGNORED_METHODS,
+    build_config,
+    function,
+    positive_int,
+    positive_number,
+    tracking_endpoint,
+)
 from asgi_matomo._config import access_token as _check_token
-from asgi_matomo._config import build_config, positive_int, positive_number, tracking_endpoint
 from asgi_matomo._core import (
-    STATE_KEY,
     RequestInfo,
     build_hits,
     inspect_request,
     route_template,
 )
 from asgi_matomo._hit import Hit
+from asgi_matomo._state import current_state, fresh_state, read_overrides
 from asgi_matomo._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -68,7 +75,9 @@ class MatomoMiddleware:
         exclude_patterns: regular expressions of paths not tracked.
         route_details: Matomo parameters per path or route template.
         allowed_methods: HTTP methods tracked, or `"all-methods"`.
-        ignored_methods: HTTP methods never tracked; wins over `allowed_methods`.
+        ignored_methods: HTTP methods never tracked (by default `OPTIONS`: CORS
+            preflights); wins over `allowed_methods`, but for a default method
+            that `allowed_methods` lists.
         ignored_user_agents: regular expressions of user agents not tracked.
         action_name_from_route: name page views after the route template.
         custom_dimensions: custom variable names to send as `dimension{ID}`.
@@ -77,6 +86,19 @@ class MatomoMiddleware:
         forwarded_header: the header your proxies write: "x-forwarded-for" (with
             X-Forwarded-Proto/-Host) or "forwarded" (RFC 7239); the other is ignored.
         anonymize_ip_bytes: zero the last 0-3 bytes of the visitor IP.
+        visitor_ids: send a pseudonymous visitor id (`cid`) with every hit, so
+            that Matomo counts visits and visitors right without a token: the
+            JavaScript tracker's `_pk_id` cookie id, else a keyed hash of the UTC
+            day, site, visitor IP and user agent. A `uid` wins over it.
+        visitor_id: a function of the request scope returning your own id for
+            its visitor (hashed with the key), or None for the default id.
+        visitor_key: the secret of the hash (else `ASGI_MATOMO_VISITOR_KEY`,
+            else a key shared by the workers of this host); the same on every
+            host of a deployment.
+        request_details: a function of the request scope and response status,
+            run when the response ends, returning Matomo parameters for the hit
+            (e.g. `uid` from the authenticated user); the request's own
+            overrides win over them.
         batch_size: hits per bulk request.
         flush_interval: seconds a hit may wait for its batch to fill.
         max_queue_size: hits kept in memory; beyond, spooled or dropped and counted.
@@ -101,13 +123,17 @@ class MatomoMiddleware:
         exclude_patterns: Iterable[str | re.Pattern[str]] | None = None,
         route_details: Mapping[str, Mapping[str, Any]] | None = None,
         allowed_methods: Iterable[str] | Literal["all-methods"] = "all-methods",
-        ignored_methods: Iterable[str] | None = None,
+        ignored_methods: Iterable[str] | None = DEFAULT_IGNORED_METHODS,
         ignored_user_agents: Iterable[str | re.Pattern[str]] | None = None,
         action_name_from_route: bool = False,
         custom_dimensions: Mapping[str, int] | None = None,
         trusted_proxies: Iterable[str] | None = None,
         forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for",
         anonymize_ip_bytes: int = 0,
+        visitor_ids: bool = True,
+        visitor_id: Callable[[Scope], str | int | None] | None = None,
+        visitor_key: str | bytes | None = None,
+        request_details: Callable[[Scope, int], Mapping[str, Any] | None] | None = None,
         batch_size: int = _sender.DEFAULT_BATCH_SIZE,
         flush_interval: float = _sender.DEFAULT_FLUSH_INTERVAL,
         max_queue_size: int = _sender.DEFAULT_MAX_QUEUE_SIZE,
@@ -133,7 +159,14 @@ class MatomoMiddleware:
             trusted_proxies=trusted_proxies,
             anonymize_ip_bytes=anonymize_ip_bytes,
             forwarded_header=forwarded_header,
+            visitor_ids=visitor_ids,
+            visitor_key=visitor_key,
         )
+        self._visitor_id = function(
+            "visitor_id", visitor_id, " (to send no visitor id: visitor_ids=False)"
+        )
+        self._request_details = function("request_details", request_details)
+        self._failed: set[str] = set()
         if client is not None and not callable(getattr(client, "post", None)):
             raise TypeError("client must be an httpx.AsyncClient (or have its async post method)")
         self._sender_options: dict[str, Any] = {
@@ -177,15 +210,31 @@ class MatomoMiddleware:
         started_at = time.time()
         start = time.perf_counter()
         try:
+            # Tracked or not: a handler cannot know, and may write to it either way.
+            state = fresh_state(scope)
             info = inspect_request(self._config, scope, started_at)
-            state = _fresh_state(scope) if info is not None else None
         except Exception:  # tracking must never break a request
             logger.debug("asgi_matomo: could not inspect a request", exc_info=True)
-            info = state = None
-        if info is None:
-            await self.app(scope, receive, send)
-            return
+            info = None
+            state = scope.get("state") if isinstance(scope.get("state"), dict) else None
+        token = current_state.set(state)
+        try:
+            if info is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._tracked(scope, receive, send, state, info, start)
+        finally:
+            current_state.reset(token)
 
+    async def _tracked(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        state: MutableMapping[str, Any] | None,
+        info: RequestInfo,
+        start: float,
+    ) -> None:
         status: int | None = None
         finished: float | None = None
         disconnected = False
@@ -249,15 +298,32 @@ class MatomoMiddleware:
         finished: float | None,
     ) -> list[Hit]:
         """Build the request's hits and queue them; returns those no queue took."""
+        elapsed_ms = ((finished or time.perf_counter()) - start) * 1000
+        app_details = visitor_id = None
+        if self._request_details is not None:
+            app_details = self._call("request_details", self._request_details, scope, status)
+            if app_details is not None and not isinstance(app_details, Mapping):
+                self._failed_once(
+                    "request_details",
+                    "returned %s instead of a dict of Matomo parameters",
+                    type(app_details).__name__,
+                )
+                app_details = None
+        if self._visitor_id is not None and self._config.visitor is not None:
+            visitor_id = self._config.visitor.app_id(
+                self._call("visitor_id", self._visitor_id, scope)
+            )
         try:
             hits = build_hits(
                 self._config,
                 info,
                 status=status,
-                elapsed_ms=((finished or time.perf_counter()) - start) * 1000,
+                elapsed_ms=elapsed_ms,
                 template=route_template(scope),
-                overrides=_overrides(scope, state),
+                overrides=read_overrides(scope, state),
                 rand=_rand,
+                app_details=app_details,
+                visitor_id=visitor_id,
             )
         except Exception:  # tracking must never break a request
             logger.debug("asgi_matomo: could not track a request", exc_info=True)
@@ -268,6 +334,27 @@ class MatomoMiddleware:
         for hit in hits:
             sender.submit(hit)
         return []
+
+    def _call(self, name: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a user's function; its failure costs its own result, never the hit."""
+        try:
+            return function(*args)
+        except Exception:
+            self._failed_once(name, "raised an exception", exc_info=True)
+            return None
+
+    def _failed_once(self, name: str, what: str, *args: Any, exc_info: bool = False) -> None:
+        # Once per option: a function that fails, fails on every request.
+        level = logging.DEBUG if name in self._failed else logging.WARNING
+        self._failed.add(name)
+        logger.log(
+            level,
+            "asgi_matomo: the %s function " + what + "; the hit is sent without its result"
+            " (said once; later failures are logged at DEBUG level)",
+            name,
+            *args,
+            exc_info=exc_info,
+        )
 
     async def _track(
         self,
@@ -357,49 +444,6 @@ async def _answer_lifespan(
 
 def _rand() -> int:
     return random.getrandbits(31)
-
-
-def _fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
-    """Give the request its own override dict, so both documented patterns work.
-
-    Handlers may replace `scope["state"]["asgi_matomo"]` or mutate it. Servers
-    copy app-level state into each request shallowly, so an inherited dict would
-    be shared by every request: it is copied, never reused.
-    """
-    state = scope.get("state")
-    if state is None:
-        state = scope["state"] = {}
-    elif state.__class__ is not dict and not isinstance(state, MutableMapping):
-        return None
-    inherited = state.get(STATE_KEY)
-    # (`__class__ is dict` first: ABC isinstance checks are slow, and this runs per request.)
-    state[STATE_KEY] = (
-        {}
-        if inherited is None
-        else dict(inherited)
-        if inherited.__class__ is dict or isinstance(inherited, Mapping)
-        else {}
-    )
-    return state
-
-
-def _overrides(scope: Scope, state: MutableMapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """What the handler set, read when the response ends."""
-    if scope.get("state") is state and state is not None:
-        # The common case: the request's own state dict, still in place.
-        own: Any = state.get(STATE_KEY)
-        if own.__class__ is dict:
-            return own
-    for candidate in (scope.get("state"), state):
-        if candidate is not None and (
-            candidate.__class__ is dict or isinstance(candidate, Mapping)
-        ):
-            overrides = candidate.get(STATE_KEY)
-            if overrides is not None and (
-                overrides.__class__ is dict or isinstance(overrides, Mapping)
-            ):
-                return overrides
-    return None
 
 
 def _open_spool(spool_path: str | os.PathLike[str] | None) -> Any:

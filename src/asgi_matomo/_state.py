@@ -1,0 +1,110 @@
+"""The per-request dict of Matomo parameters, and the way to reach it from anywhere.
+
+Every HTTP request gets a fresh `scope["state"]["asgi_matomo"]` dict, tracked or
+not: a handler cannot know whether its request is excluded, and must be able to
+write to it either way. The request's state is also held in a context variable,
+so that code deep in the call stack can set parameters without the scope
+(`set_tracking_params`). A sync endpoint run in a thread pool gets a copy of the
+context, which refers to the same state: its writes reach the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+from asgi_matomo._core import STATE_KEY
+from asgi_matomo._types import Scope
+
+# The state (not the dict under STATE_KEY): a handler may replace that dict, and
+# what is written later must land in the one the middleware reads.
+current_state: ContextVar[MutableMapping[str, Any] | None] = ContextVar(
+    "asgi_matomo_state", default=None
+)
+
+
+def set_tracking_params(params: Mapping[str, Any] | None = None, /, **more: Any) -> bool:
+    """Set Matomo parameters of the current request, from anywhere in its code.
+
+    Works like `dict.update` on `request.scope["state"]["asgi_matomo"]`, except
+    that custom variables (`cvar`) are added to those already set. Outside a
+    request (a background job, a test without the middleware) it does nothing
+    and returns False.
+
+    ```python
+    from asgi_matomo import set_tracking_params
+
+
+    def load_account(user_id: str) -> Account:
+        set_tracking_params(uid=user_id, dimension3="beta")
+        ...
+    ```
+
+    Args:
+        params: parameters as a dict (`{"uid": "u-42"}`), and/or
+        **more: as keyword arguments (`uid="u-42"`).
+
+    Returns:
+        True when the parameters were set for a request.
+    """
+    state = current_state.get()
+    if state is None:
+        return False
+    overrides = state.get(STATE_KEY)
+    if not isinstance(overrides, MutableMapping):
+        overrides = state[STATE_KEY] = {}
+    for source in (params, more):
+        if not source:
+            continue
+        for key, value in source.items():
+            old = overrides.get("cvar") if key == "cvar" else None
+            if isinstance(old, Mapping) and isinstance(value, Mapping):
+                value = {**old, **value}
+            overrides[key] = value
+    return True
+
+
+def fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
+    """Give the request its own override dict, so both documented patterns work.
+
+    Handlers may replace `scope["state"]["asgi_matomo"]` or mutate it. Servers
+    copy app-level state into each request shallowly, so an inherited dict would
+    be shared by every request: it is copied, never reused.
+    """
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    elif state.__class__ is not dict and not isinstance(state, MutableMapping):
+        return None
+    inherited = state.get(STATE_KEY)
+    # (`__class__ is dict` first: ABC isinstance checks are slow, and this runs per request.)
+    state[STATE_KEY] = (
+        {}
+        if inherited is None
+        else dict(inherited)
+        if inherited.__class__ is dict or isinstance(inherited, Mapping)
+        else {}
+    )
+    return state
+
+
+def read_overrides(
+    scope: Scope, state: MutableMapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """What the handler set, read when the response ends."""
+    if scope.get("state") is state and state is not None:
+        # The common case: the request's own state dict, still in place.
+        own: Any = state.get(STATE_KEY)
+        if own.__class__ is dict:
+            return own
+    for candidate in (scope.get("state"), state):
+        if candidate is not None and (
+            candidate.__class__ is dict or isinstance(candidate, Mapping)
+        ):
+            overrides = candidate.get(STATE_KEY)
+            if overrides is not None and (
+                overrides.__class__ is dict or isinstance(overrides, Mapping)
+            ):
+                return overrides
+    return None
