@@ -18,7 +18,7 @@ import anyio.lowlevel
 from ._bulk import Answer, Kind
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from ._report import WHY, Reporter
-from ._retry import backoff_delay
+from ._retry import retry_delay
 from ._token import TokenPolicy, TokenState, auth_hits
 from ._transport import Transport
 
@@ -163,9 +163,7 @@ class Delivery:
                 token_errors += 1
                 if self._may_probe_lockout(token_errors) and await self._probe_lockout(batch):
                     continue
-            delay = answer.retry_after
-            if delay is None:
-                delay = backoff_delay(attempt)
+            delay = retry_delay(attempt, answer.retry_after)
             # Shutdown may begin while a batch is retrying: it bounds the retries too.
             limit = give_up_at
             if self.shutdown_deadline is not None:
