@@ -9,7 +9,6 @@ stays down.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -20,9 +19,14 @@ from ._delivery import Batch
 from ._hit import Hit
 from ._queue import HitQueue
 from ._report import WHY, Reporter
-from ._retry import replay_delay
+from ._retry import RETRY_CAP, replay_delay
 
-__all__ = ["SpoolProtocol", "Spooler"]
+__all__ = ["SpoolProtocol", "Spooler", "look_interval"]
+
+# SqliteSpool's default lease (not imported: _spool loads sqlite3, needed only with a spool).
+DEFAULT_LEASE_SECONDS = 60.0
+# However short a spool's lease, it is not read more often than this.
+MIN_LOOK_INTERVAL = 0.1
 
 
 class SpoolProtocol(Protocol):
@@ -37,6 +41,23 @@ class SpoolProtocol(Protocol):
     def release(self, ids: Sequence[int]) -> None: ...
     def count(self) -> int: ...
     def close(self) -> None: ...
+
+
+def look_interval(lease_seconds: object) -> float:
+    """Seconds between two looks at a spool that seemed empty: half its lease, 30 s at most.
+
+    A row leased by a process that died is claimable once its lease expires, so
+    a running process claims it at most this long after the lease expired: 30 s
+    with SqliteSpool's default 60 s lease (90 s after it was leased).
+    """
+    lease = DEFAULT_LEASE_SECONDS
+    if (
+        isinstance(lease_seconds, (int, float))
+        and not isinstance(lease_seconds, bool)
+        and lease_seconds > 0  # False for NaN too
+    ):
+        lease = float(lease_seconds)
+    return max(MIN_LOOK_INTERVAL, min(RETRY_CAP, lease / 2))
 
 
 class Spooler:
@@ -54,6 +75,7 @@ class Spooler:
         self._reporter = reporter
         self._deliver = deliver
         self._batch_size = batch_size
+        self._look_interval = look_interval(getattr(spool, "lease_seconds", None))
         # Whether the spool holds hits; None: not checked yet in this process.
         self.pending: bool | None = None
         self._replaying = False
@@ -107,7 +129,13 @@ class Spooler:
                 await self.put_or_drop(hits, "queue_full")
 
     async def replayer(self) -> None:
-        """Background task: replay the spool when asked to, and after failures on a timer."""
+        """Background task: replay the spool when asked to, and on a timer.
+
+        On a timer twice: after a failed replay (backing off), and every
+        `look_interval` while the spool seemed empty, for the hits another process
+        leased and never acked (it was killed): their lease expires, and nothing
+        else would tell this process that they are there.
+        """
         # A trigger that arrives while a replay runs sets the event again, so
         # the spool is looked at once more: no "Matomo is back" is ever lost.
         assert self.wanted is not None
@@ -117,15 +145,17 @@ class Spooler:
             # Hits still waiting after a replay means Matomo did not take them: try
             # again later, also without traffic (nothing else would notice Matomo is
             # back), backing off up to RETRY_CAP.
-            delay = math.inf
             if self.pending:
                 failures += 1
                 delay = replay_delay(failures)
             else:
                 failures = 0
-            with anyio.move_on_after(delay):
+                delay = self._look_interval
+            with anyio.move_on_after(delay) as timer:
                 await self.wanted.wait()
             self.wanted = anyio.Event()
+            if timer.cancelled_caught and not self.pending:
+                self.pending = None  # count again: expired leases of another process
             await self.replay()
 
     def want_replay(self) -> None:
