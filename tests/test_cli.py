@@ -384,7 +384,7 @@ def test_collector_command_prints_the_address(
 ) -> None:
     calls: list[tuple[Any, ...]] = []
 
-    def fake_serve(*args: Any, ready: Callable[[Collector], None]) -> None:
+    def fake_serve(*args: Any, ready: Callable[[Collector], None], **options: Any) -> None:
         calls.append(args)
         with Collector(port=0) as running:
             ready(running)
@@ -395,6 +395,18 @@ def test_collector_command_prints_the_address(
     out = capsys.readouterr().out
     assert "asgi-matomo collector: open http://127.0.0.1:" in out
     assert "/matomo.php" in out
+
+
+def test_collector_command_dimension_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    options: list[dict[str, Any]] = []
+
+    def fake_serve(*args: Any, ready: Callable[[Collector], None], **given: Any) -> None:
+        options.append(given)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    argv = ["collector", "--dimension", "3=http_status_code", "--dimension", " 4 = http_method "]
+    assert main(argv) == 0
+    assert options == [{"dimensions": {3: "http_status_code", 4: "http_method"}}]
 
 
 def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
@@ -412,6 +424,10 @@ def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> No
         ["collector", "--sites", "one"],
         ["collector", "--sites", "0"],
         ["collector", "--sites", ","],
+        ["collector", "--dimension", "3"],
+        ["collector", "--dimension", "three=status"],
+        ["collector", "--dimension", "0=status"],
+        ["collector", "--dimension", "3= "],
         ["check", "--matomo-url", "https://m.test", "--idsite", "0"],
         ["check", "--matomo-url", "https://m.test", "--idsite", "x"],
         ["check", "--idsite", "1"],

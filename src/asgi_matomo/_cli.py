@@ -40,6 +40,17 @@ def _sites(value: str) -> list[int]:
     return sites
 
 
+def _dimension(value: str) -> tuple[int, str]:
+    number, sep, name = value.partition("=")
+    try:
+        dimension = int(number) if sep and name.strip() else 0
+    except ValueError:
+        dimension = 0
+    if dimension < 1:
+        raise argparse.ArgumentTypeError(f"expected ID=NAME like 3=http_status_code, got {value!r}")
+    return dimension, name.strip()
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -70,6 +81,14 @@ def _build_parser() -> argparse.ArgumentParser:
     collector.add_argument("--token", help="the token_auth it accepts (needed for cip)")
     collector.add_argument(
         "--sites", type=_sites, default=[1], help="comma-separated site ids (default: 1)"
+    )
+    collector.add_argument(
+        "--dimension",
+        type=_dimension,
+        action="append",
+        default=[],
+        metavar="ID=NAME",
+        help="name a custom dimension on the page, e.g. 3=http_status_code (repeatable)",
     )
     collector.set_defaults(handler=_run_collector)
 
@@ -126,7 +145,15 @@ def _run_collector(args: argparse.Namespace) -> int:
         print(f"  sites: {', '.join(map(str, args.sites))}; Ctrl-C stops it.", flush=True)
 
     try:
-        serve(args.host, args.port, args.db, args.token, args.sites, ready=ready)
+        serve(
+            args.host,
+            args.port,
+            args.db,
+            args.token,
+            args.sites,
+            ready=ready,
+            dimensions=dict(args.dimension),
+        )
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

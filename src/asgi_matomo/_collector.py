@@ -29,7 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from asgi_matomo._collector_page import render_page
+from asgi_matomo._collector_page import render_page, render_visits
+from asgi_matomo._visits import Visit, group_visits, matches
 
 if TYPE_CHECKING:
     import os
@@ -70,6 +71,8 @@ CID_LENGTH = 16
 BRUTE_FORCE_LIMIT = 20
 MAX_BODY = 32 * 1024 * 1024
 DEFAULT_API_LIMIT = 100
+# The visits log groups this many of the latest hits: bounded work per refresh.
+PAGE_HITS = 1000
 MAX_API_LIMIT = 1000
 # A safety net for idle keep-alive connections; stop() closes them anyway.
 CONNECTION_TIMEOUT = 60.0
@@ -455,6 +458,8 @@ class Collector:
         token: the `token_auth` with write access to every site; None: no token
             is ever right.
         sites: the site ids that exist.
+        dimensions: names of custom dimension ids, for the page (e.g. the
+            middleware's `custom_dimensions` turned around: `{3: "http_status_code"}`).
     """
 
     def __init__(
@@ -465,6 +470,7 @@ class Collector:
         db_path: str | os.PathLike[str] | None = None,
         token: str | None = None,
         sites: Iterable[int] = (1,),
+        dimensions: Mapping[int, str] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -473,6 +479,7 @@ class Collector:
         for site in self._sites:
             if isinstance(site, bool) or not isinstance(site, int) or site < 1:
                 raise ValueError(f"sites: site ids are positive integers, got {site!r}")
+        self._dimensions = _dimension_names(dimensions)
         self._cond = threading.Condition()
         self._db = sqlite3.connect(
             ":memory:" if db_path is None else db_path,
@@ -636,6 +643,14 @@ class Collector:
         args.append(limit)
         return self._select(sql, args)
 
+    def visits(self, *, q: str = "", last_hits: int = PAGE_HITS) -> list[Visit]:
+        """The latest `last_hits` hits grouped into visits the way Matomo groups them.
+
+        Newest visit first; with `q`, only the visits with a text that contains it.
+        """
+        hits = self._select("SELECT * FROM hits ORDER BY id DESC LIMIT ?", (last_hits,))
+        return [v for v in group_visits(hits) if matches(v, q, self._dimensions)]
+
     # -- storage -------------------------------------------------------------
 
     def _select(self, sql: str, args: Iterable[object]) -> list[StoredHit]:
@@ -692,7 +707,11 @@ class Collector:
         elif path == "/index.php":
             answer = self._reporting_api(handler, split.query, body)
         elif path in ("/", "/index.html") and handler.command == "GET":
-            answer = self._page()
+            answer = self._page(split.query)
+        elif path == "/visits.html" and handler.command == "GET":
+            answer = self._visits_fragment(split.query)
+        elif path == "/api/visits" and handler.command == "GET":
+            answer = self._api_visits(split.query)
         elif path == "/api/hits" and handler.command == "GET":
             answer = self._api(split.query)
         else:
@@ -924,19 +943,52 @@ class Collector:
             "params": json.dumps(params),
         }
 
-    def _page(self) -> _Answer:
+    def _page(self, query: str) -> _Answer:
         nonce = secrets.token_urlsafe(16)
-        hits = [hit.to_json() for hit in self.api_hits()]
+        q = _query_params(query).get("q", "")
+        page = render_page(
+            self.visits(q=q, last_hits=PAGE_HITS),
+            nonce,
+            q=q,
+            dimension_names=self._dimensions,
+            hits_stored=self._hit_count,
+            hits_limit=PAGE_HITS,
+        )
         csp = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
             " connect-src 'self'; base-uri 'none'; form-action 'none'"
         )
         return _Answer(
             200,
-            render_page(hits, nonce).encode(),
+            page.encode(),
             "text/html; charset=utf-8",
             {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"},
         )
+
+    def _visits_fragment(self, query: str) -> _Answer:
+        """The page's visits list alone, which its script fetches every second."""
+        q = _query_params(query).get("q", "")
+        fragment = render_visits(
+            self.visits(q=q, last_hits=PAGE_HITS),
+            q=q,
+            dimension_names=self._dimensions,
+            hits_stored=self._hit_count,
+            hits_limit=PAGE_HITS,
+        )
+        return _Answer(
+            200,
+            fragment.encode(),
+            "text/html; charset=utf-8",
+            {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
+
+    def _api_visits(self, query: str) -> _Answer:
+        params = _query_params(query)
+        last_hits = _int_param(params.get("last_hits"), PAGE_HITS)
+        if last_hits is None:
+            return _json_answer(400, {"error": "last_hits is an integer"})
+        visits = self.visits(q=params.get("q", ""), last_hits=max(1, min(last_hits, PAGE_HITS)))
+        return _json_answer(200, [visit.to_json() for visit in visits])
 
     def _api(self, query: str) -> _Answer:
         params = _query_params(query)
@@ -999,6 +1051,17 @@ class Collector:
                 "type": "website",
             },
         )
+
+
+def _dimension_names(names: Mapping[int, str] | None) -> dict[int, str]:
+    checked: dict[int, str] = {}
+    for dimension, name in (names or {}).items():
+        if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1:
+            raise ValueError(f"dimensions: ids are positive integers, got {dimension!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"dimensions: a name for dimension {dimension}, got {name!r}")
+        checked[dimension] = name.strip()
+    return checked
 
 
 def _json_or_none(value: object) -> str | None:
@@ -1120,6 +1183,7 @@ def serve(
     sites: Iterable[int] = (1,),
     *,
     ready: Callable[[Collector], None] | None = None,
+    dimensions: Mapping[int, str] | None = None,
 ) -> None:
     """Run a collector until Ctrl-C or SIGTERM.
 
@@ -1129,7 +1193,9 @@ def serve(
 
     Parameters are those of `Collector`; `ready` is called once it listens.
     """
-    collector = Collector(host=host, port=port, db_path=db_path, token=token, sites=sites)
+    collector = Collector(
+        host=host, port=port, db_path=db_path, token=token, sites=sites, dimensions=dimensions
+    )
     # Never set: serve() returns only on Ctrl-C or SIGTERM.
     forever = threading.Event()
     with _terminate_on_sigterm():
