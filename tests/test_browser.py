@@ -357,7 +357,9 @@ def check_layout(browser: Browser, width: int, *, mobile: bool) -> None:
         " return v.right <= a.left && v.top === a.top; })()"
     )
     assert side_by_side is not mobile
-    browser.screenshot(DOCS_IMG / f"collector-visits-{width}.png", width)
+    name = f"collector-visits-{width}.png"
+    browser.screenshot(DOCS_IMG / name, width)
+    assert f"](img/{name})" in (DOCS_IMG.parent / "local-development.md").read_text()
 
 
 def test_visits_log(browser: Browser) -> None:
