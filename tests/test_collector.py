@@ -983,6 +983,41 @@ def test_page_filter(collector: Collector, client: httpx.Client) -> None:
     assert "<html" not in fragment.text
 
 
+def test_visits_fragment_is_asked_again_only_when_hits_arrive(
+    collector: Collector, client: httpx.Client
+) -> None:
+    page = client.get(collector.base_url + "/").text
+    version = page.split('<main id="visits" data-version="', 1)[1].split('"', 1)[0]
+    url = collector.base_url + "/visits.html"
+    unchanged = client.get(url, headers={"If-None-Match": version.replace("&quot;", '"')})
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    assert "content-length" not in unchanged.headers
+    filtered = client.get(
+        url, params={"q": "x"}, headers={"If-None-Match": unchanged.headers["etag"]}
+    )
+    assert filtered.status_code == 200
+    track(client, collector, url="https://a.test/")
+    collector.wait_for_hits(1)
+    changed = client.get(url, headers={"If-None-Match": unchanged.headers["etag"]})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != unchanged.headers["etag"]
+    assert "https://a.test/" in changed.text
+
+
+def test_page_shows_the_latest_visits(
+    collector: Collector, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("asgi_matomo._collector.PAGE_VISITS", 2)
+    for n in range(3):
+        track(client, collector, url=f"https://a.test/{n}", new_visit="1")
+    collector.wait_for_hits(3)
+    page = client.get(collector.base_url + "/").text
+    assert "3 visits, 3 actions, newest visit first (the 2 most recent shown)" in page
+    assert page.count('<article class="visit"') == 2
+    assert "https://a.test/0" not in page
+
+
 def test_empty_page_says_where_to_send_hits(collector: Collector, client: httpx.Client) -> None:
     assert "send hits to <code>/matomo.php</code>" in client.get(collector.base_url + "/").text
 
@@ -1016,7 +1051,7 @@ def test_page_reads_the_latest_hits_only(
         track(client, collector, url=f"https://a.test/{n}")
     collector.wait_for_hits(3)
     page = client.get(collector.base_url + "/").text
-    assert "1 visit, 2 actions, from the last 2 hits received" in page
+    assert "1 visit, 2 actions in the last 2 hits received, newest visit first" in page
     assert "https://a.test/0" not in page
 
 

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -71,8 +72,10 @@ CID_LENGTH = 16
 BRUTE_FORCE_LIMIT = 20
 MAX_BODY = 32 * 1024 * 1024
 DEFAULT_API_LIMIT = 100
-# The visits log groups this many of the latest hits: bounded work per refresh.
+# The visits log groups this many of the latest hits and shows this many visits:
+# bounded work per refresh, and a page a browser keeps up with.
 PAGE_HITS = 1000
+PAGE_VISITS = 100
 MAX_API_LIMIT = 1000
 # A safety net for idle keep-alive connections; stop() closes them anyway.
 CONNECTION_TIMEOUT = 60.0
@@ -480,6 +483,8 @@ class Collector:
             if isinstance(site, bool) or not isinstance(site, int) or site < 1:
                 raise ValueError(f"sites: site ids are positive integers, got {site!r}")
         self._dimensions = _dimension_names(dimensions)
+        # Tells this collector's page versions from another's (a restart on the same file).
+        self._page_epoch = secrets.token_hex(4)
         self._cond = threading.Condition()
         self._db = sqlite3.connect(
             ":memory:" if db_path is None else db_path,
@@ -709,7 +714,7 @@ class Collector:
         elif path in ("/", "/index.html") and handler.command == "GET":
             answer = self._page(split.query)
         elif path == "/visits.html" and handler.command == "GET":
-            answer = self._visits_fragment(split.query)
+            answer = self._visits_fragment(handler, split.query)
         elif path == "/api/visits" and handler.command == "GET":
             answer = self._api_visits(split.query)
         elif path == "/api/hits" and handler.command == "GET":
@@ -943,16 +948,23 @@ class Collector:
             "params": json.dumps(params),
         }
 
+    def _page_version(self, q: str) -> str:
+        """The ETag of the visits list: the page changes only when hits arrive."""
+        return f'"{self._page_epoch}-{self._hit_count}-{zlib.crc32(q.encode()):08x}"'
+
     def _page(self, query: str) -> _Answer:
         nonce = secrets.token_urlsafe(16)
         q = _query_params(query).get("q", "")
+        version = self._page_version(q)
         page = render_page(
             self.visits(q=q, last_hits=PAGE_HITS),
             nonce,
             q=q,
+            version=version,
             dimension_names=self._dimensions,
             hits_stored=self._hit_count,
             hits_limit=PAGE_HITS,
+            visits_limit=PAGE_VISITS,
         )
         csp = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
@@ -965,22 +977,24 @@ class Collector:
             {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"},
         )
 
-    def _visits_fragment(self, query: str) -> _Answer:
-        """The page's visits list alone, which its script fetches every second."""
+    def _visits_fragment(self, handler: _Handler, query: str) -> _Answer:
+        """The page's visits list alone, which its script asks for every second."""
         q = _query_params(query).get("q", "")
+        version = self._page_version(q)
+        headers = {"Cache-Control": "no-store", "ETag": version}
+        if handler.headers.get("If-None-Match") == version:
+            # Nothing new: no query, no grouping, no rendering while a page is left open.
+            return _Answer(304, headers=headers)
         fragment = render_visits(
             self.visits(q=q, last_hits=PAGE_HITS),
             q=q,
             dimension_names=self._dimensions,
             hits_stored=self._hit_count,
             hits_limit=PAGE_HITS,
+            visits_limit=PAGE_VISITS,
         )
-        return _Answer(
-            200,
-            fragment.encode(),
-            "text/html; charset=utf-8",
-            {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
-        )
+        headers["X-Content-Type-Options"] = "nosniff"
+        return _Answer(200, fragment.encode(), "text/html; charset=utf-8", headers)
 
     def _api_visits(self, query: str) -> _Answer:
         params = _query_params(query)
@@ -1149,12 +1163,13 @@ def _write(handler: _Handler, answer: _Answer) -> None:
         handler.send_header("Content-Type", answer.content_type)
     for name, value in answer.headers.items():
         handler.send_header(name, value)
-    if answer.status != 204:
+    # 204 and 304 have no body, nor a length.
+    if answer.status not in (204, 304):
         handler.send_header("Content-Length", str(len(answer.body)))
     if handler.close_connection:
         handler.send_header("Connection", "close")
     handler.end_headers()
-    if answer.status != 204:
+    if answer.status not in (204, 304):
         handler.wfile.write(answer.body)
 
 

@@ -129,18 +129,19 @@ _SCRIPT = """
 const list = document.getElementById("visits");
 const filter = document.getElementById("filter");
 const state = document.getElementById("state");
-let shown = null;
+let version = list.dataset.version;
 let generation = 0;
 
 async function refresh() {
   const mine = ++generation;
   try {
     const query = encodeURIComponent(filter.value);
-    const response = await fetch("/visits.html?q=" + query, {cache: "no-store"});
-    if (!response.ok) { throw new Error("HTTP " + response.status); }
-    const html = await response.text();
+    const response = await fetch("/visits.html?q=" + query,
+                                 {cache: "no-store", headers: {"If-None-Match": version}});
+    if (response.status !== 304 && !response.ok) { throw new Error("HTTP " + response.status); }
+    const html = response.status === 304 ? null : await response.text();
     if (mine !== generation) { return; }
-    if (html !== shown) {
+    if (html !== null) {
       const open = new Set(Array.from(list.querySelectorAll("details[open]"),
                                       (d) => d.dataset.key));
       const parsed = new DOMParser().parseFromString(html, "text/html");
@@ -148,7 +149,7 @@ async function refresh() {
         if (open.has(d.dataset.key)) { d.open = true; }
       });
       list.replaceChildren(...Array.from(parsed.body.childNodes));
-      shown = html;
+      version = response.headers.get("ETag");
     }
     state.textContent = "live";
     state.className = "";
@@ -400,6 +401,7 @@ def render_visits(
     dimension_names: Mapping[int, str] | None = None,
     hits_stored: int = 0,
     hits_limit: int = 0,
+    visits_limit: int | None = None,
 ) -> str:
     """The visits list (what `/visits.html` answers and the page starts with)."""
     names = dimension_names or {}
@@ -408,8 +410,12 @@ def render_visits(
     if q:
         summary += f" matching “{_text(q)}”"
     if hits_limit and hits_stored > hits_limit:
-        summary += f", from the last {hits_limit} hits received"
-    parts = [f'<p class="summary" id="summary">{summary}, newest visit first</p>']
+        summary += f" in the last {hits_limit} hits received"
+    summary += ", newest visit first"
+    shown = visits[:visits_limit]
+    if len(shown) < len(visits):
+        summary += f" (the {len(shown)} most recent shown)"
+    parts = [f'<p class="summary" id="summary">{summary}</p>']
     if not visits:
         hint = (
             "No visit matches the filter."
@@ -417,7 +423,7 @@ def render_visits(
             else "No hit yet: send hits to <code>/matomo.php</code> on this server."
         )
         parts = [f'<p class="empty" id="summary">{hint}</p>']
-    parts.extend(_visit(visit, names) for visit in visits)
+    parts.extend(_visit(visit, names) for visit in shown)
     return "\n".join(parts)
 
 
@@ -426,17 +432,24 @@ def render_page(
     nonce: str,
     *,
     q: str = "",
+    version: str = "",
     dimension_names: Mapping[int, str] | None = None,
     hits_stored: int = 0,
     hits_limit: int = 0,
+    visits_limit: int | None = None,
 ) -> str:
-    """The whole page, with `visits` (newest first) already in it."""
+    """The whole page, with `visits` (newest first) already in it.
+
+    `version` is the ETag of that list: the script asks for a new one only when
+    the collector's version differs.
+    """
     listing = render_visits(
         list(visits),
         q=q,
         dimension_names=dimension_names,
         hits_stored=hits_stored,
         hits_limit=hits_limit,
+        visits_limit=visits_limit,
     )
     script = _SCRIPT.replace("REFRESH_MS", str(REFRESH_MS))
     nonce = escape(nonce)
@@ -455,7 +468,7 @@ def render_page(
  placeholder="Filter: URL, title, event, IP, user agent, value" aria-label="Filter visits">
 <span id="state">live</span>
 </header>
-<main id="visits">
+<main id="visits" data-version="{escape(version)}">
 {listing}
 </main>
 <script nonce="{nonce}">{script}</script>
