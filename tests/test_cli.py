@@ -396,10 +396,22 @@ def test_collector_command_prints_the_address(
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     assert main(["collector", "--port", "0", "--db", "h.sqlite", "--sites", "1,2,"]) == 0
-    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False})]
+    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False, "dimensions": {}})]
     out = capsys.readouterr().out
     assert "asgi-matomo collector: open http://127.0.0.1:" in out
     assert "/matomo.php" in out
+
+
+def test_collector_command_dimension_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    options: list[dict[str, Any]] = []
+
+    def fake_serve(*args: Any, ready: Callable[[Collector], None], **given: Any) -> None:
+        options.append(given)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    argv = ["collector", "--dimension", "3=http_status_code", "--dimension", " 4 = http_method "]
+    assert main(argv) == 0
+    assert options == [{"dimensions": {3: "http_status_code", 4: "http_method"}}]
 
 
 def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
@@ -417,6 +429,10 @@ def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> No
         ["collector", "--sites", "one"],
         ["collector", "--sites", "0"],
         ["collector", "--sites", ","],
+        ["collector", "--dimension", "3"],
+        ["collector", "--dimension", "three=status"],
+        ["collector", "--dimension", "0=status"],
+        ["collector", "--dimension", "3= "],
         ["check", "--matomo-url", "https://m.test", "--idsite", "0"],
         ["check", "--matomo-url", "https://m.test", "--idsite", "x"],
         ["check", "--idsite", "1"],

@@ -43,6 +43,17 @@ def _sites(value: str) -> list[int]:
     return sites
 
 
+def _dimension(value: str) -> tuple[int, str]:
+    number, sep, name = value.partition("=")
+    try:
+        dimension = int(number) if sep and name.strip() else 0
+    except ValueError:
+        dimension = 0
+    if dimension < 1:
+        raise argparse.ArgumentTypeError(f"expected ID=NAME like 3=http_status_code, got {value!r}")
+    return dimension, name.strip()
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -83,6 +94,14 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer like a Matomo with the QueuedTracking plugin: no counts, hits"
         " validated after the answer",
+    )
+    collector.add_argument(
+        "--dimension",
+        type=_dimension,
+        action="append",
+        default=[],
+        metavar="ID=NAME",
+        help="name a custom dimension on the page, e.g. 3=http_status_code (repeatable)",
     )
     collector.set_defaults(handler=_run_collector)
 
@@ -159,6 +178,7 @@ def _run_collector(args: argparse.Namespace) -> int:
             args.sites,
             queued_tracking=args.queued_tracking,
             ready=ready,
+            dimensions=dict(args.dimension),
         )
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

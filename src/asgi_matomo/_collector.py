@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from asgi_matomo._collector_log import RefusalLog
-from asgi_matomo._collector_page import render_page
+from asgi_matomo._collector_page import render_page, render_visits
+from asgi_matomo._visits import Visit, group_visits, matches
 
 if TYPE_CHECKING:
     import os
@@ -71,6 +73,10 @@ CID_LENGTH = 16
 BRUTE_FORCE_LIMIT = 20
 MAX_BODY = 32 * 1024 * 1024
 DEFAULT_API_LIMIT = 100
+# The visits log groups this many of the latest hits and shows this many visits:
+# bounded work per refresh, and a page a browser keeps up with.
+PAGE_HITS = 1000
+PAGE_VISITS = 100
 MAX_API_LIMIT = 1000
 # A safety net for idle keep-alive connections; stop() closes them anyway.
 CONNECTION_TIMEOUT = 60.0
@@ -471,6 +477,8 @@ class Collector:
         queued_tracking: answer like a Matomo with the QueuedTracking plugin:
             hits are queued and validated later, so answers carry no counts and
             refuse nothing but a `cip` without the right token.
+        dimensions: names of custom dimension ids, for the page (e.g. the
+            middleware's `custom_dimensions` turned around: `{3: "http_status_code"}`).
     """
 
     def __init__(
@@ -482,6 +490,7 @@ class Collector:
         token: str | None = None,
         sites: Iterable[int] | None = None,
         queued_tracking: bool = False,
+        dimensions: Mapping[int, str] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -493,6 +502,9 @@ class Collector:
         self._queued = queued_tracking
         self._refusals = RefusalLog()
         self._seen_sites: set[int] = set()
+        self._dimensions = _dimension_names(dimensions)
+        # Tells this collector's page versions from another's (a restart on the same file).
+        self._page_epoch = secrets.token_hex(4)
         self._cond = threading.Condition()
         self._db = sqlite3.connect(
             ":memory:" if db_path is None else db_path,
@@ -656,6 +668,14 @@ class Collector:
         args.append(limit)
         return self._select(sql, args)
 
+    def visits(self, *, q: str = "", last_hits: int = PAGE_HITS) -> list[Visit]:
+        """The latest `last_hits` hits grouped into visits the way Matomo groups them.
+
+        Newest visit first; with `q`, only the visits with a text that contains it.
+        """
+        hits = self._select("SELECT * FROM hits ORDER BY id DESC LIMIT ?", (last_hits,))
+        return [v for v in group_visits(hits) if matches(v, q, self._dimensions)]
+
     # -- storage -------------------------------------------------------------
 
     def _select(self, sql: str, args: Iterable[object]) -> list[StoredHit]:
@@ -715,7 +735,11 @@ class Collector:
         elif path == "/index.php":
             answer = self._reporting_api(handler, split.query, body)
         elif path in ("/", "/index.html") and handler.command == "GET":
-            answer = self._page()
+            answer = self._page(split.query)
+        elif path == "/visits.html" and handler.command == "GET":
+            answer = self._visits_fragment(handler, split.query)
+        elif path == "/api/visits" and handler.command == "GET":
+            answer = self._api_visits(split.query)
         elif path == "/api/hits" and handler.command == "GET":
             answer = self._api(split.query)
         else:
@@ -1100,19 +1124,61 @@ class Collector:
             "params": json.dumps(params),
         }
 
-    def _page(self) -> _Answer:
+    def _page_version(self, q: str) -> str:
+        """The ETag of the visits list: the page changes only when hits arrive."""
+        return f'"{self._page_epoch}-{self._hit_count}-{zlib.crc32(q.encode()):08x}"'
+
+    def _page(self, query: str) -> _Answer:
         nonce = secrets.token_urlsafe(16)
-        hits = [hit.to_json() for hit in self.api_hits()]
+        q = _query_params(query).get("q", "")
+        version = self._page_version(q)
+        page = render_page(
+            self.visits(q=q, last_hits=PAGE_HITS),
+            nonce,
+            q=q,
+            version=version,
+            dimension_names=self._dimensions,
+            hits_stored=self._hit_count,
+            hits_limit=PAGE_HITS,
+            visits_limit=PAGE_VISITS,
+        )
         csp = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
             " connect-src 'self'; base-uri 'none'; form-action 'none'"
         )
         return _Answer(
             200,
-            render_page(hits, nonce).encode(),
+            page.encode(),
             "text/html; charset=utf-8",
             {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"},
         )
+
+    def _visits_fragment(self, handler: _Handler, query: str) -> _Answer:
+        """The page's visits list alone, which its script asks for every second."""
+        q = _query_params(query).get("q", "")
+        version = self._page_version(q)
+        headers = {"Cache-Control": "no-store", "ETag": version}
+        if handler.headers.get("If-None-Match") == version:
+            # Nothing new: no query, no grouping, no rendering while a page is left open.
+            return _Answer(304, headers=headers)
+        fragment = render_visits(
+            self.visits(q=q, last_hits=PAGE_HITS),
+            q=q,
+            dimension_names=self._dimensions,
+            hits_stored=self._hit_count,
+            hits_limit=PAGE_HITS,
+            visits_limit=PAGE_VISITS,
+        )
+        headers["X-Content-Type-Options"] = "nosniff"
+        return _Answer(200, fragment.encode(), "text/html; charset=utf-8", headers)
+
+    def _api_visits(self, query: str) -> _Answer:
+        params = _query_params(query)
+        last_hits = _int_param(params.get("last_hits"), PAGE_HITS)
+        if last_hits is None:
+            return _json_answer(400, {"error": "last_hits is an integer"})
+        visits = self.visits(q=params.get("q", ""), last_hits=max(1, min(last_hits, PAGE_HITS)))
+        return _json_answer(200, [visit.to_json() for visit in visits])
 
     def _api(self, query: str) -> _Answer:
         params = _query_params(query)
@@ -1193,6 +1259,17 @@ def _blocked_message(peer: str) -> str:
         " Matomo's brute-force protection does: fix the tracker's token, then restart"
         " the collector (Matomo: wait for the block to expire)"
     )
+
+
+def _dimension_names(names: Mapping[int, str] | None) -> dict[int, str]:
+    checked: dict[int, str] = {}
+    for dimension, name in (names or {}).items():
+        if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1:
+            raise ValueError(f"dimensions: ids are positive integers, got {dimension!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"dimensions: a name for dimension {dimension}, got {name!r}")
+        checked[dimension] = name.strip()
+    return checked
 
 
 def _json_or_none(value: object) -> str | None:
@@ -1280,12 +1357,13 @@ def _write(handler: _Handler, answer: _Answer) -> None:
         handler.send_header("Content-Type", answer.content_type)
     for name, value in answer.headers.items():
         handler.send_header(name, value)
-    if answer.status != 204:
+    # 204 and 304 have no body, nor a length.
+    if answer.status not in (204, 304):
         handler.send_header("Content-Length", str(len(answer.body)))
     if handler.close_connection:
         handler.send_header("Connection", "close")
     handler.end_headers()
-    if answer.status != 204:
+    if answer.status not in (204, 304):
         handler.wfile.write(answer.body)
 
 
@@ -1315,6 +1393,7 @@ def serve(
     *,
     queued_tracking: bool = False,
     ready: Callable[[Collector], None] | None = None,
+    dimensions: Mapping[int, str] | None = None,
 ) -> None:
     """Run a collector until Ctrl-C or SIGTERM.
 
@@ -1331,6 +1410,7 @@ def serve(
         token=token,
         sites=sites,
         queued_tracking=queued_tracking,
+        dimensions=dimensions,
     )
     # Never set: serve() returns only on Ctrl-C or SIGTERM.
     forever = threading.Event()

@@ -1,18 +1,38 @@
-"""The collector's live page: one self-contained HTML document, no external asset.
+"""The collector's visits log: one self-contained HTML page, no external asset.
 
-Hits carry attacker-controlled text (URLs, titles, user agents): the server
-escapes every value it renders and the script only ever sets `textContent`.
+Hits carry attacker-controlled text (URLs, titles, user agents, parameter names):
+every value is escaped here, on the server, and the page's script only swaps in
+what the server rendered (`/visits.html`), so there is one renderer to trust. The
+layout wraps at spaces; only URLs and values may break inside a word
+(`overflow-wrap: anywhere`), and only when one is wider than its box.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["cells", "render_page"]
+from asgi_matomo._useragent import describe
+
+if TYPE_CHECKING:
+    from asgi_matomo._collector import StoredHit
+    from asgi_matomo._visits import Visit
+
+__all__ = ["COLUMNS", "action_status", "cells", "render_page", "render_visits"]
 
 REFRESH_MS = 1000
+HTTP_STATUS_NAMES = frozenset({"http_status_code", "http_status"})
+TYPE_LABELS = {
+    "pageview": "page view",
+    "event": "event",
+    "search": "site search",
+    "download": "download",
+    "outlink": "outlink",
+    "ping": "ping",
+}
+# One hit as a row of text: the demo's console table.
 COLUMNS = (
     "Time (UTC)",
     "Type",
@@ -24,61 +44,113 @@ COLUMNS = (
     "Custom variables",
     "Visitor IP",
 )
+VIA = {
+    "uid": "from the user id",
+    "cid": "sent as cid",
+    "_id": "sent as _id",
+}
 
 _STYLE = """
-body { font: 14px system-ui, sans-serif; margin: 1.5rem; color: #222; }
-h1 { font-size: 1.3rem; margin: 0 0 .5rem; }
-#toolbar { display: flex; gap: 1rem; align-items: center; margin-bottom: .8rem; }
-#filter { padding: .3rem .5rem; width: 24rem; }
-#state { color: #666; }
-#state.offline { color: #b00; }
-table { border-collapse: collapse; width: 100%; }
-th, td { border-bottom: 1px solid #ddd; padding: .25rem .5rem; text-align: left;
-  vertical-align: top; word-break: break-all; }
-th { background: #f4f4f4; position: sticky; top: 0; }
-tr.hit td.status-error { color: #b00; font-weight: bold; }
+:root { --ink: #1d2430; --muted: #5b6675; --line: #e1e5ec; --bg: #f3f5f8;
+  --accent: #2f4fa8; --ok: #17713a; --warn: #8a5a00; --bad: #b3261e; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: var(--bg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+.top { position: sticky; top: 0; z-index: 1; background: #fff;
+  border-bottom: 1px solid var(--line); padding: .7rem 1.5rem;
+  display: flex; flex-wrap: wrap; align-items: center; gap: .5rem 1.25rem; }
+h1 { font-size: 1.15rem; margin: 0; }
+h1 .product { color: var(--muted); font-weight: normal; font-size: .9rem; }
+#filter { flex: 1 1 14rem; max-width: 30rem; padding: .4rem .6rem; font: inherit;
+  border: 1px solid #c3cad6; border-radius: 6px; }
+#state { font-size: .85rem; color: var(--ok); }
+#state::before { content: "\\25CF  "; }
+#state.offline { color: var(--bad); }
+main { padding: 1rem 1.5rem 2rem; max-width: 96rem; }
+.summary { color: var(--muted); margin: 0 0 .8rem; }
+.empty { background: #fff; border: 1px dashed #c3cad6; border-radius: 8px; padding: 1rem; }
+.visit { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  margin: 0 0 1rem; overflow: hidden; }
+.visit-head { display: flex; flex-wrap: wrap; align-items: baseline; gap: .2rem 1rem;
+  padding: .55rem 1rem; background: #f8f9fb; border-bottom: 1px solid var(--line); }
+.visit-head h2 { font-size: 1rem; margin: 0; }
+.visit-head .facts { color: var(--muted); font-size: .9rem; }
+.visit-body { display: grid; grid-template-columns: minmax(15rem, 22rem) minmax(0, 1fr); }
+.visitor { margin: 0; padding: .7rem 1rem; border-right: 1px solid var(--line);
+  display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .25rem .8rem;
+  align-content: start; font-size: .92rem; }
+.visitor dt { color: var(--muted); }
+.visitor dd { margin: 0; min-width: 0; }
+.note { color: var(--muted); font-size: .85rem; }
+.id { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .88rem; }
+.actions { list-style: none; margin: 0; padding: 0; min-width: 0; }
+.action { padding: .6rem 1rem; border-bottom: 1px solid var(--line); }
+.action:last-child { border-bottom: 0; }
+.action-head { display: flex; flex-wrap: wrap; align-items: baseline; gap: .15rem .6rem; }
+.action-head time { color: var(--muted); font-variant-numeric: tabular-nums; }
+.type { font-size: .75rem; text-transform: uppercase; letter-spacing: .03em;
+  color: var(--muted); border: 1px solid var(--line); border-radius: 4px; padding: 0 .35rem; }
+.type-event { color: #6b3fa0; border-color: #d9c9ee; }
+.title { font-weight: 600; }
+.untitled { color: var(--muted); font-style: italic; font-weight: normal; }
+.status { font-weight: 600; font-variant-numeric: tabular-nums; color: var(--ok); }
+.status-redirect { color: var(--warn); }
+.status-error { color: var(--bad); }
+.timing { color: var(--muted); font-size: .9rem; }
+.url { color: var(--accent); font-size: .9rem; margin-top: .1rem; }
+.event { margin-top: .2rem; }
+.label { color: var(--muted); font-size: .85rem; }
+.vars { list-style: none; margin: .35rem 0 0; padding: 0; display: flex; flex-wrap: wrap;
+  gap: .3rem; }
+.vars li { min-width: 0; background: #f1f3f7; border-radius: 4px; padding: .05rem .45rem;
+  font-size: .85rem; }
+.vars .name { color: var(--muted); }
+.vars .dim { color: var(--muted); font-size: .75rem; }
+details { margin-top: .35rem; font-size: .85rem; }
+summary { cursor: pointer; color: var(--muted); }
+.params { display: grid; grid-template-columns: fit-content(40%) minmax(0, 1fr);
+  gap: .1rem .8rem; margin: .3rem 0 0; padding: .4rem .6rem; background: #f8f9fb;
+  border-radius: 4px; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+.params dt { color: var(--muted); }
+.params dd { margin: 0; min-width: 0; }
+.wrap { overflow-wrap: anywhere; }
+@media (max-width: 760px) {
+  .top { padding: .6rem .75rem; }
+  main { padding: .75rem .75rem 1.5rem; }
+  .visit-body { grid-template-columns: minmax(0, 1fr); }
+  .visitor { border-right: 0; border-bottom: 1px solid var(--line); }
+  .action { padding: .55rem .75rem; }
+}
 """
 
-# Builds the same cells as `cells()` below, with textContent only.
+# Swaps in what the server renders; a <details> left open stays open.
 _SCRIPT = """
 "use strict";
-const body = document.getElementById("hits-body");
+const list = document.getElementById("visits");
 const filter = document.getElementById("filter");
 const state = document.getElementById("state");
-const count = document.getElementById("count");
+let version = list.dataset.version;
 let generation = 0;
-
-function text(value) { return value === null || value === undefined ? "" : String(value); }
-
-function cells(hit) {
-  const event = [hit.e_c, hit.e_a, hit.e_n, hit.e_v].filter((v) => v !== null).join(" / ");
-  const cvar = Object.values(hit.cvar || {}).map((p) => p[0] + "=" + p[1]).join(", ");
-  return [hit.time_iso, hit.hit_type, text(hit.action_name || hit.search), text(hit.url),
-          text(hit.http_status), text(hit.pf_srv), event, cvar, hit.visitor_ip];
-}
-
-function row(hit) {
-  const tr = document.createElement("tr");
-  tr.className = "hit";
-  tr.dataset.id = String(hit.id);
-  cells(hit).forEach((value, index) => {
-    const td = document.createElement("td");
-    td.textContent = value;
-    if (index === 4 && hit.http_status >= 400) { td.className = "status-error"; }
-    tr.appendChild(td);
-  });
-  return tr;
-}
 
 async function refresh() {
   const mine = ++generation;
   try {
-    const response = await fetch("/api/hits?limit=200&q=" + encodeURIComponent(filter.value));
-    if (!response.ok) { throw new Error("HTTP " + response.status); }
-    const hits = await response.json();
+    const query = encodeURIComponent(filter.value);
+    const response = await fetch("/visits.html?q=" + query,
+                                 {cache: "no-store", headers: {"If-None-Match": version}});
+    if (response.status !== 304 && !response.ok) { throw new Error("HTTP " + response.status); }
+    const html = response.status === 304 ? null : await response.text();
     if (mine !== generation) { return; }
-    body.replaceChildren(...hits.map(row));
-    count.textContent = String(hits.length);
+    if (html !== null) {
+      const open = new Set(Array.from(list.querySelectorAll("details[open]"),
+                                      (d) => d.dataset.key));
+      const parsed = new DOMParser().parseFromString(html, "text/html");
+      parsed.querySelectorAll("details").forEach((d) => {
+        if (open.has(d.dataset.key)) { d.open = true; }
+      });
+      list.replaceChildren(...Array.from(parsed.body.childNodes));
+      version = response.headers.get("ETag");
+    }
     state.textContent = "live";
     state.className = "";
   } catch (error) {
@@ -87,13 +159,20 @@ async function refresh() {
   }
 }
 
-filter.addEventListener("input", refresh);
+filter.addEventListener("input", () => {
+  // The filter is in the address too: a reload or a shared link keeps it.
+  const url = new URL(window.location.href);
+  if (filter.value) { url.searchParams.set("q", filter.value); }
+  else { url.searchParams.delete("q"); }
+  window.history.replaceState(null, "", url);
+  refresh();
+});
 setInterval(refresh, REFRESH_MS);
 """
 
 
 def cells(hit: Mapping[str, Any]) -> list[str]:
-    """The text of each column for one hit (as `StoredHit.to_json()` gives it)."""
+    """The text of each of `COLUMNS` for one hit (as `StoredHit.to_json()` gives it)."""
 
     def text(value: object) -> str:
         return "" if value is None else str(value)
@@ -113,20 +192,265 @@ def cells(hit: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _row(hit: Mapping[str, Any]) -> str:
-    status = hit["http_status"]
-    tds = []
-    for index, value in enumerate(cells(hit)):
-        error = index == 4 and isinstance(status, int) and status >= 400
-        attr = ' class="status-error"' if error else ""
-        tds.append(f"<td{attr}>{escape(value)}</td>")
-    return f'<tr class="hit" data-id="{int(hit["id"])}">{"".join(tds)}</tr>'
+def _text(value: object) -> str:
+    return escape("" if value is None else str(value))
 
 
-def render_page(hits: Sequence[Mapping[str, Any]], nonce: str) -> str:
-    """The whole page, with `hits` (newest first) already in the table."""
-    head = "".join(f"<th>{escape(name)}</th>" for name in COLUMNS)
-    rows = "\n".join(_row(hit) for hit in hits)
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%H:%M:%S")
+
+
+def _date(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _duration(seconds: float) -> str:
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, whole = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {whole} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def action_status(hit: StoredHit, dimension_names: Mapping[int, str]) -> int | None:
+    """The HTTP status of the request behind a hit: a custom variable or a named dimension."""
+    if hit.http_status is not None:
+        return hit.http_status
+    for dimension, value in hit.dimensions.items():
+        name = dimension_names.get(int(dimension), "")
+        if name.strip().lower() in HTTP_STATUS_NAMES and value.isascii() and value.isdigit():
+            return int(value)
+    return None
+
+
+def _status(status: int | None) -> str:
+    if status is None:
+        return ""
+    kind = "status-error" if status >= 400 else "status-redirect" if status >= 300 else ""
+    return f'<span class="status {kind}" title="HTTP status">{status}</span>'
+
+
+def _vars(hit: StoredHit, dimension_names: Mapping[int, str]) -> str:
+    items = []
+    for name, value in (hit.cvar or {}).values():
+        items.append(
+            f'<li class="cvar" title="custom variable"><span class="name wrap">{_text(name)}</span>'
+            f' <span class="value wrap">{_text(value)}</span></li>'
+        )
+    for dimension, value in sorted(hit.dimensions.items(), key=lambda item: int(item[0])):
+        known = dimension_names.get(int(dimension))
+        label = f'<span class="name">dimension{_text(dimension)}</span>'
+        if known:
+            label = (
+                f'<span class="name wrap">{_text(known)}</span>'
+                f' <span class="dim">dimension{_text(dimension)}</span>'
+            )
+        items.append(
+            f'<li class="dimension" title="custom dimension {_text(dimension)}">{label}'
+            f' <span class="value wrap">{_text(value)}</span></li>'
+        )
+    return f'<ul class="vars">{"".join(items)}</ul>' if items else ""
+
+
+def _params(hit: StoredHit, key: str) -> str:
+    rows = "".join(
+        f'<dt class="wrap">{_text(name)}</dt><dd class="wrap">{_text(value)}</dd>'
+        for name, value in sorted(hit.params.items())
+    )
+    count = _plural(len(hit.params), "raw parameter")
+    return (
+        f'<details data-key="{key}"><summary>{count}</summary><dl class="params">{rows}</dl>'
+        "</details>"
+    )
+
+
+def _title(hit: StoredHit) -> str:
+    if hit.hit_type == "search" and hit.search is not None:
+        extra = [f"category {hit.search_cat}"] if hit.search_cat else []
+        if hit.search_count is not None:
+            extra.append(_plural(hit.search_count, "result"))
+        suffix = f" ({', '.join(extra)})" if extra else ""
+        return f'<span class="title wrap">{_text(hit.search + suffix)}</span>'
+    if hit.action_name:
+        return f'<span class="title wrap">{_text(hit.action_name)}</span>'
+    if hit.hit_type == "pageview":
+        return '<span class="title untitled">no title</span>'
+    return ""
+
+
+def _event(hit: StoredHit) -> str:
+    if hit.hit_type != "event":
+        return ""
+    parts = [hit.e_c, hit.e_a, hit.e_n]
+    text = " / ".join(part for part in parts if part is not None)
+    value = "" if hit.e_v is None else f' <span class="label">value</span> {hit.e_v:g}'
+    return (
+        f'<div class="event"><span class="label">Event</span>'
+        f' <span class="wrap">{_text(text)}</span>{value}</div>'
+    )
+
+
+def _action(hit: StoredHit, dimension_names: Mapping[int, str]) -> str:
+    hit_type = TYPE_LABELS.get(hit.hit_type, hit.hit_type)
+    timing = (
+        ""
+        if hit.pf_srv is None
+        else f'<span class="timing" title="server time (pf_srv)">{hit.pf_srv} ms</span>'
+    )
+    url = f'<div class="url wrap">{_text(hit.url)}</div>' if hit.url else ""
+    return (
+        f'<li class="action" data-id="{hit.id}">'
+        f'<div class="action-head"><time>{_clock(hit.time)}</time>'
+        f' <span class="type type-{_text(hit.hit_type)}">{_text(hit_type)}</span>'
+        f" {_title(hit)} {_status(action_status(hit, dimension_names))} {timing}</div>"
+        f"{url}{_event(hit)}{_vars(hit, dimension_names)}{_params(hit, f'p{hit.id}')}"
+        "</li>"
+    )
+
+
+def _visitor(visit: Visit) -> str:
+    first = visit.first
+    rows: list[tuple[str, str]] = []
+    if visit.visitor_id is None:
+        rows.append(
+            ("Visitor", '<span class="note">no id sent: grouped by browser, IP and language</span>')
+        )
+    else:
+        via = VIA.get(visit.identified_by, "")
+        rows.append(
+            (
+                "Visitor",
+                f'<span class="id">{_text(visit.visitor_id)}</span>'
+                f' <span class="note">{_text(via)}</span>',
+            )
+        )
+    if visit.uid:
+        rows.append(("User ID", f'<span class="wrap">{_text(visit.uid)}</span>'))
+    if visit.ip_sent:
+        rows.append(("IP", f'<span class="wrap">{_text(first.visitor_ip)}</span>'))
+    else:
+        rows.append(
+            (
+                "IP",
+                f'no IP sent <span class="note">(the sender\'s: {_text(first.visitor_ip)})</span>',
+            )
+        )
+    software = describe(first.ua) if first.ua else None
+    if software is not None and (software.browser or software.os):
+        rows.append(("Browser", _text(software.browser or "unknown")))
+        system = software.os or "unknown"
+        if software.device:
+            system += f", {software.device}"
+        rows.append(("OS", _text(system)))
+    else:
+        rows.append(("User agent", f'<span class="wrap">{_text(first.ua or "none sent")}</span>'))
+    rows.append(("Language", f'<span class="wrap">{_text(first.lang or "none sent")}</span>'))
+    referrer = visit.referrer
+    rows.append(
+        (
+            "Referrer",
+            f'<span class="wrap">{_text(referrer)}</span>'
+            if referrer
+            else '<span class="note">none (direct entry)</span>',
+        )
+    )
+    for name, value in (first.cvar_visit or {}).values():
+        rows.append(
+            (
+                "Visit variable",
+                f'<span class="wrap">{_text(name)}</span> <span class="wrap">{_text(value)}</span>',
+            )
+        )
+    cells = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
+    return f'<dl class="visitor">{cells}</dl>'
+
+
+def _visit(visit: Visit, dimension_names: Mapping[int, str]) -> str:
+    first = visit.first
+    span = _clock(visit.started)
+    if visit.ended != visit.started:
+        # A visit never spans midnight (see _visits): one date is enough.
+        span += f" to {_clock(visit.ended)}"
+    facts = [
+        _plural(len(visit.actions), "action"),
+        _duration(visit.ended - visit.started),
+        f"site {visit.idsite}",
+    ]
+    actions = "".join(_action(hit, dimension_names) for hit in visit.actions)
+    return (
+        f'<article class="visit" data-first="{first.id}">'
+        f'<header class="visit-head"><h2>Visit on {_date(visit.started)}'
+        f' <span class="clock">{span} UTC</span></h2>'
+        f'<span class="facts">{" · ".join(facts)}</span></header>'
+        f'<div class="visit-body">{_visitor(visit)}<ol class="actions">{actions}</ol></div>'
+        "</article>"
+    )
+
+
+def render_visits(
+    visits: Sequence[Visit],
+    *,
+    q: str = "",
+    dimension_names: Mapping[int, str] | None = None,
+    hits_stored: int = 0,
+    hits_limit: int = 0,
+    visits_limit: int | None = None,
+) -> str:
+    """The visits list (what `/visits.html` answers and the page starts with)."""
+    names = dimension_names or {}
+    actions = sum(len(visit.actions) for visit in visits)
+    summary = f"{_plural(len(visits), 'visit')}, {_plural(actions, 'action')}"
+    if q:
+        summary += f" matching “{_text(q)}”"
+    if hits_limit and hits_stored > hits_limit:
+        summary += f" in the last {hits_limit} hits received"
+    summary += ", newest visit first"
+    shown = visits[:visits_limit]
+    if len(shown) < len(visits):
+        summary += f" (the {len(shown)} most recent shown)"
+    parts = [f'<p class="summary" id="summary">{summary}</p>']
+    if not visits:
+        hint = (
+            "No visit matches the filter."
+            if q
+            else "No hit yet: send hits to <code>/matomo.php</code> on this server."
+        )
+        parts = [f'<p class="empty" id="summary">{hint}</p>']
+    parts.extend(_visit(visit, names) for visit in shown)
+    return "\n".join(parts)
+
+
+def render_page(
+    visits: Iterable[Visit],
+    nonce: str,
+    *,
+    q: str = "",
+    version: str = "",
+    dimension_names: Mapping[int, str] | None = None,
+    hits_stored: int = 0,
+    hits_limit: int = 0,
+    visits_limit: int | None = None,
+) -> str:
+    """The whole page, with `visits` (newest first) already in it.
+
+    `version` is the ETag of that list: the script asks for a new one only when
+    the collector's version differs.
+    """
+    listing = render_visits(
+        list(visits),
+        q=q,
+        dimension_names=dimension_names,
+        hits_stored=hits_stored,
+        hits_limit=hits_limit,
+        visits_limit=visits_limit,
+    )
     script = _SCRIPT.replace("REFRESH_MS", str(REFRESH_MS))
     nonce = escape(nonce)
     return f"""<!DOCTYPE html>
@@ -138,18 +462,15 @@ def render_page(hits: Sequence[Mapping[str, Any]], nonce: str) -> str:
 <style nonce="{nonce}">{_STYLE}</style>
 </head>
 <body>
-<h1>asgi-matomo collector: hits received</h1>
-<div id="toolbar">
-<input id="filter" type="search" placeholder="Filter on URL or action" autocomplete="off">
-<span><span id="count">{len(hits)}</span> hits shown</span>
+<header class="top">
+<h1>Visits log <span class="product">asgi-matomo collector</span></h1>
+<input id="filter" type="search" value="{escape(q)}" autocomplete="off"
+ placeholder="Filter: URL, title, event, IP, user agent, value" aria-label="Filter visits">
 <span id="state">live</span>
-</div>
-<table id="hits">
-<thead><tr>{head}</tr></thead>
-<tbody id="hits-body">
-{rows}
-</tbody>
-</table>
+</header>
+<main id="visits" data-version="{escape(version)}">
+{listing}
+</main>
 <script nonce="{nonce}">{script}</script>
 </body>
 </html>

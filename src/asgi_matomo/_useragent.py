@@ -1,0 +1,62 @@
+"""Browser and operating system names read from a user agent, for the collector's page.
+
+The names come from ua-parser, the Python port of uap-core (the rule set that log
+analysers share, updated with new browsers every month). It is an optional extra
+(`pip install "asgi-matomo[collector]"`): without it the page shows the raw text,
+so the stand-in never needs more than the library itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+__all__ = ["Software", "describe"]
+
+# Distinct user agents remembered: the page asks again on every refresh.
+CACHE_SIZE = 512
+
+_Parse = Callable[[str], Any]
+
+
+def _load_parser() -> _Parse | None:
+    try:
+        from ua_parser import parse
+    except ImportError:
+        return None
+    return parse
+
+
+_PARSE: _Parse | None = _load_parser()
+
+
+@dataclass(frozen=True)
+class Software:
+    """What a user agent says it runs on; None for what the parser did not recognise."""
+
+    browser: str | None
+    os: str | None
+    device: str | None
+
+
+def _name(part: Any) -> str | None:
+    """`family major.minor` of a ua-parser result part (the way Matomo shows versions)."""
+    if part is None or not part.family or part.family == "Other":
+        return None
+    version = ".".join(v for v in (part.major, part.minor) if v)
+    return f"{part.family} {version}" if version else str(part.family)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def describe(user_agent: str) -> Software | None:
+    """The browser, OS and device in `user_agent`; None when ua-parser is not installed."""
+    if _PARSE is None:
+        return None
+    result = _PARSE(user_agent)
+    device = result.device
+    device_name = None
+    if device is not None and device.family not in ("Other", "Spider", ""):
+        device_name = str(device.family)
+    return Software(_name(result.user_agent), _name(result.os), device_name)

@@ -1,0 +1,206 @@
+"""Hits grouped into visits the way Matomo groups them, for the collector's page (sans-IO).
+
+Matomo (core/Tracker/VisitorRecognizer.php and Visit.php; verified on Matomo 5.1.2,
+see MATOMO.md "Visitors and visits") looks for the visit a hit continues among the
+site's visits whose last action is at most 30 minutes older than the hit:
+
+- a hit with `uid`: the visit of the visitor id derived from it, else the visit with
+  the hit's fingerprint (and the visit's visitor id becomes the one from `uid`);
+- with `cid`: the visit of that visitor id only (else a new visit);
+- with a 16-hex `_id`: the visit of that visitor id, else the fingerprint's;
+- with none of them: the visit with the hit's fingerprint.
+
+A new visit starts anyway with `new_visit=1`, on a new day (the stand-in's sites are
+in UTC) or after 10,000 actions. Matomo's fingerprint is a hash of the OS, browser
+name and version, the IP the hit carries, the language and the site; the stand-in
+uses the whole user agent text instead of the names read from it, so two user agents
+that differ elsewhere (a device model) are one visitor in Matomo and two here.
+Not modelled: a new visit when the campaign changes (Matomo's default), since a
+server-side tracker sends no campaign of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from asgi_matomo._collector import StoredHit
+
+__all__ = ["Visit", "group_visits", "matches", "user_id_visitor_id"]
+
+# Matomo's [Tracker] visit_standard_length.
+VISIT_WINDOW = 30 * 60.0
+# Matomo's [Tracker] create_new_visit_after_x_actions.
+MAX_ACTIONS_PER_VISIT = 10000
+VISITOR_ID_LENGTH = 16
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+IdentifiedBy = Literal["uid", "cid", "_id", "fingerprint"]
+
+
+def user_id_visitor_id(uid: str) -> str:
+    """The visitor id Matomo derives from a user id (Request::getUserIdHashed)."""
+    return hashlib.sha1(uid.encode(), usedforsecurity=False).hexdigest()[:VISITOR_ID_LENGTH]
+
+
+def _language(hit: StoredHit) -> str:
+    # Matomo compares the language lowercased and without spaces.
+    return "".join((hit.lang or "").lower().split())
+
+
+def _fingerprint(hit: StoredHit) -> tuple[int, str, str, str]:
+    return (hit.idsite, hit.ua or "", hit.visitor_ip, _language(hit))
+
+
+def _day(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _sent_visitor_id(hit: StoredHit) -> tuple[IdentifiedBy, str] | None:
+    """The visitor id the hit asks for, and where it comes from (Request::getVisitorId)."""
+    uid = hit.params.get("uid")
+    if uid:
+        return "uid", user_id_visitor_id(uid)
+    cid = hit.params.get("cid", "")
+    if cid:
+        return "cid", cid.lower()
+    visitor = hit.params.get("_id", "")[:VISITOR_ID_LENGTH]
+    if len(visitor) == VISITOR_ID_LENGTH and _HEX.fullmatch(visitor):
+        return "_id", visitor.lower()
+    return None
+
+
+def _forces_new_visit(hit: StoredHit) -> bool:
+    value = hit.params.get("new_visit", "").strip()
+    return value not in ("", "0")
+
+
+@dataclass
+class Visit:
+    """One visit: its visitor and its actions, oldest first."""
+
+    idsite: int
+    visitor_id: str | None
+    identified_by: IdentifiedBy
+    actions: list[StoredHit] = field(default_factory=list)
+    uid: str | None = None
+
+    @property
+    def first(self) -> StoredHit:
+        return self.actions[0]
+
+    @property
+    def last(self) -> StoredHit:
+        return self.actions[-1]
+
+    @property
+    def started(self) -> float:
+        return self.first.time
+
+    @property
+    def ended(self) -> float:
+        return self.last.time
+
+    @property
+    def ip_sent(self) -> bool:
+        """Whether the hit carried the visitor's IP (`cip`) rather than the sender's."""
+        return "cip" in self.first.params
+
+    @property
+    def referrer(self) -> str | None:
+        """The referrer of the visit: its first action's (Matomo keeps the entry's)."""
+        return self.first.urlref
+
+    def to_json(self) -> dict[str, Any]:
+        """The visit as a JSON-ready dict (what `/api/visits` answers)."""
+        first = self.first
+        return {
+            "idsite": self.idsite,
+            "visitor_id": self.visitor_id,
+            "identified_by": self.identified_by,
+            "uid": self.uid,
+            "visitor_ip": first.visitor_ip,
+            "ip_sent": self.ip_sent,
+            "ua": first.ua,
+            "lang": first.lang,
+            "referrer": self.referrer,
+            "started": self.started,
+            "ended": self.ended,
+            "actions": [hit.to_json() for hit in self.actions],
+        }
+
+
+def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
+    """The visits the hits make, most recently active first."""
+    visits: list[Visit] = []
+    # The most recently active visit per visitor id and per fingerprint: hits are
+    # taken in time order, so the visit that got the last action is Matomo's
+    # `ORDER BY visit_last_action_time DESC LIMIT 1`.
+    by_id: dict[tuple[int, str], Visit] = {}
+    by_fingerprint: dict[tuple[int, str, str, str], Visit] = {}
+    for hit in sorted(hits, key=lambda h: (h.time, h.id)):
+        sent = _sent_visitor_id(hit)
+        fingerprint = _fingerprint(hit)
+        found = by_id.get((hit.idsite, sent[1])) if sent else None
+        if found is None and (sent is None or sent[0] != "cid"):
+            found = by_fingerprint.get(fingerprint)
+        if found is not None and not _continues(found, hit):
+            found = None
+        visit = found
+        if visit is None:
+            visit = (
+                Visit(hit.idsite, sent[1], sent[0])
+                if sent
+                else Visit(hit.idsite, None, "fingerprint")
+            )
+            visits.append(visit)
+        elif sent and sent[0] == "uid":
+            # enable_userid_overwrites_visitorid (on by default).
+            visit.visitor_id, visit.identified_by = sent[1], "uid"
+        visit.actions.append(hit)
+        if hit.uid:
+            visit.uid = hit.uid
+        # The fingerprint is the visit's first hit's (the log_visit row's config_id).
+        by_fingerprint[_fingerprint(visit.first)] = visit
+        if visit.visitor_id is not None:
+            by_id[(visit.idsite, visit.visitor_id)] = visit
+    visits.sort(key=lambda v: (v.ended, v.last.id), reverse=True)
+    return visits
+
+
+def _continues(visit: Visit, hit: StoredHit) -> bool:
+    """Whether `hit` is one more action of `visit` rather than the start of a new one."""
+    return (
+        not _forces_new_visit(hit)
+        and hit.time - visit.ended <= VISIT_WINDOW
+        and _day(hit.time) == _day(visit.ended)
+        and len(visit.actions) < MAX_ACTIONS_PER_VISIT
+    )
+
+
+def _texts(visit: Visit, dimension_names: Mapping[int, str]) -> Iterable[str | None]:
+    yield visit.visitor_id
+    yield visit.uid
+    for hit in visit.actions:
+        yield from (hit.url, hit.action_name, hit.urlref, hit.search, hit.visitor_ip, hit.ua)
+        yield from (hit.e_c, hit.e_a, hit.e_n)
+        for slots in (hit.cvar, hit.cvar_visit):
+            for pair in (slots or {}).values():
+                yield from pair
+        for dimension, value in hit.dimensions.items():
+            yield dimension_names.get(int(dimension), f"dimension{dimension}")
+            yield value
+
+
+def matches(visit: Visit, needle: str, dimension_names: Mapping[int, str]) -> bool:
+    """Whether any text the page shows for the visit contains `needle` (any case)."""
+    needle = needle.strip().casefold()
+    if not needle:
+        return True
+    return any(needle in text.casefold() for text in _texts(visit, dimension_names) if text)

@@ -1,0 +1,44 @@
+"""Browser and OS names for the collector's page, with and without ua-parser."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from asgi_matomo import _useragent
+from asgi_matomo._useragent import Software, describe
+
+IPHONE = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15"
+    " (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> Iterator[None]:
+    describe.cache_clear()
+    yield
+    describe.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "software"),
+    [
+        (IPHONE, Software("Mobile Safari 17.4", "iOS 17.4", "iPhone")),
+        (FIREFOX, Software("Firefox 128.0", "Linux", None)),
+        ("python-httpx/0.27.0", Software(None, None, None)),
+    ],
+)
+def test_describe(user_agent: str, software: Software) -> None:
+    assert describe(user_agent) == software
+
+
+def test_without_ua_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The optional extra not installed: the import fails and the page shows raw text.
+    monkeypatch.setitem(sys.modules, "ua_parser", None)
+    assert _useragent._load_parser() is None
+    monkeypatch.setattr(_useragent, "_PARSE", None)
+    assert describe(FIREFOX) is None
