@@ -396,7 +396,9 @@ def test_collector_command_prints_the_address(
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     assert main(["collector", "--port", "0", "--db", "h.sqlite", "--sites", "1,2,"]) == 0
-    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False, "dimensions": {}})]
+    assert calls == [
+        ("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False, "dimensions": {}})
+    ]
     out = capsys.readouterr().out
     assert "asgi-matomo collector: open http://127.0.0.1:" in out
     assert "/matomo.php" in out
