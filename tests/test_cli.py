@@ -413,7 +413,9 @@ def test_collector_command_dimension_names(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(cli, "serve", fake_serve)
     argv = ["collector", "--dimension", "3=http_status_code", "--dimension", " 4 = http_method "]
     assert main(argv) == 0
-    assert options == [{"dimensions": {3: "http_status_code", 4: "http_method"}}]
+    assert options == [
+        {"queued_tracking": False, "dimensions": {3: "http_status_code", 4: "http_method"}}
+    ]
 
 
 def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,8 +83,10 @@ def test_every_request_is_received_exactly_once(collector: Collector, tmp_path: 
     assert "Application shutdown complete" in server.log()
     hits = collector.wait_for_hits(600, timeout=WAIT)
     assert numbers(hits) == Counter(range(600))
-    # Batched: far fewer Matomo requests than hits.
-    assert len(collector.requests) <= 600 // 50 + 2
+    # Batched: far fewer Matomo requests than hits. How full each batch is depends on
+    # how fast the requests arrive (a batch also leaves after flush_interval), so the
+    # bound leaves room for a slow, busy machine.
+    assert len(collector.requests) <= 600 // 10
 
 
 def test_matomo_down_then_back_loses_nothing(collector: Collector, tmp_path: Path) -> None:
