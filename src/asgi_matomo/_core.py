@@ -180,7 +180,7 @@ _DIRECT_ORDER = tuple(sorted({b"host", b"user-agent", b"accept-language", b"refe
 _LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
 
 
-def _header_value(value: object) -> str:
+def _header_value(value: object, keep_end: bool = False) -> str:
     if value.__class__ is bytes and len(value) <= _CACHED_LENGTH:
         text = _header_texts.get(value)
         if text is None:
@@ -188,7 +188,18 @@ def _header_value(value: object) -> str:
                 _header_texts.clear()
             text = _header_texts[value] = _decode(value).strip()
         return text
+    if keep_end:
+        return _clip_start(_decode(value).strip())
     return _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
+
+
+def _clip_start(text: str) -> str:
+    """A forwarding list clipped from the left: proxies append, so the trusted end stays.
+
+    Kept from the left, a visitor's long header would push out what the proxies
+    wrote after it, and the visitor's own entries would look like the last hops.
+    """
+    return text if len(text) <= MAX_TEXT_LENGTH else text[-MAX_TEXT_LENGTH:]
 
 
 def _headers(scope: Scope, wanted: tuple[bytes, ...] = _WANTED_ORDER) -> dict[bytes, str]:
@@ -211,7 +222,9 @@ def _headers(scope: Scope, wanted: tuple[bytes, ...] = _WANTED_ORDER) -> dict[by
                 if value is not None:
                     # A cache hit inline; the call only for a new or unusual value.
                     text = texts.get(value) if value.__class__ is bytes else None
-                    found[key] = text if text is not None else _header_value(value)
+                    found[key] = (
+                        text if text is not None else _header_value(value, key in _LIST_HEADERS)
+                    )
             return found
     return _headers_by_loop(raw)
 
@@ -232,10 +245,10 @@ def _headers_by_loop(raw: object) -> dict[bytes, str]:
         key = bytes(name).lower()
         if key not in _WANTED_HEADERS:
             continue
-        text = _header_value(value)
+        text = _header_value(value, key in _LIST_HEADERS)
         if key in found:
             if key in _LIST_HEADERS:
-                found[key] = _clip(f"{found[key]}, {text}", MAX_TEXT_LENGTH)
+                found[key] = _clip_start(f"{found[key]}, {text}")
             continue
         found[key] = text
     return found
