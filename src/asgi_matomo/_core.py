@@ -442,7 +442,7 @@ def route_template(scope: Scope) -> str | None:
     - Starlette and FastAPI leave the innermost matched route in `scope["route"]`
       and the mount prefixes in `root_path`. A `Mount` itself is not a template.
     - Litestar writes the matched template to `scope["path_template"]`.
-    - Django and Quart put nothing in the scope; a few lines of app code can store
+    - Django and Quart put nothing in the scope; `asgi_matomo.contrib` stores
       `request.resolver_match` (Django) or the template string itself (Quart's
       `request.url_rule.rule`) in `scope["route"]`. Django's routes are relative
       (`users/<int:pk>/`) and its regex routes (`^...`) are no template to show.
