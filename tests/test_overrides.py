@@ -11,14 +11,19 @@ from collections.abc import Iterator, Mapping
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo import _overrides
+from asgi_matomo import MatomoMiddleware, _overrides
+from asgi_matomo._collector import Collector
 from asgi_matomo._core import RequestInfo, TrackingConfig, build_hits, inspect_request
 from asgi_matomo._overrides import (
     MAX_CDT_AGE,
@@ -33,7 +38,10 @@ from asgi_matomo._overrides import (
     warn_once,
 )
 from asgi_matomo._proxy import parse_ip
+from asgi_matomo._types import Message, Receive, Scope, Send
 from tests.helpers import config, http_scope, params_of
+from tests.overrides_app import CASES
+from tests.servers import serve
 
 STARTED = 1_700_000_000.75
 REQUEST_TIME = "1700000000"
@@ -542,3 +550,93 @@ def test_merging_never_raises(source: dict[Any, Any]) -> None:
     merge_overrides(params, custom, source, fields)
     assert set(fields) <= {"cip", "cdt"}
     assert all(type(value) is str for value in [*params.values(), *custom.values()])
+
+
+# --- under a real server -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_awkward_overrides_under_a_real_server_keep_every_hit(tmp_path: Path) -> None:
+    """Each request's hit reaches Matomo, with what could be cleaned and nothing else."""
+    with Collector() as collector:
+        with (
+            serve("tests.overrides_app:app", collector.tracking_url, tmp_path) as server,
+            httpx.Client(base_url=server.url) as client,
+        ):
+            for case in CASES:
+                response = client.get(f"/{case}")
+                assert (response.status_code, response.text) == (200, case)
+        # The server has stopped and flushed.
+        hits = {httpx.URL(hit.url or "").path.strip("/"): hit for hit in collector.hits()}
+    assert sorted(hits) == sorted(CASES)
+    assert (hits["bytes"].uid, hits["bytes"].action_name) == ("user-7", "café")
+    assert hits["bytes"].cvar is not None
+    assert hits["bytes"].cvar["3"] == ["plan", "pro"]
+    for case in ("unprintable", "big-int", "cdt-float", "cdt-int", "cdt-nan", "cdt-ms", "bad-cid"):
+        assert hits[case].action_name == "kept", case
+        assert hits[case].uid is None, case
+        # The request time (whole seconds), not the time Matomo received the hit,
+        # which it would use for a cdt it ignores (the stand-in does the same).
+        assert hits[case].time < hits[case].received, case
+        assert hits[case].received - hits[case].time < 60, case
+    assert "cid" not in hits["bad-cid"].params
+    assert (hits["surrogates"].action_name, hits["surrogates"].uid) == ("a\ufffdb", "\ufffd")
+    long = hits["long"]
+    assert (len(long.action_name or ""), len(long.uid or "")) == (1024, 200)
+    assert len(long.params["dimension1"]) == 250
+    assert hits["many-cvars"].cvar is not None
+    assert len(hits["many-cvars"].cvar) == 5
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(written=overrides, replace=st.booleans())
+def test_any_override_through_the_middleware_keeps_the_response_and_the_hit(
+    written: dict[Any, Any], replace: bool
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    class Matomo:
+        """The smallest client the sender accepts: records each bulk body."""
+
+        async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+            received.append(json.loads(kwargs["content"]))
+            return httpx.Response(204)
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if replace:
+            scope["state"]["asgi_matomo"] = written
+        else:
+            scope["state"]["asgi_matomo"].update(written)
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"x", b"y")]})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    sent: list[Message] = []
+
+    async def main() -> None:
+        app = MatomoMiddleware(
+            handler,
+            matomo_url="https://matomo.example.org",
+            idsite=1,
+            client=Matomo(),  # type: ignore[arg-type]
+            access_token="t0ken",
+        )
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async with LifespanManager(app):
+            await app(http_scope("/page"), receive, send)
+
+    anyio.run(main)
+    assert sent == [
+        {"type": "http.response.start", "status": 201, "headers": [(b"x", b"y")]},
+        {"type": "http.response.body", "body": b"done"},
+    ]
+    (body,) = received
+    assert 1 <= len(body["requests"]) <= 2
+    for element in body["requests"]:
+        params = dict(parse_qsl(element[1:], keep_blank_values=True, errors="strict"))
+        assert (params["idsite"], params["rec"]) == ("1", "1")
