@@ -640,3 +640,31 @@ def test_any_override_through_the_middleware_keeps_the_response_and_the_hit(
     for element in body["requests"]:
         params = dict(parse_qsl(element[1:], keep_blank_values=True, errors="strict"))
         assert (params["idsite"], params["rec"]) == ("1", "1")
+
+
+# --- route_details: fixed values are checked when the middleware is built -----------------
+
+
+@pytest.mark.parametrize(
+    ("details", "error", "match"),
+    [
+        ({"uid": StrRaises()}, TypeError, r"route_details\['/x'\]\['uid'\]: .*cannot be written"),
+        ({"cvar": {"plan": StrRaises()}}, TypeError, r"\['cvar'\]"),
+        ({"cid": "not hex"}, ValueError, r"\['cid'\]: 'not hex' is not 16 hexadecimal"),
+        ({"cip": "here"}, ValueError, r"\['cip'\]: 'here' is not an IP address"),
+        ({"cdt": "soon"}, ValueError, r"\['cdt'\]: 'soon' is not a time"),
+        ({"cdt": float("nan")}, ValueError, r"\['cdt'\]"),
+        ({"pf_srv": -5}, ValueError, r"\['pf_srv'\]: -5 is not whole milliseconds"),
+        ({"x" * 65: 1}, ValueError, "no Matomo parameter"),
+    ],
+)
+def test_route_details_matomo_would_not_take_are_refused_at_start_up(
+    details: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        config(route_details={"/x": details})
+
+
+def test_route_details_that_are_only_long_or_bytes_are_taken_and_cleaned() -> None:
+    cfg = config(route_details={"/page": {"action_name": b"x" * 3000, "cdt": None, "cip": None}})
+    assert len(page_view({}, cfg)["action_name"]) == 1024

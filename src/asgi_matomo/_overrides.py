@@ -81,7 +81,11 @@ _warned: dict[str, set[str]] = {}
 
 
 class _RefusedError(ValueError):
-    """A value Matomo would refuse; the warning says why."""
+    """A value Matomo would refuse: `reason` completes "<value> ..."."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def warn_once(key: str, message: str, *args: object) -> None:
@@ -229,14 +233,7 @@ def _parameter(key: str, value: object) -> str | None:
         return clip_url(text, MAX_URL_LENGTH) if text is not None else None
     text = param_value(value, _limit_of(key))
     if text is not None and key in _VISITOR_ID_KEYS and not _VISITOR_ID.fullmatch(text):
-        warn_once(
-            f"visitor-id:{key}",
-            "asgi_matomo: %s override %s is not 16 hexadecimal characters, which Matomo "
-            "refuses; it is left out",
-            key,
-            shown(text),
-        )
-        raise _RefusedError(key)
+        raise _RefusedError("is not 16 hexadecimal characters: Matomo would refuse the hit")
     return text
 
 
@@ -247,18 +244,20 @@ def _cip(value: object) -> str | None:
     text = param_value(value, 64)
     address = parse_ip(text) if text else None
     if address is None:
-        warn_once(
-            "cip",
-            "asgi_matomo: cip override %s is not an IP address; the request's address is used",
-            shown(value),
-        )
-        raise _RefusedError("cip")
+        raise _RefusedError("is not an IP address: the request's address is used")
     return str(address)
 
 
 def _dropped(key: str, value: object, exc: Exception) -> None:
     if isinstance(exc, _RefusedError):
-        return  # already told why
+        warn_once(
+            f"refused:{key}",
+            "asgi_matomo: override %r left out: %s %s",
+            key,
+            shown(value),
+            exc.reason,
+        )
+        return
     warn_once(
         f"unwritable:{key}",
         "asgi_matomo: override %r left out: its value %s of type %s cannot be written as "
@@ -331,6 +330,48 @@ def merge_overrides(
                     )
         except Exception as exc:
             _dropped(key, value, exc)
+
+
+def check_fixed(name: str, details: Mapping[str, Any]) -> None:
+    """Refuse at start-up the fixed overrides (`route_details`) a request would leave out.
+
+    `name` names the option in the error (`route_details['/about']`). Values are
+    only tried here; each request cleans them again.
+    """
+    for key, value in details.items():
+        where = f"{name}[{key!r}]"
+        if len(key) > MAX_PARAMETER_NAME_LENGTH:
+            raise ValueError(f"{where}: no Matomo parameter has such a name")
+        try:
+            if key == "cvar" and isinstance(value, Mapping):
+                for variable, item in value.items():
+                    param_value(variable)
+                    param_value(item)
+            elif key == "cip":
+                _cip(value)
+            elif key == "cdt":
+                _check_time(value)
+            elif key.startswith("pf_"):
+                if value is not None and performance_value(value) is None:
+                    raise _RefusedError("is not whole milliseconds from 0 to 16777215")
+            elif key not in RESERVED_KEYS:
+                _parameter(key, value)
+        except _RefusedError as exc:
+            raise ValueError(f"{where}: {shown(value)} {exc.reason}") from None
+        except Exception as exc:
+            raise TypeError(
+                f"{where}: the {type(value).__name__} value cannot be written as text "
+                f"({type(exc).__name__}: {shown(str(exc))})"
+            ) from exc
+
+
+def _check_time(value: object) -> None:
+    try:
+        seconds = _seconds(value) if value is not None else 1
+    except Exception:
+        seconds = None
+    if seconds is None or not 0 < seconds < math.inf:
+        raise _RefusedError("is not a time Matomo reads (a unix time, a datetime, or text)")
 
 
 def _merge_custom_variables(custom: dict[str, str], variables: object) -> None:
