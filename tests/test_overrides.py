@@ -668,3 +668,13 @@ def test_route_details_matomo_would_not_take_are_refused_at_start_up(
 def test_route_details_that_are_only_long_or_bytes_are_taken_and_cleaned() -> None:
     cfg = config(route_details={"/page": {"action_name": b"x" * 3000, "cdt": None, "cip": None}})
     assert len(page_view({}, cfg)["action_name"]) == 1024
+
+
+def test_who_the_visitor_is_stays_out_of_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(track_visitor_ip=True)
+    with caplog.at_level(logging.DEBUG, logger="asgi_matomo"):
+        page_view({"cip": "198.51.100.777", "cid": "user@example.org", "uid": StrRaises()}, cfg)
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "198.51.100.777" not in logged
+    assert "user@example.org" not in logged
+    assert "'cip' left out: <str> is not an IP address" in logged

@@ -72,6 +72,8 @@ _DIMENSION = re.compile(r"dimension[0-9]+")
 _VISITOR_ID = re.compile(r"[0-9a-fA-F]{16}")
 _VISITOR_ID_KEYS = frozenset({"cid", "_id"})
 _BYTES_TYPES = (bytes, bytearray, memoryview)
+# Who the visitor is stays out of log lines: such values are shown by their type.
+_PERSONAL_KEYS = frozenset({"cip", "uid", "cid", "_id"})
 
 # Never taken from overrides into the query: the token lives in the POST body only.
 # `cip` and `cdt` are not dropped: they feed the `Hit` fields the sender controls.
@@ -249,12 +251,13 @@ def _cip(value: object) -> str | None:
 
 
 def _dropped(key: str, value: object, exc: Exception) -> None:
+    value_shown = shown(value) if key not in _PERSONAL_KEYS else f"<{type(value).__name__}>"
     if isinstance(exc, _RefusedError):
         warn_once(
             f"refused:{key}",
             "asgi_matomo: override %r left out: %s %s",
             key,
-            shown(value),
+            value_shown,
             exc.reason,
         )
         return
@@ -263,7 +266,7 @@ def _dropped(key: str, value: object, exc: Exception) -> None:
         "asgi_matomo: override %r left out: its value %s of type %s cannot be written as "
         "text (%s: %s); the rest of the hit is sent",
         key,
-        shown(value),
+        value_shown,
         type(value).__name__,
         type(exc).__name__,
         shown(str(exc)) if not isinstance(exc, RecursionError) else "too deeply nested",
@@ -287,8 +290,8 @@ def merge_overrides(
     except Exception as exc:
         warn_once(
             "overrides",
-            "asgi_matomo: the overrides %s cannot be read (%s); the hit is sent without them",
-            shown(source),
+            "asgi_matomo: overrides of type %s cannot be read (%s); the hit is sent without them",
+            type(source).__name__,
             type(exc).__name__,
         )
         return
