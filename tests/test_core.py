@@ -22,11 +22,10 @@ from asgi_matomo._core import (
     build_hits,
     encode_query,
     inspect_request,
-    param_value,
-    performance_value,
     quote_value,
     route_template,
 )
+from asgi_matomo._overrides import param_value, performance_value
 from tests.helpers import config, http_scope, params_of
 
 STARTED = 1_700_000_000.75

@@ -349,23 +349,38 @@ http {{
             proxy_pass {upstream};
             proxy_bind {bind};
             proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $host;
+            {headers}
         }}
     }}
 }}
 """
 
 
+NGINX_X_FORWARDED = """
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+"""
+# RFC 7239 written by nginx itself (it replaces whatever the visitor sent).
+NGINX_FORWARDED = """
+            proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\\"$host\\"";
+"""
+
+
 @contextlib.contextmanager
-def nginx(tmp_path: Path, upstream: str) -> Iterator[str]:
+def nginx(tmp_path: Path, upstream: str, headers: str = NGINX_X_FORWARDED) -> Iterator[str]:
     """nginx on EDGE in front of `upstream`, connecting from INNER; yields its URL."""
     assert NGINX is not None
     port = free_port(EDGE)
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(tmp=tmp_path, listen=f"{EDGE}:{port}", upstream=upstream, bind=INNER)
+        NGINX_CONF.format(
+            tmp=tmp_path,
+            listen=f"{EDGE}:{port}",
+            upstream=upstream,
+            bind=INNER,
+            headers=headers.strip(),
+        )
     )
     with (tmp_path / "nginx.out").open("wb") as out:
         process = subprocess.Popen(
@@ -397,3 +412,38 @@ def test_behind_nginx(collector: Collector, tmp_path: Path) -> None:
         hit = only_hit(collector)
     assert hit.visitor_ip == VISITOR
     assert hit.url == "http://www.example.org/?rid=nginx"  # no TLS at this nginx
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+@pytest.mark.parametrize("host", ["www.example.org", "www.example.org,for=6.6.6.6"])
+def test_behind_nginx_writing_forwarded(host: str, collector: Collector, tmp_path: Path) -> None:
+    """A comma in the quoted host (nginx accepts it in Host) does not split the element."""
+    opts = options(trusted_proxies=[INNER], forwarded_header="forwarded")
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=opts) as server,
+        nginx(tmp_path, server.url, NGINX_FORWARDED) as url,
+        client_from(VISITOR) as client,
+    ):
+        headers = {"host": host, "forwarded": "for=6.6.6.7"}
+        response = client.get(url + "/?rid=nginx", headers=headers)
+        assert response.status_code == 200
+        hit = only_hit(collector)
+    assert hit.visitor_ip == VISITOR
+    # A host with a comma is no host name: the request's own Host header is used.
+    assert hit.url == f"http://{host if ',' not in host else host_of(server)}/?rid=nginx"
+
+
+def test_a_quoted_host_with_a_comma_does_not_choose_the_visitor_ip(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """Each proxy quotes the Host it received; the visitor's comma stays inside the quotes."""
+    opts = options(trusted_proxies=[EDGE, INNER], forwarded_header="forwarded")
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=opts) as server,
+        two_proxies(server, "forwarded") as edge,
+        client_from(VISITOR) as client,
+    ):
+        headers = {"host": "good.com, for=6.6.6.6"}
+        client.get(edge.url + "/?rid=quoted", headers=headers).raise_for_status()
+        hit = only_hit(collector)
+    assert hit.visitor_ip == VISITOR

@@ -6,17 +6,9 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
-from django.utils.deprecation import MiddlewareMixin
 
 from asgi_matomo import MatomoMiddleware
 from asgi_matomo.trackers import PerfMsTracker
-
-
-class MatomoRouteMiddleware(MiddlewareMixin):
-    """Hand the matched URL pattern to asgi-matomo (for action_name_from_route=True)."""
-
-    def process_view(self, request, view_func, view_args, view_kwargs):
-        request.scope["route"] = request.resolver_match
 
 
 async def home(request: HttpRequest) -> HttpResponse:
@@ -60,7 +52,8 @@ settings.configure(
     SECRET_KEY="change me",  # noqa: S106 - a placeholder, as in Django's own templates
     DATABASES={},
     INSTALLED_APPS=[],
-    MIDDLEWARE=[f"{__name__}.MatomoRouteMiddleware"],
+    # Hands the matched URL pattern to asgi-matomo, for action_name_from_route=True.
+    MIDDLEWARE=["asgi_matomo.contrib.django.MatomoRouteMiddleware"],
 )
 
 application = MatomoMiddleware(

@@ -3,17 +3,13 @@ import asyncio
 from quart import Quart, request
 
 from asgi_matomo import MatomoMiddleware
+from asgi_matomo.contrib.quart import add_route_templates
 from asgi_matomo.trackers import PerfMsTracker
 
 app = Quart(__name__)
-
-
-@app.before_request
-async def matomo_route() -> None:
-    # Quart keeps the matched rule on the request, not in the ASGI scope: hand
-    # its template to asgi-matomo (used with action_name_from_route=True).
-    if request.url_rule is not None:
-        request.scope["route"] = request.url_rule.rule  # type: ignore[typeddict-unknown-key]
+# Quart keeps the matched rule to itself: hand its template (/users/<int:user_id>)
+# to asgi-matomo, for action_name_from_route=True.
+add_route_templates(app)
 
 
 @app.get("/")

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asgi_matomo._core import TrackingConfig, template_key
+from asgi_matomo._overrides import check_fixed
 from asgi_matomo._proxy import UNIX_SOCKET, parse_trusted_proxies
 from asgi_matomo._visitor import VisitorIds
 from asgi_matomo._visitor_key import visitor_key as _visitor_key
@@ -170,6 +171,7 @@ def _overrides(name: str, key: object, value: object) -> dict[str, Any]:
             f"{name}[{key!r}]: an event needs an action 'e_a' as well as a category 'e_c' "
             "(Matomo rejects events without one)"
         )
+    check_fixed(f"{name}[{key!r}]", details)
     return details
 
 

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from asgi_matomo._hit import Hit
+
+# Matomo's limits, cleaning and clipping live with the overrides; re-exported
+# here, where the rest of the request is cleaned with them.
+from asgi_matomo._overrides import CUSTOM_VARIABLE_SLOTS as CUSTOM_VARIABLE_SLOTS
+from asgi_matomo._overrides import MAX_ACTION_NAME_LENGTH as MAX_ACTION_NAME_LENGTH
+from asgi_matomo._overrides import MAX_CUSTOM_VARIABLE_LENGTH as MAX_CUSTOM_VARIABLE_LENGTH
+from asgi_matomo._overrides import MAX_DIMENSION_LENGTH as MAX_DIMENSION_LENGTH
+from asgi_matomo._overrides import MAX_TEXT_LENGTH as MAX_TEXT_LENGTH
+from asgi_matomo._overrides import MAX_URL_LENGTH as MAX_URL_LENGTH
+from asgi_matomo._overrides import clip_text as _clip
+from asgi_matomo._overrides import clip_url as _clip_url
+from asgi_matomo._overrides import merge_overrides as _merge_overrides
+from asgi_matomo._overrides import performance_value as performance_value
+from asgi_matomo._overrides import timestamp as _timestamp
+from asgi_matomo._overrides import warn_once as _warn_once
 from asgi_matomo._proxy import (
     IPNetwork,
     anonymize_ip,
@@ -30,20 +43,6 @@ from asgi_matomo._types import Scope
 from asgi_matomo._visitor import VisitorIds, cookie_visitor_id, valid_cid
 
 logger = logging.getLogger("asgi_matomo")
-
-# Matomo stores `url` and `action_name` up to 1024 characters (MATOMO.md).
-MAX_URL_LENGTH = 1024
-MAX_ACTION_NAME_LENGTH = 1024
-# Other free text from the visitor (user agent, languages, referrer) is bounded too,
-# so that a hostile request cannot make a queued hit arbitrarily large.
-MAX_TEXT_LENGTH = 2048
-# Matomo's CustomVariables plugin keeps names and values up to 200 characters and
-# offers 5 slots per scope unless an admin adds more (plugin-CustomVariables).
-MAX_CUSTOM_VARIABLE_LENGTH = 200
-CUSTOM_VARIABLE_SLOTS = 5
-# Largest performance value Matomo stores (a MEDIUMINT UNSIGNED column); larger
-# values are answered with success and dropped (MATOMO.md).
-MAX_PERFORMANCE_MS = 16_777_215
 
 # The two custom variables every hit carries, in this slot order.
 STATUS_VARIABLE = "http_status_code"
@@ -57,9 +56,6 @@ EVENT_KEYS = ("e_c", "e_a", "e_n", "e_v")
 # Parameters that describe the page view only. An event hit must not repeat them:
 # `new_visit` twice would start two visits, a second `urlref` could re-attribute it.
 PAGE_ONLY_KEYS = frozenset({"action_name", "cvar", "new_visit", "urlref", "search", "search_cat"})
-# Never taken from overrides into the query: the token lives in the POST body only.
-# `cip` and `cdt` are not dropped: they feed the `Hit` fields the sender controls.
-RESERVED_KEYS = frozenset({"token_auth", "cip", "cdt", "idsite", "rec"})
 
 _HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-_]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 # Characters that may stay unescaped in a URL path (RFC 3986 `pchar` and `/`).
@@ -164,23 +160,10 @@ def encode_query(params: Mapping[str, str]) -> str:
     )
 
 
-def _clip(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[:limit]
-
-
 # The decoded text of short header values: user agents, languages, referrers and
 # hosts take few distinct values. A plain dict (a lookup is cheaper than a call
 # through lru_cache), emptied when full so that it stays bounded.
 _header_texts: dict[bytes, str] = {}
-
-
-def _clip_url(value: str, limit: int) -> str:
-    """Truncate without leaving half a percent-escape at the end."""
-    if len(value) <= limit:
-        return value
-    clipped = value[:limit]
-    cut = clipped.rfind("%", len(clipped) - 2)
-    return clipped[:cut] if cut != -1 else clipped
 
 
 _WANTED_HEADERS = frozenset(
@@ -206,7 +189,7 @@ _LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
 COOKIE_VISITOR = b"cookie"
 
 
-def _header_value(value: object) -> str:
+def _header_value(value: object, keep_end: bool = False) -> str:
     if value.__class__ is bytes and len(value) <= _CACHED_LENGTH:
         text = _header_texts.get(value)
         if text is None:
@@ -214,7 +197,18 @@ def _header_value(value: object) -> str:
                 _header_texts.clear()
             text = _header_texts[value] = _decode(value).strip()
         return text
+    if keep_end:
+        return _clip_start(_decode(value).strip())
     return _clip(_decode(value).strip(), MAX_TEXT_LENGTH)
+
+
+def _clip_start(text: str) -> str:
+    """A forwarding list clipped from the left: proxies append, so the trusted end stays.
+
+    Kept from the left, a visitor's long header would push out what the proxies
+    wrote after it, and the visitor's own entries would look like the last hops.
+    """
+    return text if len(text) <= MAX_TEXT_LENGTH else text[-MAX_TEXT_LENGTH:]
 
 
 def _headers(
@@ -244,7 +238,9 @@ def _headers(
                 if value is not None:
                     # A cache hit inline; the call only for a new or unusual value.
                     text = texts.get(value) if value.__class__ is bytes else None
-                    found[key] = text if text is not None else _header_value(value)
+                    found[key] = (
+                        text if text is not None else _header_value(value, key in _LIST_HEADERS)
+                    )
             if cookie is not None:
                 value = table.get(COOKIE_VISITOR)
                 visitor = cookie_visitor_id(value, cookie) if value.__class__ is bytes else None
@@ -274,10 +270,10 @@ def _headers_by_loop(raw: object, cookie: re.Pattern[bytes] | None = None) -> di
                 # HTTP/2 may split the cookies over several fields.
                 cookies.append(bytes(value))
             continue
-        text = _header_value(value)
+        text = _header_value(value, key in _LIST_HEADERS)
         if key in found:
             if key in _LIST_HEADERS:
-                found[key] = _clip(f"{found[key]}, {text}", MAX_TEXT_LENGTH)
+                found[key] = _clip_start(f"{found[key]}, {text}")
             continue
         found[key] = text
     if cookies:
@@ -487,7 +483,7 @@ def route_template(scope: Scope) -> str | None:
     - Starlette and FastAPI leave the innermost matched route in `scope["route"]`
       and the mount prefixes in `root_path`. A `Mount` itself is not a template.
     - Litestar writes the matched template to `scope["path_template"]`.
-    - Django and Quart put nothing in the scope; a few lines of app code can store
+    - Django and Quart put nothing in the scope; `asgi_matomo.contrib` stores
       `request.resolver_match` (Django) or the template string itself (Quart's
       `request.url_rule.rule`) in `scope["route"]`. Django's routes are relative
       (`users/<int:pk>/`) and its regex routes (`^...`) are no template to show.
@@ -513,83 +509,6 @@ def route_template(scope: Scope) -> str | None:
     return (root if isinstance(root, str) else "") + path
 
 
-def param_value(value: object) -> str | None:
-    """How an override value is written as a Matomo parameter; None means omit."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, Mapping | list | tuple):
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    return str(value)
-
-
-def performance_value(value: object) -> str | None:
-    """Matomo keeps `pf_*` only as whole milliseconds in 0..16777215 (MATOMO.md)."""
-    if value.__class__ is float and math.isfinite(value):
-        # The middleware's own measure, once per request: the isinstance checks
-        # below are for what handlers write.
-        ms = round(value)
-        return str(ms) if 0 <= ms <= MAX_PERFORMANCE_MS else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    ms = round(value)
-    if 0 <= ms <= MAX_PERFORMANCE_MS:
-        return str(ms)
-    return None
-
-
-_warned: set[str] = set()
-_MAX_WARNINGS = 64
-
-
-def _warn_once(key: str, message: str, *args: object) -> None:
-    """Warn about a misuse once per distinct cause, not once per request."""
-    if key in _warned or len(_warned) >= _MAX_WARNINGS:
-        logger.debug(message, *args)
-        return
-    _warned.add(key)
-    logger.warning(message, *args)
-
-
-def _merge_overrides(
-    params: dict[str, str], custom: dict[str, str], source: Mapping[Any, Any], hit: dict[str, Any]
-) -> None:
-    """Apply one layer of overrides (route details, then the request's own)."""
-    for key, value in source.items():
-        # Handlers write this dict freely; a non-string key is not a parameter.
-        if not isinstance(key, str):
-            continue
-        if key == "cvar":
-            if isinstance(value, Mapping):
-                for name, item in value.items():
-                    text = param_value(item)
-                    if text is not None:
-                        custom[str(name)] = text
-            continue
-        if key in ("cip", "cdt"):
-            hit[key] = value
-            continue
-        if key in RESERVED_KEYS:
-            continue
-        text = performance_value(value) if key.startswith("pf_") else param_value(value)
-        if text is None:
-            params.pop(key, None)
-        else:
-            params[key] = text
-
-
 def _custom_variables(
     config: TrackingConfig, custom: Mapping[str, str], params: dict[str, str]
 ) -> str | None:
@@ -601,7 +520,7 @@ def _custom_variables(
     for name, value in custom.items():
         dimension = config.custom_dimensions.get(name)
         if dimension is not None:
-            params[f"dimension{dimension}"] = _clip(value, MAX_TEXT_LENGTH)
+            params[f"dimension{dimension}"] = _clip(value, MAX_DIMENSION_LENGTH)
             continue
         if len(slots) == CUSTOM_VARIABLE_SLOTS:
             _warn_once(
@@ -624,32 +543,6 @@ def _custom_variables(
 def _default_custom_variables(status: str, method: str) -> str:
     slots = {"1": [STATUS_VARIABLE, status], "2": [METHOD_VARIABLE, method]}
     return json.dumps(slots, ensure_ascii=False, separators=(",", ":"))
-
-
-def _timestamp(value: object, default: float) -> float:
-    """A `cdt` override as a unix time: a number, a datetime, or Matomo's text form.
-
-    Anything else (not finite, not positive, unparseable) keeps the request time:
-    one bad value must never make a hit impossible to encode.
-    """
-    if isinstance(value, datetime):
-        stamp = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        value = stamp.timestamp()
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text)
-        except ValueError:
-            try:
-                # Matomo's documented form, in UTC (MATOMO.md).
-                parsed = datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
-            except ValueError:
-                _warn_once("cdt", "asgi_matomo: cdt override %r is not a time; ignored", value)
-                return default
-            value = parsed.replace(tzinfo=timezone.utc).timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return default
-    return float(value) if math.isfinite(value) and value > 0 else default
 
 
 def _set_visitor(

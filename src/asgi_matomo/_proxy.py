@@ -8,6 +8,7 @@ client can send `X-Forwarded-For: 1.2.3.4` itself.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -79,17 +80,47 @@ def is_trusted(address: IPAddress | None, networks: Sequence[IPNetwork]) -> bool
     return any(address in network for network in networks)
 
 
+# One `name=value` pair of RFC 7239 and the delimiter after it: `;` (next pair),
+# `,` (next element) or the end. A value is a token or a quoted-string, in which
+# commas and semicolons are text and a backslash quotes the next character.
+_PAIR = re.compile(
+    r"""[ \t]*([^=,;"\s]*)[ \t]*"""
+    r"""(?:=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^,;"\s]*)))?"""
+    r"""[ \t]*([,;]|\Z)""",
+    re.DOTALL,
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
 def _forwarded_elements(header: str) -> list[dict[str, str]]:
-    """RFC 7239 `Forwarded`: elements by comma, pairs by semicolon."""
+    """RFC 7239 `Forwarded`: elements by comma, pairs by semicolon, outside quoted-strings.
+
+    `for=2.2.2.2;host="a, for=6.6.6.6"` is one element whose host is
+    `a, for=6.6.6.6`. A header that does not parse (a quote left open, text
+    after a closing quote, a parameter twice in one element) gives no element
+    at all: the visitor writes the left of the header, and a malformed left
+    part must not shift how the trusted proxies' elements after it are read.
+    """
     elements: list[dict[str, str]] = []
-    for element in header.split(","):
-        pairs: dict[str, str] = {}
-        for pair in element.split(";"):
-            name, sep, value = pair.partition("=")
-            if sep:
-                pairs[name.strip().lower()] = value.strip().strip('"')
-        elements.append(pairs)
-    return elements
+    pairs: dict[str, str] = {}
+    index = 0
+    while True:
+        match = _PAIR.match(header, index)
+        if match is None:
+            return []
+        name, quoted, token, delimiter = match.groups()
+        value = _QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else token
+        if name and value is not None:
+            key = name.lower()
+            if key in pairs:
+                return []
+            pairs[key] = value
+        if delimiter != ";":
+            elements.append(pairs)
+            if not delimiter:
+                return elements
+            pairs = {}
+        index = match.end()
 
 
 def _client_hop(chain: Sequence[str], networks: Sequence[IPNetwork]) -> tuple[int, str] | None:
