@@ -255,6 +255,23 @@ def test_a_database_that_is_not_ours_is_left_untouched_and_tried_again(
     spool.close()
 
 
+def test_count_is_a_probe_too_and_finds_the_hits_already_there(
+    path: Path, clock: FakeClock, faulty: None
+) -> None:
+    # The sender looks at the spool from time to time with count(): once the file
+    # can be used again, the hits written before it could not are found.
+    spool = guard(path, clock, opener=Faulty)
+    spool.put(hits(4))
+    Faulty.fault = sqlite3.OperationalError("attempt to write a readonly database")
+    assert spool.claim(10) == []
+    Faulty.fault = None
+    assert spool.count() == 0  # not tried before the backoff
+    clock.now += RETRY_FIRST_SECONDS
+    assert spool.count() == 4
+    assert [hit for _, hit in spool.claim(10)] == hits(4)
+    spool.close()
+
+
 def test_the_file_is_tried_again_with_a_bounded_backoff(
     path: Path, clock: FakeClock, logs: pytest.LogCaptureFixture
 ) -> None:
