@@ -255,6 +255,23 @@ def test_a_database_that_is_not_ours_is_left_untouched_and_tried_again(
     spool.close()
 
 
+def test_count_is_a_probe_too_and_finds_the_hits_already_there(
+    path: Path, clock: FakeClock, faulty: None
+) -> None:
+    # The sender looks at the spool from time to time with count(): once the file
+    # can be used again, the hits written before it could not are found.
+    spool = guard(path, clock, opener=Faulty)
+    spool.put(hits(4))
+    Faulty.fault = sqlite3.OperationalError("attempt to write a readonly database")
+    assert spool.claim(10) == []
+    Faulty.fault = None
+    assert spool.count() == 0  # not tried before the backoff
+    clock.now += RETRY_FIRST_SECONDS
+    assert spool.count() == 4
+    assert [hit for _, hit in spool.claim(10)] == hits(4)
+    spool.close()
+
+
 def test_the_file_is_tried_again_with_a_bounded_backoff(
     path: Path, clock: FakeClock, logs: pytest.LogCaptureFixture
 ) -> None:
@@ -425,7 +442,7 @@ def test_a_file_another_worker_moved_aside_is_not_moved_again(
 
 
 def test_a_file_deleted_or_replaced_while_in_use_is_made_again(
-    path: Path, clock: FakeClock
+    path: Path, clock: FakeClock, logs: pytest.LogCaptureFixture
 ) -> None:
     spool = guard(path, clock)
     spool.put(hits(1))
@@ -436,6 +453,10 @@ def test_a_file_deleted_or_replaced_while_in_use_is_made_again(
     assert path.exists()
     spool.ack([row_id])  # from the deleted file: ignored
     assert spool.count() == 3
+    assert errors(logs) == [
+        f"asgi_matomo: the spool {str(path)!r} was moved or deleted while in use:"
+        " a new one is made at that path"
+    ]
     spool.close()
 
 
@@ -554,6 +575,16 @@ def test_settling_ids_while_the_file_is_unusable_leaves_them_to_their_lease(
     spool.ack([rows[0][0]])
     assert spool.count() == 2
     assert spool.claim(10) == []
+    spool.close()
+
+
+def test_a_file_that_cannot_be_looked_at_after_opening_is_not_taken_for_replaced(
+    path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_spool_guard, "_identity", lambda p: None)
+    spool = guard(path, clock)
+    spool.put(hits(1))
+    assert spool.count() == 1
     spool.close()
 
 

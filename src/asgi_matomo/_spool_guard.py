@@ -197,9 +197,18 @@ class GuardedSpool:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the spool {self.path!r} is closed")
-            if self._spool is not None and _identity(self.path) != self._identity:
+            if (
+                self._spool is not None
+                and self._identity is not None
+                and _identity(self.path) != self._identity
+            ):
                 # Moved aside (by another worker that found it corrupt) or deleted:
                 # hits written to the old inode would never be read again.
+                logger.warning(
+                    "asgi_matomo: the spool %r was moved or deleted while in use:"
+                    " a new one is made at that path",
+                    self.path,
+                )
                 _close_quietly(self._spool)
                 self._spool = None
                 self._retry_at = -float("inf")
