@@ -177,7 +177,8 @@ class ReceivedRequest:
 
     `status` is 0 when no answer was sent (a dropped connection, or stop() during
     a delay). `elements` is the length of a bulk `requests` list (1 for a single
-    hit); `tracked`/`invalid` are counted the way Matomo reports them.
+    hit); `tracked`/`invalid` are counted the way Matomo reports them (with
+    `queued_tracking`, which reports none: the hits stored and dropped).
     """
 
     kind: Literal["single", "bulk"]
