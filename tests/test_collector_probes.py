@@ -54,6 +54,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
         pytest.param("send_image=0", 400, "text/html", id="no idsite"),
         pytest.param("idsite=abc&send_image=0", 400, "text/html", id="non-numeric idsite"),
         pytest.param("idsite=0&send_image=0", 400, "text/html", id="idsite 0"),
+        pytest.param("idsite=" + "9" * 5000, 400, "text/html", id="idsite of 5000 digits"),
         pytest.param("", 200, "text/html", id="no query"),
         pytest.param("idsite=1", 200, "image/gif", id="site without send_image"),
     ],

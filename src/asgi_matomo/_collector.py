@@ -82,10 +82,12 @@ MAX_SITES_SHOWN = 10
 # Sites the reporting API lists when every site is served (see _remember_site).
 MAX_SEEN_SITES = 1000
 
-_DIGITS = re.compile(r"[0-9]+")
+# Bounded: int() refuses strings of thousands of digits (ValueError), and no
+# number Matomo reads (site ids, slots, counts, times) needs more than 18.
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _HEX_ID = re.compile(r"[0-9a-fA-F]{16}")
-_DIMENSION = re.compile(r"dimension([0-9]+)")
+_DIMENSION = re.compile(r"dimension([0-9]{1,18})")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hits (
