@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -469,16 +469,16 @@ def test_importing_main_runs_nothing() -> None:
     assert module.main is main
 
 
-def read_stderr_until(process: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
-    """Read the process's stderr until `marker` shows up, with a deadline."""
-    assert process.stderr is not None
-    fd = process.stderr.fileno()
+def read_until(stream: IO[bytes] | None, marker: bytes, timeout: float = 20.0) -> bytes:
+    """Read a process's unbuffered output until `marker` shows up, with a deadline."""
+    assert stream is not None
+    fd = stream.fileno()
     text = b""
     deadline = time.monotonic() + timeout
     while marker not in text:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{marker!r} not on stderr within {timeout}s: {text!r}")
+            raise TimeoutError(f"{marker!r} not printed within {timeout}s: {text!r}")
         readable, _, _ = select.select([fd], [], [], left)
         if readable:
             chunk = os.read(fd, 65536)
@@ -491,13 +491,15 @@ def read_stderr_until(process: subprocess.Popen[bytes], marker: bytes, timeout: 
 def test_collector_without_options_takes_every_site_and_says_refusals() -> None:
     # Only --port 0 (any free port): the suite runs beside other servers.
     command = [sys.executable, "-m", "asgi_matomo", "collector", "--port", "0"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    ) as process:
         try:
-            first = read_line(process).decode()
-            match = re.search(r"open (http://127\.0\.0\.1:\d+)/", first)
-            assert match is not None, first
+            printed = read_until(process.stdout, b"Ctrl-C stops it.").decode()
+            match = re.search(r"open (http://127\.0\.0\.1:\d+)/", printed)
+            assert match is not None, printed
             base = match.group(1)
-            assert "sites: every site" in read_line(process).decode() + read_line(process).decode()
+            assert "sites: every site" in printed
             with httpx.Client(timeout=10) as client:
                 tracked = client.get(
                     f"{base}/matomo.php",
@@ -512,7 +514,7 @@ def test_collector_without_options_takes_every_site_and_says_refusals() -> None:
                 (12345, "https://a.test/docs-example")
             ]
             assert "https://a.test/docs-example" in page
-            said = read_stderr_until(process, b"idsite", 20).decode()
+            said = read_until(process.stderr, b"idsite").decode()
             assert " WARNING " in said
             assert "refused a hit (400): a hit without idsite" in said
             process.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from asgi_matomo import _collector
 from asgi_matomo._collector import GIF, Collector, ReceivedRequest
 
 TOKEN = "probe-token-0123456789"
@@ -53,6 +54,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
         pytest.param("send_image=0", 400, "text/html", id="no idsite"),
         pytest.param("idsite=abc&send_image=0", 400, "text/html", id="non-numeric idsite"),
         pytest.param("idsite=0&send_image=0", 400, "text/html", id="idsite 0"),
+        pytest.param("idsite=" + "9" * 5000, 400, "text/html", id="idsite of 5000 digits"),
         pytest.param("", 200, "text/html", id="no query"),
         pytest.param("idsite=1", 200, "image/gif", id="site without send_image"),
     ],
@@ -124,6 +126,33 @@ def test_reporting_api_with_every_site(client: httpx.Client) -> None:
     # Every site exists: the list can only name the sites heard of so far.
     assert admin.json() == [77]
     assert "unexpected website" in unknown.json()["message"]
+
+
+def test_sites_heard_of_are_bounded(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_collector, "MAX_SEEN_SITES", 2)
+    with Collector(token=TOKEN) as collector:
+        for site in (5, 6, 7):
+            client.get(collector.tracking_url, params={"idsite": str(site), "rec": "1"})
+        admin = client.post(
+            collector.base_url + "/index.php",
+            data={
+                "module": "API",
+                "method": "SitesManager.getSitesIdWithAdminAccess",
+                "token_auth": TOKEN,
+            },
+        )
+        assert len(collector.wait_for_hits(3)) == 3
+    assert admin.json() == [5, 6]
+
+
+def test_a_long_list_of_sites_is_shortened(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asgi_matomo")
+    with Collector(sites=range(1, 31)) as collector:
+        client.get(collector.tracking_url, params={"idsite": "99", "rec": "1"})
+    (said,) = warnings_of(caplog)
+    assert "(sites: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...)" in said
 
 
 # -- refusals said on the console ---------------------------------------------------

@@ -166,9 +166,6 @@ def _run_collector(args: argparse.Namespace) -> int:
     console.setFormatter(logging.Formatter(CONSOLE_FORMAT, CONSOLE_TIME_FORMAT))
     console.setLevel(logging.WARNING)
     logger.addHandler(console)
-    level = logger.level
-    if logger.getEffectiveLevel() > logging.WARNING:
-        logger.setLevel(logging.WARNING)
     try:
         serve(
             args.host,
@@ -185,7 +182,6 @@ def _run_collector(args: argparse.Namespace) -> int:
         return 1
     finally:
         logger.removeHandler(console)
-        logger.setLevel(level)
     return 0
 
 

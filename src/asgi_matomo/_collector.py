@@ -88,10 +88,12 @@ MAX_SITES_SHOWN = 10
 # Sites the reporting API lists when every site is served (see _remember_site).
 MAX_SEEN_SITES = 1000
 
-_DIGITS = re.compile(r"[0-9]+")
+# Bounded: int() refuses strings of thousands of digits (ValueError), and no
+# number Matomo reads (site ids, slots, counts, times) needs more than 18.
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _HEX_ID = re.compile(r"[0-9a-fA-F]{16}")
-_DIMENSION = re.compile(r"dimension([0-9]+)")
+_DIMENSION = re.compile(r"dimension([0-9]{1,18})")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hits (
@@ -183,7 +185,8 @@ class ReceivedRequest:
 
     `status` is 0 when no answer was sent (a dropped connection, or stop() during
     a delay). `elements` is the length of a bulk `requests` list (1 for a single
-    hit); `tracked`/`invalid` are counted the way Matomo reports them.
+    hit); `tracked`/`invalid` are counted the way Matomo reports them (with
+    `queued_tracking`, which reports none: the hits stored and dropped).
     """
 
     kind: Literal["single", "bulk"]
