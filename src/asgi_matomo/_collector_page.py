@@ -44,11 +44,7 @@ COLUMNS = (
     "Custom variables",
     "Visitor IP",
 )
-VIA = {
-    "uid": "from the user id",
-    "cid": "sent as cid",
-    "_id": "sent as _id",
-}
+VIA = {"uid": "from uid", "cid": "from cid", "_id": "from _id"}
 
 _STYLE = """
 :root { --ink: #1d2430; --muted: #5b6675; --line: #e1e5ec; --bg: #f3f5f8;
@@ -465,7 +461,7 @@ def render_page(
 <header class="top">
 <h1>Visits log <span class="product">asgi-matomo collector</span></h1>
 <input id="filter" type="search" value="{escape(q)}" autocomplete="off"
- placeholder="Filter: URL, title, event, IP, user agent, value" aria-label="Filter visits">
+ placeholder="Filter: URL, title, IP, any text" aria-label="Filter visits">
 <span id="state">live</span>
 </header>
 <main id="visits" data-version="{escape(version)}">
