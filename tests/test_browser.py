@@ -460,6 +460,12 @@ def test_visits_log(browser: Browser) -> None:
         assert browser.evaluate("document.querySelectorAll('main img').length") == 0
         assert browser.evaluate("document.title") == "asgi-matomo collector"
 
+        # A value longer than a phone's screen breaks where it must, and nothing overflows.
+        assert visit(app, "192.0.2.44", "/titled?t=" + "W" * 300, 140, 1) == 404
+        browser.wait_until("document.querySelectorAll('.action').length === 10", "the long title")
+        assert browser.evaluate(SPLIT_WORDS) == []
+        assert browser.evaluate(OVERFLOW) == 0
+
         # The filter asks the collector again, on every keystroke, and is kept in the
         # address: a reload shows the same visits.
         browser.evaluate(

@@ -21,7 +21,7 @@ def test_visitor_details() -> None:
     html = render(
         hit(1, 0, cip="203.0.113.7", urlref="https://search.test/?q=a", cid="0123456789abcdef")
     )
-    assert '<span class="id">0123456789abcdef</span> <span class="note">sent as cid</span>' in html
+    assert '<span class="id">0123456789abcdef</span> <span class="note">from cid</span>' in html
     assert '<dt>IP</dt><dd><span class="wrap">203.0.113.7</span></dd>' in html
     assert "<dt>Browser</dt><dd>Firefox 128.0</dd><dt>OS</dt><dd>Linux</dd>" in html
     assert '<dt>Language</dt><dd><span class="wrap">en</span></dd>' in html
@@ -63,7 +63,7 @@ def test_uid_and_visit_variables() -> None:
     first = replace(hit(1, 0, uid="alice"), cvar_visit={"1": ["tier", "gold"]})
     html = render(first)
     assert '<dt>User ID</dt><dd><span class="wrap">alice</span></dd>' in html
-    assert "from the user id" in html
+    assert "from uid" in html
     assert (
         '<dt>Visit variable</dt><dd><span class="wrap">tier</span> <span class="wrap">gold</span>'
         in html
