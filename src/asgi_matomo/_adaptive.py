@@ -14,11 +14,13 @@ bounds the options set:
 - Never so large that the expected answer time reaches half of `http_timeout`
   (a batch that times out after Matomo stored it would be sent twice). The
   expectation assumes, until the answers show otherwise, that Matomo handles
-  the hits in flight one after the other.
+  the hits in flight one after the other. An answer slower than 80 % of
+  `http_timeout` halves the batches in flight and shrinks the batch size at once.
 
-Decisions are taken once per round: when the batches sent with the current
-limits (up to `concurrency` of them) have been answered, so each change is
-judged on answers to the traffic it made.
+Decisions are taken once per window of about one answer time (Vector's
+"RTT window"): the answers that arrived in it are judged together, against
+the hits that were really in flight meanwhile. A push-back or an answer close
+to the timeout is acted on at once, and starts a new window.
 """
 
 from __future__ import annotations
@@ -30,38 +32,54 @@ __all__ = ["Controller"]
 # Where both limits start (within their bounds): the fixed sizes of earlier versions.
 INITIAL_CONCURRENCY = 4
 INITIAL_BATCH = 100
-# A round whose mean answer time exceeds the baseline by this factor means Matomo
+# A window whose mean answer time exceeds the baseline by this factor means Matomo
 # is getting slower under our traffic (plus an absolute margin: scheduling noise
 # on answers of a few milliseconds is not a trend).
 RISE = 1.5
 RISE_MARGIN = 0.005
-# Answer times this close to http_timeout (as a fraction of it) are too close.
+# Above the answer time the growth aims at (below), a smaller rise is enough.
+STEP_RISE = 1.1
+# The hits in flight grow only while the expected slowest answer stays below this
+# share of http_timeout...
 TIMEOUT_SHARE = 0.5
+# ... and an answer slower than this share of it cuts them at once.
+CUT_SHARE = 0.8
 # Multiplicative decreases: on rising answer times, and on push-back.
 SLOWER = 0.75
 BACK_OFF = 0.5
-# Weight of a new round in the baseline answer time (an exponential average).
+# Weight of a new window in the baseline answer time (an exponential average).
 BASELINE_WEIGHT = 0.3
-# The most the hits in flight may grow in one round.
+# The most the hits in flight may grow in one window.
 MAX_GROWTH = 4.0
+# The shortest window, in seconds: against a fast Matomo, decisions every few
+# milliseconds would follow noise.
+MIN_WINDOW = 0.1
 
 
 class Controller:
-    """The sender's two limits, and what each answer of Matomo does to them."""
+    """The sender's two limits, and what each answer of Matomo does to them.
+
+    `now` arguments are readings of a monotonic clock, in seconds.
+    """
 
     __slots__ = (
         "_answered",
+        "_answered_hits",
         "_backlog",
         "_baseline",
-        "_epoch_sent",
+        "_cut",
+        "_in_flight",
         "_max_rtt",
+        "_min_hits",
+        "_min_rtt",
+        "_peak",
         "_prev",
         "_slow_start",
         "_sum_rtt",
         "_too_slow",
+        "_window_end",
         "batch",
         "concurrency",
-        "epoch",
         "max_batch",
         "max_concurrency",
     )
@@ -70,32 +88,39 @@ class Controller:
         self.max_concurrency = max_concurrency
         self.max_batch = max_batch
         self._too_slow = http_timeout * TIMEOUT_SHARE
+        self._cut = http_timeout * CUT_SHARE
         self.concurrency = min(INITIAL_CONCURRENCY, max_concurrency)
         self.batch = min(INITIAL_BATCH, max_batch)
-        # Changes with every decision: answers to batches sent before it are not
-        # judged against the new limits.
-        self.epoch = 0
         self._slow_start = True
         self._baseline: float | None = None
-        # (hits in flight, mean answer time) of the last round that grew: how
+        self._in_flight = 0  # hits sent and not answered yet
+        # (peak hits in flight, slowest answer) of the last window that grew: how
         # answer times respond to more traffic.
-        self._prev: tuple[float, float] | None = None
-        self._new_round()
+        self._prev: tuple[int, float] | None = None
+        self._window_end: float | None = None  # None: begins with the next answer
+        self._new_window()
 
-    def _new_round(self) -> None:
-        self.epoch += 1
-        self._epoch_sent = 0
+    def _new_window(self, end: float | None = None) -> None:
+        self._window_end = end
         self._answered = 0
         self._sum_rtt = 0.0
         self._max_rtt = 0.0
+        self._min_rtt = math.inf
+        self._min_hits = 0  # of the fastest answer
+        self._answered_hits = 0
+        self._peak = self._in_flight
         self._backlog = False
 
     # -- what the sender reports ------------------------------------------------------
 
-    def sent(self) -> int:
-        """A batch leaves now; returns the epoch to give back with its answer."""
-        self._epoch_sent += 1
-        return self.epoch
+    def sent(self, hits: int) -> None:
+        """A batch of `hits` leaves now."""
+        self._in_flight += hits
+        self._peak = max(self._peak, self._in_flight)
+
+    def cancelled(self, hits: int) -> None:
+        """A batch of `hits` was cancelled before its answer: no longer in flight."""
+        self._in_flight = max(0, self._in_flight - hits)
 
     def backlog(self) -> None:
         """More hits wait than the limits let go: the limits are what holds them."""
@@ -105,19 +130,23 @@ class Controller:
         """A batch of `hits` was refused as too large (HTTP 413): smaller ones from now on."""
         self.batch = max(1, min(self.batch, hits // 2))
 
-    def answered(self, epoch: int, hits: int, seconds: float, *, pushed_back: bool) -> None:
-        """Matomo answered a batch of `hits` sent in `epoch` after `seconds`.
+    def answered(self, hits: int, seconds: float, now: float, *, pushed_back: bool) -> None:
+        """Matomo answered a batch of `hits` after `seconds`.
 
         `pushed_back`: it asked for less (429, 5xx), or did not answer in time
         or at all.
         """
-        if epoch != self.epoch:
-            return
+        self._in_flight = max(0, self._in_flight - hits)
+        if self._window_end is None:
+            # The first answer since the last cut: the window starts now (the very
+            # first one is short: the first batches are answered together).
+            self._window_end = now + max(MIN_WINDOW, self._baseline or 0.0)
+            self._peak = max(self._peak, self._in_flight + hits)
         if pushed_back:
             self._decrease(BACK_OFF)
             self.batch = max(min(INITIAL_BATCH, self.max_batch), self.batch // 2)
             return
-        if seconds > self._too_slow:
+        if seconds > self._cut:
             # Close to the timeout already: less in flight, smaller batches, now.
             self._decrease(BACK_OFF)
             self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
@@ -125,8 +154,12 @@ class Controller:
         self._answered += 1
         self._sum_rtt += seconds
         self._max_rtt = max(self._max_rtt, seconds)
-        if self._answered >= min(self.concurrency, self._epoch_sent):
-            self._judge_round()
+        self._answered_hits += hits
+        if seconds < self._min_rtt:
+            self._min_rtt, self._min_hits = seconds, hits
+        # A window lasts an answer time, or until every slot was answered once.
+        if now >= self._window_end or self._answered >= self.concurrency:
+            self._judge_window(now)
 
     # -- decisions --------------------------------------------------------------------
 
@@ -134,12 +167,18 @@ class Controller:
         self.concurrency = max(1, math.floor(self.concurrency * factor))
         self._slow_start = False
         self._prev = None
-        self._new_round()
+        # Answers to what was sent before the cut say nothing about the new limits:
+        # the next window starts with the next answer and lasts an answer time.
+        self._new_window()
 
-    def _judge_round(self) -> None:
+    def _judge_window(self, now: float) -> None:
         mean = self._sum_rtt / self._answered
         baseline = self._baseline
-        if baseline is not None and mean > baseline * RISE + RISE_MARGIN:
+        if baseline is not None and (
+            mean > baseline * RISE + RISE_MARGIN
+            # Above the target and rising: a step too far (the last growth).
+            or (self._max_rtt > self._too_slow and mean > baseline * STEP_RISE)
+        ):
             self._decrease(SLOWER)
             # The slower answers are the new normal to compare with.
             self._baseline = mean
@@ -149,27 +188,38 @@ class Controller:
         )
         if self._backlog:
             self._grow()
-        self._new_round()
+        self._new_window(now + max(MIN_WINDOW, self._baseline))
 
     def _grow(self) -> None:
-        in_flight = float(self.concurrency * self.batch)
+        peak = max(1, self._peak)
         slowest = self._max_rtt
-        # Seconds each more hit in flight adds to the slowest answer: measured from
-        # the last growth when there was one, else as if Matomo took the hits in
-        # flight one by one.
-        per_hit = slowest / in_flight
+        if slowest >= self._too_slow:
+            return
+        # Seconds each more hit in flight adds to an answer, from how the answers of
+        # this window spread: batches in flight together are answered one after the
+        # other by a Matomo that takes them one by one, together by one that does
+        # not. From a single answer: as if Matomo took the hits one by one.
+        estimates = []
+        fixed = 0.0
+        if self._answered > 1:
+            between = self._answered_hits - self._min_hits
+            estimates.append((slowest - self._min_rtt) / max(1, between))
+            fixed = max(0.0, self._min_rtt - self._min_hits * estimates[0])
         if self._prev is not None:
+            # And from how the slowest answer changed since the hits in flight last grew.
             before, before_slowest = self._prev
-            if in_flight > before:
-                per_hit = max(0.0, (slowest - before_slowest) / (in_flight - before))
+            if peak > before:
+                estimates.append((slowest - before_slowest) / (peak - before))
+        per_hit = max(estimates) if estimates else slowest / peak
+        limit = self.concurrency * self.batch
         growth = MAX_GROWTH if self._slow_start else 1.0 + 1.0 / self.concurrency
-        target = in_flight * growth
+        target = max(limit, peak * growth)
         if per_hit > 0:
             # The expected slowest answer with more in flight stays below the limit.
-            target = min(target, in_flight + (self._too_slow - slowest) / per_hit)
-        if target < in_flight + 1:
+            target = min(target, (self._too_slow - fixed) / per_hit)
+        if target < limit + 1:
             return
-        self._prev = (in_flight, slowest)
+        self._prev = (peak, slowest)
         # Larger batches first (fewer requests for the same hits), then more of them.
         self.batch = min(self.max_batch, max(self.batch, math.floor(target / self.concurrency)))
         self.concurrency = min(

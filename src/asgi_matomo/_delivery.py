@@ -216,12 +216,15 @@ class Delivery:
     async def _post(self, hits: list[Hit], *, authenticated: bool) -> Answer:
         self._reporter.counters.batches += 1
         controller = self._controller
-        epoch = controller.sent()
+        controller.sent(len(hits))
         started = self._clock()
-        answer = await self._transport.post(hits, authenticated=authenticated)
-        controller.answered(
-            epoch, len(hits), self._clock() - started, pushed_back=answer.kind is Kind.RETRY
-        )
+        try:
+            answer = await self._transport.post(hits, authenticated=authenticated)
+        except BaseException:  # cancelled: no answer to judge
+            controller.cancelled(len(hits))
+            raise
+        now = self._clock()
+        controller.answered(len(hits), now - started, now, pushed_back=answer.kind is Kind.RETRY)
         return answer
 
     async def _backoff(self, delay: float, *, wake_on_close: bool) -> None:
