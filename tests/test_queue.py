@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._queue import HitQueue
@@ -21,7 +22,8 @@ def hit(n: int) -> Hit:
 
 
 def queue(clock: Clock, batch_size: int = 3) -> HitQueue:
-    return HitQueue(max_size=10, batch_size=batch_size, flush_interval=1.0, clock=clock)
+    limits = SimpleNamespace(batch=batch_size)
+    return HitQueue(max_size=10, limits=limits, flush_interval=1.0, clock=clock)
 
 
 def test_a_batch_is_due_when_full() -> None:

@@ -33,7 +33,6 @@ from asgi_matomo._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from asgi_matomo._retry import RETRY_AFTER_CAP, RETRY_AFTER_JITTER, RETRY_BASE, RETRY_CAP
 from asgi_matomo._sender import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_CONCURRENT_BATCHES,
     BatchSender,
     Stats,
 )
@@ -318,7 +317,8 @@ def test_endpoint_must_be_an_http_url(endpoint: Any) -> None:
 
 def test_defaults_are_exported() -> None:
     sender = BatchSender(endpoint=ENDPOINT)
-    assert sender._batch_size == DEFAULT_BATCH_SIZE == 100
+    assert sender._batch_size == DEFAULT_BATCH_SIZE == 1000
+    assert sender._controller.batch == 100  # where the adaptive limit starts
     assert not sender.running
     assert sender.stats == Stats()
     assert not sender.force_flush()
@@ -1282,7 +1282,12 @@ async def test_a_token_revoked_after_it_was_verified_is_noticed(
     matomo = Matomo(fake)
     async with matomo.client() as client:
         sender = sender_for(
-            client, access_token=TOKEN, batch_size=5, clock=clock, sleep=clock.sleep
+            client,
+            access_token=TOKEN,
+            batch_size=5,
+            max_concurrent_batches=4,
+            clock=clock,
+            sleep=clock.sleep,
         )
         async with sender.running_in_background():
             with caplog.at_level(logging.ERROR, "asgi_matomo"):
@@ -1294,14 +1299,14 @@ async def test_a_token_revoked_after_it_was_verified_is_noticed(
                 matomo.gate = anyio.Event()
                 for n in range(15, 200):
                     sender.submit(hit(n, cip="203.0.113.7"))
-                await matomo.wait_for(3 + DEFAULT_MAX_CONCURRENT_BATCHES)
+                await matomo.wait_for(3 + 4)
                 matomo.gate.set()
                 assert await sender.aflush(DEADLINE)
     stats = sender.stats
     assert stats.token_rejected
     # Only the batches already on their way with the token when it was revoked;
     # the others wait for the verdict of the first one's probe.
-    assert fake.failed_logins <= DEFAULT_MAX_CONCURRENT_BATCHES
+    assert fake.failed_logins <= 4
     assert (stats.sent, stats.invalid, stats.dropped, stats.rejected) == (200, 0, 0, 0)
     tracked_with_cip = {
         n for body in matomo.bodies[: fake.accepted] for n in numbers(body["requests"])

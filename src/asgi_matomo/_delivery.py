@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.lowlevel
 
+from ._adaptive import Controller
 from ._bulk import Answer, Kind
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 from ._report import WHY, Reporter
@@ -22,7 +23,7 @@ from ._retry import retry_delay
 from ._token import TokenPolicy, TokenState, auth_hits
 from ._transport import Transport
 
-__all__ = ["Batch", "Delivery"]
+__all__ = ["Batch", "Delivery", "Slots"]
 
 
 class Batch:
@@ -39,6 +40,34 @@ class Batch:
         self.worker = worker
 
 
+class Slots:
+    """Room for batches in flight: as many as the controller's `concurrency` says now."""
+
+    __slots__ = ("_changed", "_controller", "busy")
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+        self.busy = 0
+        self._changed = anyio.Event()
+
+    def full(self) -> bool:
+        return self.busy >= self._controller.concurrency
+
+    async def acquire(self) -> None:
+        # The limit changes only when an answer arrives, and every answer is
+        # followed by a release (or a retry of a batch that keeps its slot).
+        while self.busy >= self._controller.concurrency:
+            await self._changed.wait()
+        self.busy += 1
+        # Like a semaphore: the batch just started runs before the next is cut.
+        await anyio.lowlevel.checkpoint()
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
 class Delivery:
     """Delivers batches with retries; one per process (a forked child makes its own)."""
 
@@ -46,6 +75,7 @@ class Delivery:
         self,
         *,
         transport: Transport,
+        controller: Controller,
         tokens: TokenPolicy,
         token: str | None,
         reporter: Reporter,
@@ -54,6 +84,7 @@ class Delivery:
         sleep: Callable[[float], Awaitable[None]],
     ) -> None:
         self._transport = transport
+        self._controller = controller
         self._tokens = tokens
         self._token = token
         self._reporter = reporter
@@ -152,6 +183,7 @@ class Delivery:
                     self._reject_token(f"HTTP {answer.status}")
                     continue
                 if answer.status == 413 and len(hits) > 1:
+                    self._controller.too_large(len(hits))
                     return await self._deliver_halves(
                         batch, give_up_at - self._clock(), locked=locked or bool(held)
                     )
@@ -183,7 +215,17 @@ class Delivery:
 
     async def _post(self, hits: list[Hit], *, authenticated: bool) -> Answer:
         self._reporter.counters.batches += 1
-        return await self._transport.post(hits, authenticated=authenticated)
+        controller = self._controller
+        controller.sent(len(hits))
+        started = self._clock()
+        try:
+            answer = await self._transport.post(hits, authenticated=authenticated)
+        except BaseException:  # cancelled: no answer to judge
+            controller.cancelled(len(hits))
+            raise
+        now = self._clock()
+        controller.answered(len(hits), now - started, now, pushed_back=answer.kind is Kind.RETRY)
+        return answer
 
     async def _backoff(self, delay: float, *, wake_on_close: bool) -> None:
         """Sleep before a retry; a worker batch's sleep ends when shutdown begins."""

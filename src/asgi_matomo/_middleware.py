@@ -99,10 +99,10 @@ class MatomoMiddleware:
             run when the response ends, returning Matomo parameters for the hit
             (e.g. `uid` from the authenticated user); the request's own
             overrides win over them.
-        batch_size: hits per bulk request.
+        batch_size: the most hits in one bulk request (the sender adapts below it).
         flush_interval: seconds a hit may wait for its batch to fill.
         max_queue_size: hits kept in memory; beyond, spooled or dropped and counted.
-        max_concurrent_batches: bulk requests in flight at once.
+        max_concurrent_batches: the most bulk requests in flight at once (adapted below it).
         retry_deadline: seconds a failing batch is retried.
         shutdown_timeout: seconds the shutdown may spend delivering the queue.
         spool_path: SQLite file for hits that would otherwise be lost. A file that

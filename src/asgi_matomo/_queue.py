@@ -1,6 +1,7 @@
 """The sender's memory: a bounded queue of hits and when a batch of them is due. No I/O.
 
-A batch is due when `batch_size` hits wait, when the oldest waited
+A batch is due when a batch's worth of hits waits (`limits.batch`, which the
+sender adapts to Matomo), when the oldest waited
 `flush_interval` seconds, when a flush asked for it, or at shutdown.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from ._hit import Hit
 
@@ -21,25 +23,29 @@ __all__ = ["HitQueue"]
 _Entry = tuple[int, float, str, float, str | None]
 
 
+class Limits(Protocol):
+    batch: int  # the most hits in one batch
+
+
 class HitQueue:
     """Hits waiting in memory, oldest first, numbered in the order they came."""
 
     __slots__ = (
         "_clock",
-        "batch_size",
         "entries",
         "flush_interval",
         "flush_upto",
+        "limits",
         "max_size",
         "overflow",
         "seq",
     )
 
     def __init__(
-        self, *, max_size: int, batch_size: int, flush_interval: float, clock: Callable[[], float]
+        self, *, max_size: int, limits: Limits, flush_interval: float, clock: Callable[[], float]
     ) -> None:
         self.max_size = max_size
-        self.batch_size = batch_size
+        self.limits = limits
         self.flush_interval = flush_interval
         self._clock = clock
         self.entries: deque[_Entry] = deque()
@@ -60,7 +66,7 @@ class HitQueue:
         self.seq += 1
         query, timestamp, cip = hit
         entries.append((self.seq, self._clock(), query, timestamp, cip))
-        return len(entries) == 1 or len(entries) == self.batch_size
+        return len(entries) == 1 or len(entries) == self.limits.batch
 
     def flush(self) -> int:
         """Make everything queued due now; returns the number of the last hit."""
@@ -74,7 +80,7 @@ class HitQueue:
         first = self.entries[0]
         seq, queued_at = first[0], first[1]
         return (
-            len(self.entries) >= self.batch_size
+            len(self.entries) >= self.limits.batch
             or closing
             or seq <= self.flush_upto
             or self._clock() - queued_at >= self.flush_interval
@@ -88,7 +94,7 @@ class HitQueue:
 
     def take(self) -> tuple[list[Hit], int]:
         """The oldest hits, up to a batch, and the number of the first."""
-        n = min(self.batch_size, len(self.entries))
+        n = min(self.limits.batch, len(self.entries))
         items = [self.entries.popleft() for _ in range(n)]
         return _hits_of(items), items[0][0]
 

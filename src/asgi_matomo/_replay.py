@@ -15,9 +15,9 @@ from typing import Protocol
 import anyio
 import anyio.to_thread
 
-from ._delivery import Batch
+from ._delivery import Batch, Slots
 from ._hit import Hit
-from ._queue import HitQueue
+from ._queue import HitQueue, Limits
 from ._report import WHY, Reporter
 from ._retry import RETRY_CAP, replay_delay
 
@@ -69,12 +69,12 @@ class Spooler:
         *,
         reporter: Reporter,
         deliver: Callable[[Batch], Awaitable[list[Hit]]],
-        batch_size: int,
+        limits: Limits,
     ) -> None:
         self.spool = spool
         self._reporter = reporter
         self._deliver = deliver
-        self._batch_size = batch_size
+        self._limits = limits
         self._look_interval = look_interval(getattr(spool, "lease_seconds", None))
         # Whether the spool holds hits; None: not checked yet in this process.
         self.pending: bool | None = None
@@ -83,11 +83,11 @@ class Spooler:
         # While the background worker runs: its slots for batches in flight, its
         # wake-up events, and whether it still accepts hits.
         self.running = False
-        self.slots: anyio.Semaphore | None = None
+        self.slots: Slots | None = None
         self.overflowed: anyio.Event | None = None
         self.wanted: anyio.Event | None = None
 
-    def start(self, slots: anyio.Semaphore) -> None:
+    def start(self, slots: Slots) -> None:
         self.slots = slots
         self.overflowed = anyio.Event()
         self.wanted = anyio.Event()
@@ -195,7 +195,7 @@ class Spooler:
             await slots.acquire()
         try:
             puts = self._puts
-            claimed = await anyio.to_thread.run_sync(spool.claim, self._batch_size)
+            claimed = await anyio.to_thread.run_sync(spool.claim, self._limits.batch)
             if not claimed:
                 # Unless hits were put while claim() ran, the spool is empty.
                 self.pending = puts != self._puts

@@ -2,8 +2,9 @@
 
 Everything here runs on the application's event loop thread. The request path
 only calls `BatchSender.submit`, which appends to a bounded queue (`_queue`);
-one background task cuts batches and sends each in its own task, at most
-`max_concurrent_batches` at a time. Each batch is delivered by `_delivery`
+one background task cuts batches and sends each in its own task, as many and
+as large as `_adaptive` finds Matomo takes, within `max_concurrent_batches` and
+`batch_size`. Each batch is delivered by `_delivery`
 (retries, the token, 413 splits) over `_transport`; what cannot be delivered
 goes to the spool and comes back from it through `_replay`. Without a lifespan
 there is no place for the background task, and `BatchSender.send_now` sends
@@ -26,7 +27,8 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 
-from ._delivery import Batch, Delivery
+from ._adaptive import Controller
+from ._delivery import Batch, Delivery, Slots
 from ._hit import Hit
 from ._queue import HitQueue
 from ._replay import Spooler, SpoolProtocol
@@ -50,10 +52,10 @@ __all__ = [
 
 DEFAULT_HTTP_TIMEOUT = 5.0
 # Matomo has no cap of its own; peers use 20-500 and the log importer 200.
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_QUEUE_SIZE = 10_000
-DEFAULT_MAX_CONCURRENT_BATCHES = 4
+DEFAULT_MAX_CONCURRENT_BATCHES = 16
 DEFAULT_RETRY_DEADLINE = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _FORK_HOOKS = hasattr(os, "register_at_fork")
@@ -102,11 +104,14 @@ class BatchSender:
             lean HTTP/1.1 client of `_http` on asyncio, httpx where a proxy is
             configured, the URL holds credentials, or the loop is trio.
         http_timeout: seconds one request may take.
-        batch_size, flush_interval: a batch leaves when this many hits wait or the
+        batch_size: the most hits in one batch; the sender adapts the size below it
+            (see `_adaptive`).
+        flush_interval: a batch leaves when a batch's worth of hits waits or the
             oldest waited this many seconds.
         max_queue_size: hits waiting in memory; beyond it they go to the spool or
             are dropped.
-        max_concurrent_batches: requests in flight at once.
+        max_concurrent_batches: the most requests in flight at once; the sender
+            adapts the number below it.
         retry_deadline: seconds a failing batch is retried before it is spooled
             or dropped.
         shutdown_timeout: seconds `aclose()` may spend delivering what is left.
@@ -178,15 +183,22 @@ class BatchSender:
         self._state = _State.IDLE
         self._pid = os.getpid()
         self._reporter.counters = Counters()
+        # How many batches in flight, how large: adapted to Matomo's answers.
+        self._controller = Controller(
+            max_concurrency=self._max_concurrent,
+            max_batch=self._batch_size,
+            http_timeout=self._http_timeout,
+        )
         self._queue = HitQueue(
             max_size=self._max_queue_size,
-            batch_size=self._batch_size,
+            limits=self._controller,
             flush_interval=self._flush_interval,
             clock=self._clock,
         )
         self._in_flight: dict[int, Batch] = {}
         self._delivery = Delivery(
             transport=self._transport,
+            controller=self._controller,
             tokens=self._tokens,
             token=self._token,
             reporter=self._reporter,
@@ -198,14 +210,14 @@ class BatchSender:
             self._spool,
             reporter=self._reporter,
             deliver=self._deliver_replayed,
-            batch_size=self._batch_size,
+            limits=self._controller,
         )
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
         self._progress: anyio.Event | None = None
         self._worker_done: anyio.Event | None = None
         self._closed_event: anyio.Event | None = None
-        self._slots: anyio.Semaphore | None = None
+        self._slots: Slots | None = None
         self._scope: anyio.CancelScope | None = None
 
     def _after_fork_in_child(self) -> None:
@@ -329,7 +341,7 @@ class BatchSender:
         self._wake = anyio.Event()
         self._progress = anyio.Event()
         self._worker_done = done = anyio.Event()
-        self._slots = anyio.Semaphore(self._max_concurrent)
+        self._slots = Slots(self._controller)
         self._spooler.start(self._slots)
         self._pid = os.getpid()
         self._state = _State.RUNNING
@@ -345,13 +357,17 @@ class BatchSender:
             done.set()
 
     async def _dispatch(self, tg: anyio.abc.TaskGroup) -> None:
-        assert self._slots is not None
+        slots = self._slots
+        assert slots is not None
         while True:
             await self._wait_for_work()
             while self._queue.ready(closing=self._state is not _State.RUNNING):
+                if slots.full():
+                    # The limits hold hits back: the controller may raise them.
+                    self._controller.backlog()
                 # Waiting for a free slot lets the queue grow into full batches
                 # while Matomo is slow.
-                await self._slots.acquire()
+                await slots.acquire()
                 hits, first_seq = self._queue.take()
                 tg.start_soon(self._send_batch, self._track(hits, first_seq, worker=True))
             if self._state is not _State.RUNNING:
