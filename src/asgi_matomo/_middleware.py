@@ -221,72 +221,61 @@ class MatomoMiddleware:
         try:
             if info is None:
                 await self.app(scope, receive, send)
-            else:
-                await self._tracked(scope, receive, send, state, info, start)
+                return
+            status: int | None = None
+            finished: float | None = None
+            disconnected = False
+
+            async def receive_and_watch() -> Message:
+                nonlocal disconnected
+                message = await receive()
+                if message.get("type") == "http.disconnect":
+                    disconnected = True
+                return message
+
+            def send_and_watch(message: Message) -> Awaitable[None]:
+                # A plain function returning the server's own awaitable: no coroutine
+                # of ours per message. The app's answer is complete when it hands over
+                # the last part, which is when the clock stops: a slow client reading
+                # the body is not the server's time.
+                nonlocal status, finished
+                message_type = message.get("type")
+                if message_type == "http.response.start":
+                    # An answer to a client that already left reaches nobody.
+                    status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
+                elif (
+                    message_type == "http.response.body" and not message.get("more_body", False)
+                ) or message_type == "http.response.pathsend":
+                    finished = time.perf_counter()
+                return send(message)
+
+            try:
+                await self.app(scope, receive_and_watch, send_and_watch)
+            except Exception:
+                # The app's error is the server's to report; we only record the 500
+                # (or 499: apps raise when the client vanished mid-upload).
+                failed = CLIENT_CLOSED_REQUEST if disconnected else 500
+                await self._track(scope, state, info, status or failed, start, finished)
+                raise
+            except BaseException:
+                # Cancelled (server shutdown, or a client gone on servers that cancel):
+                # queue the hit without awaiting anything, the task must stop promptly.
+                # In direct mode (no lifespan) there is no queue: the sender counts
+                # the hit as dropped, so the loss at least shows in the stats.
+                unsent = self._submit(
+                    scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished
+                )
+                for hit in unsent:
+                    self._sender.submit(hit)
+                raise
+            if status is None:
+                status = CLIENT_CLOSED_REQUEST if disconnected else 500
+            # Inlined _track: the common case queues without creating a coroutine.
+            unsent = self._submit(scope, state, info, status, start, finished)
+            if unsent:
+                await self._sender.send_now(unsent)
         finally:
             current_state.reset(token)
-
-    async def _tracked(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        state: MutableMapping[str, Any] | None,
-        info: RequestInfo,
-        start: float,
-    ) -> None:
-        status: int | None = None
-        finished: float | None = None
-        disconnected = False
-
-        async def receive_and_watch() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message.get("type") == "http.disconnect":
-                disconnected = True
-            return message
-
-        def send_and_watch(message: Message) -> Awaitable[None]:
-            # A plain function returning the server's own awaitable: no coroutine
-            # of ours per message. The app's answer is complete when it hands over
-            # the last part, which is when the clock stops: a slow client reading
-            # the body is not the server's time.
-            nonlocal status, finished
-            message_type = message.get("type")
-            if message_type == "http.response.start":
-                # An answer to a client that already left reaches nobody.
-                status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
-            elif (
-                message_type == "http.response.body" and not message.get("more_body", False)
-            ) or message_type == "http.response.pathsend":
-                finished = time.perf_counter()
-            return send(message)
-
-        try:
-            await self.app(scope, receive_and_watch, send_and_watch)
-        except Exception:
-            # The app's error is the server's to report; we only record the 500
-            # (or 499: apps raise when the client vanished mid-upload).
-            failed = CLIENT_CLOSED_REQUEST if disconnected else 500
-            await self._track(scope, state, info, status or failed, start, finished)
-            raise
-        except BaseException:
-            # Cancelled (server shutdown, or a client gone on servers that cancel):
-            # queue the hit without awaiting anything, the task must stop promptly.
-            # In direct mode (no lifespan) there is no queue: the sender counts
-            # the hit as dropped, so the loss at least shows in the stats.
-            unsent = self._submit(
-                scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished
-            )
-            for hit in unsent:
-                self._sender.submit(hit)
-            raise
-        if status is None:
-            status = CLIENT_CLOSED_REQUEST if disconnected else 500
-        # Inlined _track: the common case queues without creating a coroutine.
-        unsent = self._submit(scope, state, info, status, start, finished)
-        if unsent:
-            await self._sender.send_now(unsent)
 
     def _submit(
         self,

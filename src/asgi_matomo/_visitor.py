@@ -65,15 +65,16 @@ class VisitorIds:
     visitor's ids.
     """
 
-    __slots__ = ("_day", "_ids", "_key", "cookie", "idsite")
+    __slots__ = ("_key", "cookie", "idsite", "ids", "since", "until")
 
     def __init__(self, key: bytes, idsite: int) -> None:
         # Any length of secret in, a full-size BLAKE2b key out.
         self._key = hashlib.blake2b(key, digest_size=64, person=_KEY).digest()
         self.idsite = idsite
         self.cookie = cookie_pattern(idsite)
-        self._day = -1
-        self._ids: dict[tuple[str | None, str | None], str] = {}
+        # The cache: ids of (IP, user agent) for the UTC day [since, until).
+        self.since = self.until = 0.0
+        self.ids: dict[tuple[str | None, str | None], str] = {}
 
     def __repr__(self) -> str:
         return f"VisitorIds(idsite={self.idsite})"
@@ -81,10 +82,11 @@ class VisitorIds:
     def daily_id(self, ip: str | None, user_agent: str | None, now: float) -> str:
         """The visitor's id for the UTC day of `now` (a unix time)."""
         day = int(now // SECONDS_PER_DAY)
-        ids = self._ids
-        if day != self._day:
+        ids = self.ids
+        if not self.since <= now < self.until:
             ids.clear()
-            self._day = day
+            self.since = float(day * SECONDS_PER_DAY)
+            self.until = self.since + SECONDS_PER_DAY
         found = ids.get((ip, user_agent))
         if found is None:
             if len(ids) >= CACHE_SIZE:
