@@ -65,7 +65,7 @@ class VisitorIds:
     visitor's ids.
     """
 
-    __slots__ = ("_key", "cookie", "idsite", "ids", "since", "until")
+    __slots__ = ("_key", "cookie", "ids", "idsite", "since", "until")
 
     def __init__(self, key: bytes, idsite: int) -> None:
         # Any length of secret in, a full-size BLAKE2b key out.
