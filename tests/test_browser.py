@@ -391,7 +391,7 @@ def test_visits_log(browser: Browser) -> None:
             "http_status_code dimension3 200",
         ]
         # The middleware's own visitor id: a keyed hash of the day, site, IP and browser.
-        assert re.fullmatch(r"[0-9a-f]{16} sent as cid", firefox["visitor"].pop("Visitor"))
+        assert re.fullmatch(r"[0-9a-f]{16} from cid", firefox["visitor"].pop("Visitor"))
         assert firefox["visitor"] == {
             "IP": "203.0.113.7",
             "Browser": "Firefox 128.0",

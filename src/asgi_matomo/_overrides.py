@@ -67,10 +67,11 @@ _LIMITS = {
     "uid": MAX_USER_ID_LENGTH,
 }
 _DIMENSION = re.compile(r"dimension[0-9]+")
-# `cid` must be exactly 16 hex characters, or Matomo refuses the whole hit (400);
-# `_id` is read as hex too (MATOMO.md, core/Tracker/Request.php getVisitorId).
+# `_id` is read as hex (MATOMO.md, core/Tracker/Request.php getVisitorId). A `cid`
+# Matomo would refuse (400, the whole hit lost) is not refused here: the visitor-id
+# step after the merge (`_core._set_visitor`) hashes it to one Matomo accepts.
 _VISITOR_ID = re.compile(r"[0-9a-fA-F]{16}")
-_VISITOR_ID_KEYS = frozenset({"cid", "_id"})
+_VISITOR_ID_KEYS = frozenset({"_id"})
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 # Who the visitor is stays out of log lines: such values are shown by their type.
 _PERSONAL_KEYS = frozenset({"cip", "uid", "cid", "_id"})
