@@ -6,6 +6,7 @@ real uvicorn processes, with two workers where the id must agree across them.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +132,45 @@ def test_the_handler_mutates_the_dict_on_any_request(
 
 def query_path(hit: StoredHit) -> str:
     return httpx.URL(hit.url or "").path
+
+
+# -- the examples of "Configuring tracked details" ---------------------------------------
+
+
+@pytest.fixture
+def docs_collector() -> Iterator[Collector]:
+    with Collector(sites=[12345]) as running:
+        yield running
+
+
+def test_set_tracking_params_example(docs_collector: Collector, tmp_path: Path) -> None:
+    app = "docs_src.details.tutorial004:app"
+    with serve(app, docs_collector.tracking_url, tmp_path) as server:
+        response = httpx.get(server.url + "/reports/sales", headers={"user-agent": BROWSER})
+        assert response.json() == {"report": "sales"}
+        (hit,) = docs_collector.wait_for_hits(1)
+    assert hit.dimensions == {"1": "sales"}
+    assert hit.cvar is not None
+    assert hit.cvar["3"] == ["report", "sales"]
+    assert hit.visitor_id is not None
+
+
+def test_visitor_id_and_request_details_example(docs_collector: Collector, tmp_path: Path) -> None:
+    app = "docs_src.details.tutorial005:app"
+    with serve(app, docs_collector.tracking_url, tmp_path) as server:
+        for headers in (
+            {"authorization": "Bearer grace", "user-agent": "phone"},
+            {"authorization": "Bearer grace", "user-agent": "laptop"},
+            {"user-agent": "phone"},
+        ):
+            assert httpx.get(server.url + "/", headers=headers).json() == {"hello": "world"}
+        phone, laptop, anonymous = docs_collector.wait_for_hits(3)
+    # One account, one visitor on every device; its name is not sent.
+    assert phone.visitor_id == laptop.visitor_id
+    assert anonymous.visitor_id not in (None, phone.visitor_id)
+    assert "grace" not in json.dumps(phone.params)
+    assert [hit.dimensions for hit in (phone, laptop, anonymous)] == [
+        {"1": "signed-in"},
+        {"1": "signed-in"},
+        {"1": "anonymous"},
+    ]
