@@ -103,6 +103,29 @@ def test_cookies_split_over_several_fields_are_read() -> None:
     assert COOKIE_VISITOR not in _headers_by_loop([(b"Cookie", "text")], pattern)
 
 
+cookie_headers = st.lists(
+    st.tuples(
+        st.sampled_from([b"cookie", b"Cookie", b"user-agent", b"host"]),
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([b"_pk_id.1.ab=0123456789abcdef.1.", b"_pk_id.1.ab=FEDCBA9876543210"]),
+            st.binary(max_size=10).map(lambda b: b + b"; _pk_id.1.x=00000000000000aa."),
+            st.binary(max_size=10).map(bytearray),
+        ),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(headers=cookie_headers)
+def test_the_fast_header_table_reads_the_cookie_as_the_careful_loop(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    pattern = cookie_pattern(1)
+    assert _headers({"headers": headers}, cookie=pattern) == _headers_by_loop(headers, pattern)
+
+
 def test_cookies_are_not_read_when_visitor_ids_are_off() -> None:
     headers = [(b"cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]
     assert _headers({"headers": headers}) == {}
