@@ -376,3 +376,17 @@ async def test_options_requests_are_not_tracked_by_default(
     for method in ("GET", "POST", "OPTIONS"):
         assert (await call(app, http_scope("/", method=method)))[0]["status"] == 201
     assert [json.loads(hit["cvar"])["2"][1] for hit in recorder.hits] == tracked_methods
+
+
+async def test_a_visitor_id_that_cannot_be_hashed_is_the_functions_failure(
+    recorder: MatomoRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # str() of an int this long raises ValueError (Python's digit limit).
+    app = tracked(ok_app, recorder, visitor_id=lambda scope: 10**5000)
+    with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
+        assert (await call(app, http_scope("/")))[0]["status"] == 201
+    (hit,) = recorder.hits
+    assert hit["cid"] == VisitorIds(KEY.encode(), 1).daily_id(
+        "203.0.113.7", None, float(hit["cdt"])
+    )
+    assert "the visitor_id function raised" in caplog.records[0].getMessage()
