@@ -488,3 +488,39 @@ def test_the_key_never_appears_in_a_hit_or_a_log(
         assert secret not in text
         assert derived not in text
         assert bytes.fromhex(secret).decode("latin-1") not in text
+
+
+_IDS_FROM_STDIN = """
+import json, sys
+from asgi_matomo._visitor import VisitorIds
+data = json.load(sys.stdin)
+ids = VisitorIds(bytes.fromhex(data["key"]), data["idsite"])
+print(json.dumps([ids.daily_id(ip, ua, now) for ip, ua, now in data["visitors"]]))
+"""
+
+
+# Each example starts two interpreters: a few examples, each with up to 20 visitors.
+@settings(max_examples=5, deadline=None)
+@given(
+    key=keys,
+    idsite=st.integers(1, 10**6),
+    visitors=st.lists(st.tuples(ips, agents, days), min_size=1, max_size=20),
+)
+def test_generated_visitors_get_the_same_ids_in_other_processes(
+    key: bytes, idsite: int, visitors: list[tuple[str | None, str | None, float]]
+) -> None:
+    ids = VisitorIds(key, idsite)
+    expected = [ids.daily_id(ip, ua, now) for ip, ua, now in visitors]
+    data = json.dumps({"key": key.hex(), "idsite": idsite, "visitors": visitors})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for seed in ("0", "1"):
+        completed = subprocess.run(
+            [sys.executable, "-c", _IDS_FROM_STDIN],
+            input=data,
+            env={**env, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(completed.stdout) == expected
