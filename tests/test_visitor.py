@@ -103,6 +103,29 @@ def test_cookies_split_over_several_fields_are_read() -> None:
     assert COOKIE_VISITOR not in _headers_by_loop([(b"Cookie", "text")], pattern)
 
 
+cookie_headers = st.lists(
+    st.tuples(
+        st.sampled_from([b"cookie", b"Cookie", b"user-agent", b"host"]),
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([b"_pk_id.1.ab=0123456789abcdef.1.", b"_pk_id.1.ab=FEDCBA9876543210"]),
+            st.binary(max_size=10).map(lambda b: b + b"; _pk_id.1.x=00000000000000aa."),
+            st.binary(max_size=10).map(bytearray),
+        ),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(headers=cookie_headers)
+def test_the_fast_header_table_reads_the_cookie_as_the_careful_loop(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    pattern = cookie_pattern(1)
+    assert _headers({"headers": headers}, cookie=pattern) == _headers_by_loop(headers, pattern)
+
+
 def test_cookies_are_not_read_when_visitor_ids_are_off() -> None:
     headers = [(b"cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]
     assert _headers({"headers": headers}) == {}
@@ -465,3 +488,39 @@ def test_the_key_never_appears_in_a_hit_or_a_log(
         assert secret not in text
         assert derived not in text
         assert bytes.fromhex(secret).decode("latin-1") not in text
+
+
+_IDS_FROM_STDIN = """
+import json, sys
+from asgi_matomo._visitor import VisitorIds
+data = json.load(sys.stdin)
+ids = VisitorIds(bytes.fromhex(data["key"]), data["idsite"])
+print(json.dumps([ids.daily_id(ip, ua, now) for ip, ua, now in data["visitors"]]))
+"""
+
+
+# Each example starts two interpreters: a few examples, each with up to 20 visitors.
+@settings(max_examples=5, deadline=None)
+@given(
+    key=keys,
+    idsite=st.integers(1, 10**6),
+    visitors=st.lists(st.tuples(ips, agents, days), min_size=1, max_size=20),
+)
+def test_generated_visitors_get_the_same_ids_in_other_processes(
+    key: bytes, idsite: int, visitors: list[tuple[str | None, str | None, float]]
+) -> None:
+    ids = VisitorIds(key, idsite)
+    expected = [ids.daily_id(ip, ua, now) for ip, ua, now in visitors]
+    data = json.dumps({"key": key.hex(), "idsite": idsite, "visitors": visitors})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for seed in ("0", "1"):
+        completed = subprocess.run(
+            [sys.executable, "-c", _IDS_FROM_STDIN],
+            input=data,
+            env={**env, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(completed.stdout) == expected

@@ -243,7 +243,9 @@ def _headers(
                     )
             if cookie is not None:
                 value = table.get(COOKIE_VISITOR)
-                visitor = cookie_visitor_id(value, cookie) if value.__class__ is bytes else None
+                visitor = (
+                    cookie_visitor_id(value, cookie) if isinstance(value, _BYTES_TYPES) else None
+                )
                 if visitor is not None:
                     found[COOKIE_VISITOR] = visitor
             return found
@@ -276,8 +278,8 @@ def _headers_by_loop(raw: object, cookie: re.Pattern[bytes] | None = None) -> di
                 found[key] = _clip_start(f"{found[key]}, {text}")
             continue
         found[key] = text
-    if cookies:
-        visitor = cookie_visitor_id(b"; ".join(cookies), cookie)  # type: ignore[arg-type]
+    if cookie is not None and cookies:
+        visitor = cookie_visitor_id(b"; ".join(cookies), cookie)
         if visitor is not None:
             found[COOKIE_VISITOR] = visitor
     return found

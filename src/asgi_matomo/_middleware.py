@@ -28,6 +28,7 @@ from asgi_matomo._core import (
 from asgi_matomo._hit import Hit
 from asgi_matomo._state import current_state, fresh_state, read_overrides
 from asgi_matomo._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
+from asgi_matomo._visitor import VisitorIds
 
 if TYPE_CHECKING:
     import re
@@ -217,65 +218,69 @@ class MatomoMiddleware:
             logger.debug("asgi_matomo: could not inspect a request", exc_info=True)
             info = None
             state = scope.get("state") if isinstance(scope.get("state"), dict) else None
+        # For set_tracking_params: reset on the way out, whichever way that is.
         token = current_state.set(state)
-        try:
-            if info is None:
-                await self.app(scope, receive, send)
-                return
-            status: int | None = None
-            finished: float | None = None
-            disconnected = False
-
-            async def receive_and_watch() -> Message:
-                nonlocal disconnected
-                message = await receive()
-                if message.get("type") == "http.disconnect":
-                    disconnected = True
-                return message
-
-            def send_and_watch(message: Message) -> Awaitable[None]:
-                # A plain function returning the server's own awaitable: no coroutine
-                # of ours per message. The app's answer is complete when it hands over
-                # the last part, which is when the clock stops: a slow client reading
-                # the body is not the server's time.
-                nonlocal status, finished
-                message_type = message.get("type")
-                if message_type == "http.response.start":
-                    # An answer to a client that already left reaches nobody.
-                    status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
-                elif (
-                    message_type == "http.response.body" and not message.get("more_body", False)
-                ) or message_type == "http.response.pathsend":
-                    finished = time.perf_counter()
-                return send(message)
-
+        if info is None:
             try:
-                await self.app(scope, receive_and_watch, send_and_watch)
-            except Exception:
-                # The app's error is the server's to report; we only record the 500
-                # (or 499: apps raise when the client vanished mid-upload).
-                failed = CLIENT_CLOSED_REQUEST if disconnected else 500
-                await self._track(scope, state, info, status or failed, start, finished)
-                raise
-            except BaseException:
-                # Cancelled (server shutdown, or a client gone on servers that cancel):
-                # queue the hit without awaiting anything, the task must stop promptly.
-                # In direct mode (no lifespan) there is no queue: the sender counts
-                # the hit as dropped, so the loss at least shows in the stats.
-                unsent = self._submit(
-                    scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished
-                )
-                for hit in unsent:
-                    self._sender.submit(hit)
-                raise
-            if status is None:
-                status = CLIENT_CLOSED_REQUEST if disconnected else 500
-            # Inlined _track: the common case queues without creating a coroutine.
-            unsent = self._submit(scope, state, info, status, start, finished)
-            if unsent:
-                await self._sender.send_now(unsent)
+                await self.app(scope, receive, send)
+            finally:
+                current_state.reset(token)
+            return
+
+        status: int | None = None
+        finished: float | None = None
+        disconnected = False
+
+        async def receive_and_watch() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                disconnected = True
+            return message
+
+        def send_and_watch(message: Message) -> Awaitable[None]:
+            # A plain function returning the server's own awaitable: no coroutine
+            # of ours per message. The app's answer is complete when it hands over
+            # the last part, which is when the clock stops: a slow client reading
+            # the body is not the server's time.
+            nonlocal status, finished
+            message_type = message.get("type")
+            if message_type == "http.response.start":
+                # An answer to a client that already left reaches nobody.
+                status = CLIENT_CLOSED_REQUEST if disconnected else message.get("status")
+            elif (
+                message_type == "http.response.body" and not message.get("more_body", False)
+            ) or message_type == "http.response.pathsend":
+                finished = time.perf_counter()
+            return send(message)
+
+        try:
+            await self.app(scope, receive_and_watch, send_and_watch)
+        except Exception:
+            # The app's error is the server's to report; we only record the 500
+            # (or 499: apps raise when the client vanished mid-upload).
+            failed = CLIENT_CLOSED_REQUEST if disconnected else 500
+            await self._track(scope, state, info, status or failed, start, finished)
+            raise
+        except BaseException:
+            # Cancelled (server shutdown, or a client gone on servers that cancel):
+            # queue the hit without awaiting anything, the task must stop promptly.
+            # In direct mode (no lifespan) there is no queue: the sender counts
+            # the hit as dropped, so the loss at least shows in the stats.
+            unsent = self._submit(
+                scope, state, info, status or CLIENT_CLOSED_REQUEST, start, finished
+            )
+            for hit in unsent:
+                self._sender.submit(hit)
+            raise
         finally:
             current_state.reset(token)
+        if status is None:
+            status = CLIENT_CLOSED_REQUEST if disconnected else 500
+        # Inlined _track: the common case queues without creating a coroutine.
+        unsent = self._submit(scope, state, info, status, start, finished)
+        if unsent:
+            await self._sender.send_now(unsent)
 
     def _submit(
         self,
@@ -298,10 +303,10 @@ class MatomoMiddleware:
                     type(app_details).__name__,
                 )
                 app_details = None
-        if self._visitor_id is not None and self._config.visitor is not None:
-            visitor_id = self._config.visitor.app_id(
-                self._call("visitor_id", self._visitor_id, scope)
-            )
+        visitor = self._config.visitor
+        if self._visitor_id is not None and visitor is not None:
+            # Hashed inside the guard: an id that cannot be hashed is the function's fault.
+            visitor_id = self._call("visitor_id", _hashed_id, visitor, self._visitor_id, scope)
         try:
             hits = build_hits(
                 self._config,
@@ -429,6 +434,12 @@ async def _answer_lifespan(
         pass
     await sender.aclose()
     await send({"type": "lifespan.shutdown.complete"})
+
+
+def _hashed_id(
+    visitor: VisitorIds, function: Callable[[Scope], object], scope: Scope
+) -> str | None:
+    return visitor.app_id(function(scope))
 
 
 def _rand() -> int:

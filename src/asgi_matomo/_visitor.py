@@ -46,7 +46,7 @@ def cookie_pattern(idsite: int) -> re.Pattern[bytes]:
     )
 
 
-def cookie_visitor_id(header: bytes, pattern: re.Pattern[bytes]) -> str | None:
+def cookie_visitor_id(header: bytes | bytearray, pattern: re.Pattern[bytes]) -> str | None:
     """The visitor id of the site's `_pk_id` cookie, lowercased; None when absent or malformed."""
     found = pattern.search(header)
     return found.group(1).decode("ascii").lower() if found is not None else None
