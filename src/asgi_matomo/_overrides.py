@@ -73,6 +73,7 @@ _DIMENSION = re.compile(r"dimension[0-9]+")
 _VISITOR_ID = re.compile(r"[0-9a-fA-F]{16}")
 _VISITOR_ID_KEYS = frozenset({"_id"})
 _BYTES_TYPES = (bytes, bytearray, memoryview)
+_NAME_LIMIT = MAX_PARAMETER_NAME_LENGTH
 # Who the visitor is stays out of log lines: such values are shown by their type.
 _PERSONAL_KEYS = frozenset({"cip", "uid", "cid", "_id"})
 
@@ -168,6 +169,9 @@ def param_value(value: object, limit: int = MAX_TEXT_LENGTH) -> str | None:
     fails, an integer too long to print, a self-containing list): the caller
     leaves that value out.
     """
+    if value.__class__ is str:
+        # What handlers nearly always write: short plain text, kept as it is.
+        return value if len(value) <= limit and value.isascii() else clean_text(value, limit)
     if value is None:
         return None
     if isinstance(value, bool):
@@ -298,17 +302,18 @@ def merge_overrides(
         return
     added = 0
     for key, value in items:
-        # Handlers write this dict freely; a non-string key is not a parameter.
-        if not isinstance(key, str):
-            continue
-        key = clean_text(key, MAX_PARAMETER_NAME_LENGTH + 1)
-        if len(key) > MAX_PARAMETER_NAME_LENGTH or not key:
-            warn_once(
-                "parameter-name",
-                "asgi_matomo: override %s left out: no Matomo parameter has such a name",
-                shown(key),
-            )
-            continue
+        if key.__class__ is not str or not key.isascii() or not 0 < len(key) <= _NAME_LIMIT:
+            # Handlers write this dict freely; a non-string key is not a parameter.
+            if not isinstance(key, str):
+                continue
+            key = clean_text(key, _NAME_LIMIT + 1)
+            if len(key) > _NAME_LIMIT or not key:
+                warn_once(
+                    "parameter-name",
+                    "asgi_matomo: override %s left out: no Matomo parameter has such a name",
+                    shown(key),
+                )
+                continue
         try:
             if key == "cvar":
                 _merge_custom_variables(custom, value)
