@@ -120,7 +120,7 @@ VARIANTS = [
     Variant(
         "matomo-serial",
         "matomo",
-        {"spool_path": "{tmp}/spool.sqlite3"},
+        {"spool_path": "{tmp}/{run}-spool.sqlite3"},
         serial=SERIAL_PER_HIT,
         stop_signal=signal.SIGTERM,
     ),
