@@ -203,7 +203,7 @@ def run_once(
         serial = SerialReceiverProcess(variant.serial, cpus=args.load_cpu_list)
         url = serial.tracking_url
     options = {
-        k: v.replace("{tmp}", str(tmp / f"{variant.name}-{repetition}"))
+        k: v.replace("{tmp}", str(tmp)).replace("{run}", f"{variant.name}-{repetition}")
         if isinstance(v, str)
         else v
         for k, v in variant.sender.items()
