@@ -120,7 +120,7 @@ VARIANTS = [
     Variant(
         "matomo-serial",
         "matomo",
-        {"spool_path": "{tmp}/spool.sqlite3"},
+        {"spool_path": "{tmp}/{run}-spool.sqlite3"},
         serial=SERIAL_PER_HIT,
         stop_signal=signal.SIGTERM,
     ),
@@ -203,7 +203,7 @@ def run_once(
         serial = SerialReceiverProcess(variant.serial, cpus=args.load_cpu_list)
         url = serial.tracking_url
     options = {
-        k: v.replace("{tmp}", str(tmp / f"{variant.name}-{repetition}"))
+        k: v.replace("{tmp}", str(tmp)).replace("{run}", f"{variant.name}-{repetition}")
         if isinstance(v, str)
         else v
         for k, v in variant.sender.items()

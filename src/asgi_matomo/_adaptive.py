@@ -11,7 +11,7 @@ bounds the options set:
   by one batch per round), larger batches first; concurrency shrinks by a
   quarter when answer times rise by half, and halves when Matomo pushes back
   (429, 5xx, timeouts, connection errors).
-- Never so large that the expected answer time reaches half of `http_timeout`
+- Never so large that the expected answer time reaches 60 % of `http_timeout`
   (a batch that times out after Matomo stored it would be sent twice). The
   expectation assumes, until the answers show otherwise, that Matomo handles
   the hits in flight one after the other. An answer slower than 80 % of
@@ -41,7 +41,7 @@ RISE_MARGIN = 0.005
 STEP_RISE = 1.1
 # The hits in flight grow only while the expected slowest answer stays below this
 # share of http_timeout...
-TIMEOUT_SHARE = 0.5
+TIMEOUT_SHARE = 0.6
 # ... and an answer slower than this share of it cuts them at once.
 CUT_SHARE = 0.8
 # Multiplicative decreases: on rising answer times, and on push-back.
