@@ -156,3 +156,15 @@ def test_page_keeps_the_filter_and_nonce() -> None:
     html = render_page([], 'n"1', q='"><b>')
     assert 'value="&quot;&gt;&lt;b&gt;"' in html
     assert '<script nonce="n&quot;1">' in html
+
+
+def test_campaign_and_referrer() -> None:
+    html = render(hit(1, 0, url="https://a.test/?utm_campaign=Spring&utm_term=<b>"))
+    assert (
+        '<dt>Campaign</dt><dd><span class="wrap">spring</span> <span class="note">keyword</span>'
+        ' <span class="wrap">&lt;b&gt;</span></dd>'
+    ) in html
+    assert "<dt>Referrer</dt>" not in html
+    html = render(hit(1, 0, url="https://a.test/?utm_campaign=x", urlref="https://mail.test/"))
+    assert '<dt>Campaign</dt><dd><span class="wrap">x</span></dd>' in html
+    assert '<dt>Referrer</dt><dd><span class="wrap">https://mail.test/</span></dd>' in html

@@ -228,15 +228,21 @@ def _visitor(visit: Visit) -> str:
     else:
         rows.append(("User agent", f'<span class="wrap">{_text(first.ua or "none sent")}</span>'))
     rows.append(("Language", f'<span class="wrap">{_text(first.lang or "none sent")}</span>'))
-    referrer = visit.referrer
-    rows.append(
-        (
-            "Referrer",
-            f'<span class="wrap">{_text(referrer)}</span>'
-            if referrer
-            else '<span class="note">none (direct entry)</span>',
+    if visit.campaign is not None:
+        name, keyword = visit.campaign
+        keyword_text = (
+            f' <span class="note">keyword</span> <span class="wrap">{_text(keyword)}</span>'
         )
-    )
+        rows.append(
+            (
+                "Campaign",
+                f'<span class="wrap">{_text(name)}</span>' + (keyword_text if keyword else ""),
+            )
+        )
+    if visit.referrer:
+        rows.append(("Referrer", f'<span class="wrap">{_text(visit.referrer)}</span>'))
+    elif visit.campaign is None:
+        rows.append(("Referrer", '<span class="note">none (direct entry)</span>'))
     for name, value in (first.cvar_visit or {}).values():
         rows.append(
             (
