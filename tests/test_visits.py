@@ -271,3 +271,9 @@ def test_website_referrer_then_campaign_is_a_new_visit() -> None:
         [hit(1, 0, urlref="https://search.test/"), hit(2, 10, url="https://a.test/?pk_cpn=x")]
     )
     assert ids(visits) == [[2], [1]]
+
+
+@pytest.mark.parametrize("bad", ["http://[::1", "https://a.test]/?utm_campaign=x", "http://[zz]/"])
+def test_urls_that_do_not_parse(bad: str) -> None:
+    (visit,) = group_visits([hit(1, 0, url=bad, urlref=bad), hit(2, 5, url=bad, urlref=bad)])
+    assert (visit.referrer_kind, visit.campaign) == ("direct", None)

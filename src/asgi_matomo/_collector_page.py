@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["COLUMNS", "action_status", "cells", "render_page", "render_visits"]
 
+# Longer values are cut on the page (Matomo itself keeps 1024 characters of a URL).
+MAX_SHOWN_LENGTH = 2000
 HTTP_STATUS_NAMES = frozenset({"http_status_code", "http_status"})
 TYPE_LABELS = {
     "pageview": "page view",
@@ -69,7 +71,12 @@ def cells(hit: Mapping[str, Any]) -> list[str]:
 
 
 def _text(value: object) -> str:
-    return escape("" if value is None else str(value))
+    text = "" if value is None else str(value)
+    if len(text) > MAX_SHOWN_LENGTH:
+        # A hit may carry any amount of text: the page stays a page.
+        rest = len(text) - MAX_SHOWN_LENGTH
+        text = f"{text[:MAX_SHOWN_LENGTH]}… ({rest} more characters)"
+    return escape(text)
 
 
 def _clock(timestamp: float) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 if TYPE_CHECKING:
     from asgi_matomo._collector import StoredHit
@@ -102,9 +102,21 @@ def _sent_visitor_id(hit: StoredHit) -> tuple[IdentifiedBy, str] | None:
     return None
 
 
+def _split(url: str | None) -> SplitResult:
+    # Hits carry any text: a URL that does not parse has no host, query or fragment.
+    try:
+        return urlsplit(url or "")
+    except ValueError:
+        return urlsplit("")
+
+
+def _host(url: str | None) -> str | None:
+    return _split(url).hostname
+
+
 def _campaign(hit: StoredHit) -> tuple[str, str] | None:
     """The campaign (name, keyword) in the hit's URL or `_rcn`/`_rck`, lowercased."""
-    split = urlsplit(hit.url or "")
+    split = _split(hit.url)
     # Matomo reads the campaign from the query, then from the fragment.
     found = dict(parse_qsl(split.fragment))
     found.update(parse_qsl(split.query))
@@ -120,8 +132,8 @@ def _external_referrer(hit: StoredHit) -> bool:
     """Whether the hit's referrer is another site's (else a direct entry)."""
     if not hit.urlref:
         return False
-    host = urlsplit(hit.urlref).hostname
-    return bool(host) and host != urlsplit(hit.url or "").hostname
+    host = _host(hit.urlref)
+    return bool(host) and host != _host(hit.url)
 
 
 def _forces_new_visit(hit: StoredHit) -> bool:
