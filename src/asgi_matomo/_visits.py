@@ -1,8 +1,9 @@
 """Hits grouped into visits the way Matomo groups them, for the collector's page (sans-IO).
 
-Matomo (core/Tracker/VisitorRecognizer.php and Visit.php; verified on Matomo 5.1.2,
-see MATOMO.md "Visitors and visits") looks for the visit a hit continues among the
-site's visits whose last action is at most 30 minutes older than the hit:
+Read from Matomo's tracker (core/Tracker/VisitorRecognizer.php, Visit.php,
+plugins/Referrers/Columns/Campaign.php) and checked against what MATOMO.md
+("Visitors and visits") verified on Matomo 5.1.2. Matomo looks for the visit a hit
+continues among the site's visits whose last action is at most 30 minutes older:
 
 - a hit with `uid`: the visit of the visitor id derived from it, else the visit with
   the hit's fingerprint (and the visit's visitor id becomes the one from `uid`);
@@ -11,15 +12,16 @@ site's visits whose last action is at most 30 minutes older than the hit:
 - with none of them: the visit with the hit's fingerprint.
 
 A new visit starts anyway with `new_visit=1`, on a new day (the stand-in's sites are
-in UTC), after 10,000 actions, or when the hit's URL carries a campaign (`utm_campaign`,
-`mtm_campaign`, ...) other than the one the visit came from, unless the visit came
-directly (Referrers/Columns/Campaign.php); a visit that came directly takes the
-referrer of a later hit that has one. A referrer on the same host as the page is the
-site's own (Matomo compares it with the site's URLs, which the stand-in does not know).
-Matomo's fingerprint is a hash of the OS, browser
-name and version, the IP the hit carries, the language and the site; the stand-in
-uses the whole user agent text instead of the names read from it, so two user agents
-that differ elsewhere (a device model) are one visitor in Matomo and two here.
+in UTC), after 10,000 actions, or when the hit's URL carries a campaign
+(`utm_campaign`, `mtm_campaign`, ...) other than the one the visit came from, unless
+the visit came directly; a visit that came directly takes the referrer of a later hit
+that has one. A referrer on the page's own host is a direct entry (Matomo compares
+it with the site's URLs, which the stand-in does not know).
+
+Matomo's fingerprint is a hash of the OS, browser name and version, the IP the hit
+carries, the language and the site; the stand-in uses the whole user agent text
+instead of the names read from it, so two user agents that differ elsewhere (a
+device model) are one visitor in Matomo and two here.
 """
 
 from __future__ import annotations
