@@ -118,6 +118,8 @@ def _host(url: str | None) -> str | None:
 
 def _campaign(hit: StoredHit) -> tuple[str, str] | None:
     """The campaign (name, keyword) in the hit's URL or `_rcn`/`_rck`, lowercased."""
+    if "=" not in (hit.url or "") and not hit.params.get("_rcn"):
+        return None  # most URLs: nothing to parse
     split = _split(hit.url)
     # Matomo reads the campaign from the query, then from the fragment.
     found = dict(parse_qsl(split.fragment))
@@ -177,22 +179,21 @@ class Visit:
         """Whether the hit carried the visitor's IP (`cip`) rather than the sender's."""
         return "cip" in self.first.params
 
-    def add(self, hit: StoredHit) -> None:
+    def add(self, hit: StoredHit, campaign: tuple[str, str] | None) -> None:
         """One more action; a visit that came directly takes the hit's referrer."""
         self.actions.append(hit)
         if hit.uid:
             self.uid = hit.uid
         if self.referrer_kind != "direct":
             return
-        campaign = _campaign(hit)
         if campaign is not None:
             self.referrer_kind, self.campaign = "campaign", campaign
             self.referrer = hit.urlref
         elif _external_referrer(hit):
             self.referrer_kind, self.referrer = "website", hit.urlref
 
-    def continued_by(self, hit: StoredHit) -> bool:
-        """Whether `hit` is one more action of this visit rather than the start of a new one."""
+    def continued_by(self, hit: StoredHit, campaign: tuple[str, str] | None) -> bool:
+        """Whether `hit` (with its `campaign`) is one more action of this visit."""
         if (
             _forces_new_visit(hit)
             or hit.time - self.ended > VISIT_WINDOW
@@ -200,7 +201,6 @@ class Visit:
             or len(self.actions) >= MAX_ACTIONS_PER_VISIT
         ):
             return False
-        campaign = _campaign(hit)
         # create_new_visit_when_campaign_changes (on by default).
         return campaign is None or self.referrer_kind == "direct" or campaign == self.campaign
 
@@ -239,7 +239,8 @@ def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
         found = by_id.get((hit.idsite, sent[1])) if sent else None
         if found is None and (sent is None or sent[0] != "cid"):
             found = by_fingerprint.get(fingerprint)
-        if found is not None and not found.continued_by(hit):
+        campaign = _campaign(hit)
+        if found is not None and not found.continued_by(hit, campaign):
             found = None
         visit = found
         if visit is None:
@@ -252,7 +253,7 @@ def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
         elif sent and sent[0] == "uid":
             # enable_userid_overwrites_visitorid (on by default).
             visit.visitor_id, visit.identified_by = sent[1], "uid"
-        visit.add(hit)
+        visit.add(hit, campaign)
         # The fingerprint is the visit's first hit's (the log_visit row's config_id).
         by_fingerprint[_fingerprint(visit.first)] = visit
         if visit.visitor_id is not None:
