@@ -40,11 +40,11 @@ def test_visitor_without_ids_ip_or_headers() -> None:
 
 def test_user_agent_text_without_ua_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_useragent, "_PARSE", None)
-    _useragent.describe.cache_clear()
+    _useragent._describe.cache_clear()
     try:
         html = render(hit(1, 0))
     finally:
-        _useragent.describe.cache_clear()
+        _useragent._describe.cache_clear()
     assert f'<dt>User agent</dt><dd><span class="wrap">{FIREFOX}</span></dd>' in html
     assert "<dt>Browser</dt>" not in html
 
@@ -156,3 +156,21 @@ def test_page_keeps_the_filter_and_nonce() -> None:
     html = render_page([], 'n"1', q='"><b>')
     assert 'value="&quot;&gt;&lt;b&gt;"' in html
     assert '<script nonce="n&quot;1">' in html
+
+
+def test_campaign_and_referrer() -> None:
+    html = render(hit(1, 0, url="https://a.test/?utm_campaign=Spring&utm_term=<b>"))
+    assert (
+        '<dt>Campaign</dt><dd><span class="wrap">spring</span> <span class="note">keyword</span>'
+        ' <span class="wrap">&lt;b&gt;</span></dd>'
+    ) in html
+    assert "<dt>Referrer</dt>" not in html
+    html = render(hit(1, 0, url="https://a.test/?utm_campaign=x", urlref="https://mail.test/"))
+    assert '<dt>Campaign</dt><dd><span class="wrap">x</span></dd>' in html
+    assert '<dt>Referrer</dt><dd><span class="wrap">https://mail.test/</span></dd>' in html
+
+
+def test_long_values_are_cut() -> None:
+    html = render(hit(1, 0, ua="x" * 5000, note="y" * 2500))
+    assert f'<span class="wrap">{"x" * 2000}… (3000 more characters)</span>' in html
+    assert f'<dd class="wrap">{"y" * 2000}… (500 more characters)</dd>' in html

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from asgi_matomo import _useragent
-from asgi_matomo._useragent import Software, describe
+from asgi_matomo._useragent import MAX_PARSED_LENGTH, Software, _describe, describe
 
 IPHONE = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15"
@@ -19,9 +19,9 @@ FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
-    describe.cache_clear()
+    _describe.cache_clear()
     yield
-    describe.cache_clear()
+    _describe.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,11 @@ def test_without_ua_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _useragent._load_parser() is None
     monkeypatch.setattr(_useragent, "_PARSE", None)
     assert describe(FIREFOX) is None
+
+
+def test_long_text_is_cut_before_parsing() -> None:
+    padded = FIREFOX.ljust(MAX_PARSED_LENGTH)
+    assert describe(padded + "a" * 5000) == Software("Firefox 128.0", "Linux", None)
+    assert describe(padded + "b" * 9000) == Software("Firefox 128.0", "Linux", None)
+    # Both were parsed as their first MAX_PARSED_LENGTH characters: one entry.
+    assert _describe.cache_info().currsize == 1

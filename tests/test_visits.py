@@ -217,3 +217,63 @@ def test_matches_any_text_shown() -> None:
     assert matches(visit, "dimension3", {})
     assert not matches(visit, "dimension3", names)
     assert not matches(visit, "hats", names)
+
+
+def test_campaign_change_starts_a_new_visit() -> None:
+    visits = group_visits(
+        [
+            hit(1, 0, url="https://a.test/?utm_campaign=Spring&utm_term=Shoes"),
+            hit(2, 10, url="https://a.test/next"),
+            hit(3, 20, url="https://a.test/?mtm_campaign=spring&mtm_kwd=shoes"),
+            hit(4, 30, url="https://a.test/#pk_campaign=autumn"),
+            hit(5, 40, url="https://a.test/?utm_source=newsletter"),
+        ]
+    )
+    assert ids(visits) == [[5], [4], [1, 2, 3]]
+    assert [visit.campaign for visit in visits] == [
+        ("newsletter", ""),
+        ("autumn", ""),
+        ("spring", "shoes"),
+    ]
+    assert visits[2].referrer_kind == "campaign"
+
+
+def test_campaign_from_attribution_parameters() -> None:
+    visits = group_visits(
+        [
+            hit(1, 0, _rcn="Mail", _rck="Offer"),
+            hit(2, 5, _rcn="MAIL", _rck="offer"),
+            # The same name with another keyword is another campaign.
+            hit(3, 10, _rcn="mail"),
+        ]
+    )
+    assert ids(visits) == [[3], [1, 2]]
+    assert visits[1].campaign == ("mail", "offer")
+
+
+def test_direct_visit_takes_a_later_referrer_or_campaign() -> None:
+    # A direct entry is not a referrer that changes: the visit goes on and takes it.
+    visits = group_visits(
+        [
+            hit(1, 0, urlref="https://a.test/inside", url="https://a.test/"),
+            hit(2, 10, url="https://a.test/?utm_campaign=spring"),
+            hit(3, 20, url="https://a.test/?utm_campaign=summer"),
+        ]
+    )
+    assert ids(visits) == [[3], [1, 2]]
+    assert (visits[1].referrer_kind, visits[1].campaign) == ("campaign", ("spring", ""))
+    (visit,) = group_visits([hit(1, 0), hit(2, 10, urlref="https://search.test/?q=a")])
+    assert (visit.referrer_kind, visit.referrer) == ("website", "https://search.test/?q=a")
+
+
+def test_website_referrer_then_campaign_is_a_new_visit() -> None:
+    visits = group_visits(
+        [hit(1, 0, urlref="https://search.test/"), hit(2, 10, url="https://a.test/?pk_cpn=x")]
+    )
+    assert ids(visits) == [[2], [1]]
+
+
+@pytest.mark.parametrize("bad", ["http://[::1", "https://a.test]/?utm_campaign=x", "http://[zz]/"])
+def test_urls_that_do_not_parse(bad: str) -> None:
+    (visit,) = group_visits([hit(1, 0, url=bad, urlref=bad), hit(2, 5, url=bad, urlref=bad)])
+    assert (visit.referrer_kind, visit.campaign) == ("direct", None)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["COLUMNS", "action_status", "cells", "render_page", "render_visits"]
 
+# Longer values are cut on the page (Matomo itself keeps 1024 characters of a URL).
+MAX_SHOWN_LENGTH = 2000
 HTTP_STATUS_NAMES = frozenset({"http_status_code", "http_status"})
 TYPE_LABELS = {
     "pageview": "page view",
@@ -69,7 +71,12 @@ def cells(hit: Mapping[str, Any]) -> list[str]:
 
 
 def _text(value: object) -> str:
-    return escape("" if value is None else str(value))
+    text = "" if value is None else str(value)
+    if len(text) > MAX_SHOWN_LENGTH:
+        # A hit may carry any amount of text: the page stays a page.
+        rest = len(text) - MAX_SHOWN_LENGTH
+        text = f"{text[:MAX_SHOWN_LENGTH]}… ({rest} more characters)"
+    return escape(text)
 
 
 def _clock(timestamp: float) -> str:
@@ -228,15 +235,21 @@ def _visitor(visit: Visit) -> str:
     else:
         rows.append(("User agent", f'<span class="wrap">{_text(first.ua or "none sent")}</span>'))
     rows.append(("Language", f'<span class="wrap">{_text(first.lang or "none sent")}</span>'))
-    referrer = visit.referrer
-    rows.append(
-        (
-            "Referrer",
-            f'<span class="wrap">{_text(referrer)}</span>'
-            if referrer
-            else '<span class="note">none (direct entry)</span>',
+    if visit.campaign is not None:
+        name, keyword = visit.campaign
+        keyword_text = (
+            f' <span class="note">keyword</span> <span class="wrap">{_text(keyword)}</span>'
         )
-    )
+        rows.append(
+            (
+                "Campaign",
+                f'<span class="wrap">{_text(name)}</span>' + (keyword_text if keyword else ""),
+            )
+        )
+    if visit.referrer:
+        rows.append(("Referrer", f'<span class="wrap">{_text(visit.referrer)}</span>'))
+    elif visit.campaign is None:
+        rows.append(("Referrer", '<span class="note">none (direct entry)</span>'))
     for name, value in (first.cvar_visit or {}).values():
         rows.append(
             (

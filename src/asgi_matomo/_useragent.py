@@ -17,6 +17,9 @@ __all__ = ["Software", "describe"]
 
 # Distinct user agents remembered: the page asks again on every refresh.
 CACHE_SIZE = 512
+# Parsing takes time in proportion to the text (about 10 ms per kB in pure Python):
+# a hit may carry any text, real user agents are a few hundred characters.
+MAX_PARSED_LENGTH = 512
 
 _Parse = Callable[[str], Any]
 
@@ -49,9 +52,13 @@ def _name(part: Any) -> str | None:
     return f"{part.family} {version}" if version else str(part.family)
 
 
-@lru_cache(maxsize=CACHE_SIZE)
 def describe(user_agent: str) -> Software | None:
     """The browser, OS and device in `user_agent`; None when ua-parser is not installed."""
+    return _describe(user_agent[:MAX_PARSED_LENGTH])
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _describe(user_agent: str) -> Software | None:
     if _PARSE is None:
         return None
     result = _PARSE(user_agent)

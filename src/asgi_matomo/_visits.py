@@ -1,8 +1,9 @@
 """Hits grouped into visits the way Matomo groups them, for the collector's page (sans-IO).
 
-Matomo (core/Tracker/VisitorRecognizer.php and Visit.php; verified on Matomo 5.1.2,
-see MATOMO.md "Visitors and visits") looks for the visit a hit continues among the
-site's visits whose last action is at most 30 minutes older than the hit:
+Read from Matomo's tracker (core/Tracker/VisitorRecognizer.php, Visit.php,
+plugins/Referrers/Columns/Campaign.php) and checked against what MATOMO.md
+("Visitors and visits") verified on Matomo 5.1.2. Matomo looks for the visit a hit
+continues among the site's visits whose last action is at most 30 minutes older:
 
 - a hit with `uid`: the visit of the visitor id derived from it, else the visit with
   the hit's fingerprint (and the visit's visitor id becomes the one from `uid`);
@@ -11,12 +12,16 @@ site's visits whose last action is at most 30 minutes older than the hit:
 - with none of them: the visit with the hit's fingerprint.
 
 A new visit starts anyway with `new_visit=1`, on a new day (the stand-in's sites are
-in UTC) or after 10,000 actions. Matomo's fingerprint is a hash of the OS, browser
-name and version, the IP the hit carries, the language and the site; the stand-in
-uses the whole user agent text instead of the names read from it, so two user agents
-that differ elsewhere (a device model) are one visitor in Matomo and two here.
-Not modelled: a new visit when the campaign changes (Matomo's default), since a
-server-side tracker sends no campaign of its own.
+in UTC), after 10,000 actions, or when the hit's URL carries a campaign
+(`utm_campaign`, `mtm_campaign`, ...) other than the one the visit came from, unless
+the visit came directly; a visit that came directly takes the referrer of a later hit
+that has one. A referrer on the page's own host is a direct entry (Matomo compares
+it with the site's URLs, which the stand-in does not know).
+
+Matomo's fingerprint is a hash of the OS, browser name and version, the IP the hit
+carries, the language and the site; the stand-in uses the whole user agent text
+instead of the names read from it, so two user agents that differ elsewhere (a
+device model) are one visitor in Matomo and two here.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 if TYPE_CHECKING:
     from asgi_matomo._collector import StoredHit
@@ -39,9 +45,31 @@ VISIT_WINDOW = 30 * 60.0
 MAX_ACTIONS_PER_VISIT = 10000
 VISITOR_ID_LENGTH = 16
 
+# Matomo's [Tracker] campaign_var_name and campaign_keyword_var_name, in its order.
+CAMPAIGN_NAME_PARAMS = (
+    "pk_cpn",
+    "pk_campaign",
+    "piwik_campaign",
+    "mtm_campaign",
+    "matomo_campaign",
+    "utm_campaign",
+    "utm_source",
+    "utm_medium",
+)
+CAMPAIGN_KEYWORD_PARAMS = (
+    "pk_kwd",
+    "pk_keyword",
+    "piwik_kwd",
+    "mtm_kwd",
+    "mtm_keyword",
+    "matomo_kwd",
+    "utm_term",
+)
+
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 IdentifiedBy = Literal["uid", "cid", "_id", "fingerprint"]
+ReferrerKind = Literal["direct", "website", "campaign"]
 
 
 def user_id_visitor_id(uid: str) -> str:
@@ -76,6 +104,42 @@ def _sent_visitor_id(hit: StoredHit) -> tuple[IdentifiedBy, str] | None:
     return None
 
 
+def _split(url: str | None) -> SplitResult:
+    # Hits carry any text: a URL that does not parse has no host, query or fragment.
+    try:
+        return urlsplit(url or "")
+    except ValueError:
+        return urlsplit("")
+
+
+def _host(url: str | None) -> str | None:
+    return _split(url).hostname
+
+
+def _campaign(hit: StoredHit) -> tuple[str, str] | None:
+    """The campaign (name, keyword) in the hit's URL or `_rcn`/`_rck`, lowercased."""
+    if "=" not in (hit.url or "") and not hit.params.get("_rcn"):
+        return None  # most URLs: nothing to parse
+    split = _split(hit.url)
+    # Matomo reads the campaign from the query, then from the fragment.
+    found = dict(parse_qsl(split.fragment))
+    found.update(parse_qsl(split.query))
+    name = next((found[key] for key in CAMPAIGN_NAME_PARAMS if found.get(key)), None)
+    keyword = next((found[key] for key in CAMPAIGN_KEYWORD_PARAMS if found.get(key)), "")
+    name = name or hit.params.get("_rcn")
+    if not name:
+        return None
+    return name.strip().lower(), (keyword or hit.params.get("_rck", "")).strip().lower()
+
+
+def _external_referrer(hit: StoredHit) -> bool:
+    """Whether the hit's referrer is another site's (else a direct entry)."""
+    if not hit.urlref:
+        return False
+    host = _host(hit.urlref)
+    return bool(host) and host != _host(hit.url)
+
+
 def _forces_new_visit(hit: StoredHit) -> bool:
     value = hit.params.get("new_visit", "").strip()
     return value not in ("", "0")
@@ -90,6 +154,9 @@ class Visit:
     identified_by: IdentifiedBy
     actions: list[StoredHit] = field(default_factory=list)
     uid: str | None = None
+    referrer_kind: ReferrerKind = "direct"
+    referrer: str | None = None
+    campaign: tuple[str, str] | None = None
 
     @property
     def first(self) -> StoredHit:
@@ -112,10 +179,30 @@ class Visit:
         """Whether the hit carried the visitor's IP (`cip`) rather than the sender's."""
         return "cip" in self.first.params
 
-    @property
-    def referrer(self) -> str | None:
-        """The referrer of the visit: its first action's (Matomo keeps the entry's)."""
-        return self.first.urlref
+    def add(self, hit: StoredHit, campaign: tuple[str, str] | None) -> None:
+        """One more action; a visit that came directly takes the hit's referrer."""
+        self.actions.append(hit)
+        if hit.uid:
+            self.uid = hit.uid
+        if self.referrer_kind != "direct":
+            return
+        if campaign is not None:
+            self.referrer_kind, self.campaign = "campaign", campaign
+            self.referrer = hit.urlref
+        elif _external_referrer(hit):
+            self.referrer_kind, self.referrer = "website", hit.urlref
+
+    def continued_by(self, hit: StoredHit, campaign: tuple[str, str] | None) -> bool:
+        """Whether `hit` (with its `campaign`) is one more action of this visit."""
+        if (
+            _forces_new_visit(hit)
+            or hit.time - self.ended > VISIT_WINDOW
+            or _day(hit.time) != _day(self.ended)
+            or len(self.actions) >= MAX_ACTIONS_PER_VISIT
+        ):
+            return False
+        # create_new_visit_when_campaign_changes (on by default).
+        return campaign is None or self.referrer_kind == "direct" or campaign == self.campaign
 
     def to_json(self) -> dict[str, Any]:
         """The visit as a JSON-ready dict (what `/api/visits` answers)."""
@@ -130,6 +217,8 @@ class Visit:
             "ua": first.ua,
             "lang": first.lang,
             "referrer": self.referrer,
+            "referrer_kind": self.referrer_kind,
+            "campaign": None if self.campaign is None else list(self.campaign),
             "started": self.started,
             "ended": self.ended,
             "actions": [hit.to_json() for hit in self.actions],
@@ -150,7 +239,8 @@ def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
         found = by_id.get((hit.idsite, sent[1])) if sent else None
         if found is None and (sent is None or sent[0] != "cid"):
             found = by_fingerprint.get(fingerprint)
-        if found is not None and not _continues(found, hit):
+        campaign = _campaign(hit)
+        if found is not None and not found.continued_by(hit, campaign):
             found = None
         visit = found
         if visit is None:
@@ -163,9 +253,7 @@ def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
         elif sent and sent[0] == "uid":
             # enable_userid_overwrites_visitorid (on by default).
             visit.visitor_id, visit.identified_by = sent[1], "uid"
-        visit.actions.append(hit)
-        if hit.uid:
-            visit.uid = hit.uid
+        visit.add(hit, campaign)
         # The fingerprint is the visit's first hit's (the log_visit row's config_id).
         by_fingerprint[_fingerprint(visit.first)] = visit
         if visit.visitor_id is not None:
@@ -174,19 +262,10 @@ def group_visits(hits: Iterable[StoredHit]) -> list[Visit]:
     return visits
 
 
-def _continues(visit: Visit, hit: StoredHit) -> bool:
-    """Whether `hit` is one more action of `visit` rather than the start of a new one."""
-    return (
-        not _forces_new_visit(hit)
-        and hit.time - visit.ended <= VISIT_WINDOW
-        and _day(hit.time) == _day(visit.ended)
-        and len(visit.actions) < MAX_ACTIONS_PER_VISIT
-    )
-
-
 def _texts(visit: Visit, dimension_names: Mapping[int, str]) -> Iterable[str | None]:
     yield visit.visitor_id
     yield visit.uid
+    yield from visit.campaign or ()
     for hit in visit.actions:
         yield from (hit.url, hit.action_name, hit.urlref, hit.search, hit.visitor_ip, hit.ua)
         yield from (hit.e_c, hit.e_a, hit.e_n)
