@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
-from asgi_matomo._config import build_config
+from asgi_matomo._config import DEFAULT_IGNORED_METHODS, build_config
 from asgi_matomo._core import TrackingConfig
 from asgi_matomo._hit import Hit
 
@@ -16,7 +16,11 @@ def params_of(hit: Hit, *, authenticated: bool = True) -> dict[str, str]:
 
 
 def config(**options: Any) -> TrackingConfig:
-    """A tracking config with the middleware's defaults, overridable per test."""
+    """A tracking config with the middleware's defaults, overridable per test.
+
+    But for visitor ids: off unless a test asks (`visitor_ids=True`), so that
+    hits carry no `cid` that depends on the key.
+    """
     defaults: dict[str, Any] = {
         "idsite": 1,
         "track_visitor_ip": False,
@@ -24,7 +28,7 @@ def config(**options: Any) -> TrackingConfig:
         "exclude_paths": None,
         "exclude_patterns": None,
         "allowed_methods": "all-methods",
-        "ignored_methods": None,
+        "ignored_methods": DEFAULT_IGNORED_METHODS,
         "ignored_user_agents": None,
         "route_details": None,
         "action_name_from_route": False,

@@ -482,6 +482,11 @@ def test_the_key_never_appears_in_a_hit_or_a_log(
     assert cfg.visitor is not None
     derived = cfg.visitor._key.hex()
     texts = [hit.encode(authenticated=True) for hit in hits]
+    # An error about another option, or about the key itself, never shows it.
+    for options in ({"idsite": 0}, {"trusted_proxies": ["no"]}, {"visitor_key": secret[:15]}):
+        with pytest.raises((TypeError, ValueError)) as raised:
+            config(**{"visitor_ids": True, "visitor_key": secret, **options})
+        texts.append(str(raised.value))
     texts += [record.getMessage() for record in caplog.records]
     texts += [repr(cfg), repr(info)]
     for text in texts:

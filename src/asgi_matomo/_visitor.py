@@ -114,5 +114,8 @@ class VisitorIds:
         # Lengths in front: no two different inputs can make the same message.
         message = f"{day}:{self.idsite}:{len(first)}:{first}:{second}"
         return hashlib.blake2b(
-            message.encode("utf-8", "surrogatepass"), key=self._key, digest_size=8, person=person
+            message.encode("utf-8", "surrogatepass"),
+            key=self._key,
+            digest_size=VISITOR_ID_LENGTH // 2,
+            person=person,
         ).hexdigest()
