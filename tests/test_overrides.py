@@ -13,6 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -202,6 +203,7 @@ def test_overrides_that_cannot_be_read_leave_the_hit_as_it_was() -> None:
         ([b"a", "\ud800"], '["a","\ufffd"]'),
         ({"k": b"v"}, '{"k":"v"}'),
         ({(1, 2): "tuple key", "k": 1}, '{"k":1}'),
+        (MappingProxyType({"k": [1]}), '{"k":[1]}'),
         (float("nan"), "nan"),
         (10**20, "100000000000000000000"),
     ],
