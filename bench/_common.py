@@ -7,6 +7,8 @@
   never competes with the app for its GIL.
 - `ReceiverProcess`: a minimal bulk endpoint (raw asyncio) for measuring the
   sender's own CPU cost without the collector's SQLite work in the picture.
+- `SerialReceiverProcess`: a bulk endpoint that serves one request at a time and
+  takes a fixed time per hit: a Matomo whose answer time grows with the load.
 - `realistic_scope`, `HEADERS`: what a browser sends, for the in-process tests.
 - `machine_facts`, `percentile`: for the reports.
 """
@@ -351,6 +353,92 @@ class ReceiverProcess:
             self._proc.kill()
 
 
+class _Serial:
+    """One bulk request at a time, `per_hit` seconds per hit: a Matomo whose answer
+    time grows with the load (each request waits for the ones before it)."""
+
+    def __init__(self, per_hit: float) -> None:
+        self.per_hit = per_hit
+        self.lock = asyncio.Lock()
+        self.counts = {"requests": 0, "elements": 0, "tracked": 0, "invalid": 0, "errors": 0}
+        # Stored, but the answer could not be written: the sender had given up (a
+        # timeout), so it will send the batch again (a duplicate).
+        self.counts["abandoned"] = 0
+        self.slowest = 0.0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                tracked = body.count(b'"?')
+                arrived = time.monotonic()
+                async with self.lock:
+                    await asyncio.sleep(self.per_hit * tracked)
+                    self.counts["requests"] += 1
+                    self.counts["elements"] += tracked
+                    self.counts["tracked"] += tracked
+                self.slowest = max(self.slowest, time.monotonic() - arrived)
+                answer = b'{"status":"success","tracked":%d,"invalid":0}' % tracked
+                if writer.is_closing() or reader.at_eof():
+                    self.counts["abandoned"] += tracked
+                    return
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the benchmark stops this stand-in
+        finally:
+            writer.close()
+
+
+def _serial_main(conn: Connection, per_hit: float, cpus: Sequence[int] | None) -> None:
+    pin(cpus)
+
+    async def serve() -> None:
+        serial = _Serial(per_hit)
+        server = await asyncio.start_server(serial.handle, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        conn.send(f"http://{HOST}:{port}/matomo.php")
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(None, conn.recv) != "stop":
+            conn.send({**serial.counts, "slowest_ms": int(serial.slowest * 1000)})
+        server.close()
+        conn.send(None)
+
+    asyncio.run(serve())
+
+
+class SerialReceiverProcess:
+    """A bulk endpoint that serves one request at a time, `per_hit` seconds per hit."""
+
+    def __init__(self, per_hit: float, cpus: Sequence[int] | None = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serial_main, args=(child, per_hit, cpus), daemon=True)
+        self._proc.start()
+        self.tracking_url: str = self._conn.recv()
+
+    def counts(self) -> dict[str, int]:
+        """Requests, hits tracked, hits stored whose answer came too late, slowest answer."""
+        self._conn.send("counts")
+        answer: dict[str, int] = self._conn.recv()
+        return answer
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._conn.recv()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
 STARTUP_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 180.0
 
@@ -420,17 +508,18 @@ def start_uvicorn(
     return server
 
 
-def stop_uvicorn(server: Server) -> dict[str, Any]:
-    """Ctrl-C the server (the sender flushes), wait for it, return its report."""
+def stop_uvicorn(server: Server, sig: int = signal.SIGINT) -> dict[str, Any]:
+    """Ctrl-C (or `sig`) the server (the sender flushes), wait for it, return its report."""
     process = server.process
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         try:
             process.wait(timeout=SHUTDOWN_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if process.returncode != 0:
+    # uvicorn re-raises the signal it stopped on, once it has shut down cleanly.
+    if process.returncode not in (0, -sig):
         raise RuntimeError(
             f"{server.variant}: uvicorn exited {process.returncode}: {server.log.read_text()}"
         )

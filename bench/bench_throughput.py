@@ -16,6 +16,11 @@ Variants:
   shutdown so the backlog can drain; every served request must be stored.
 - `matomo-slow-sized`: Matomo 2 s late all the time, including the shutdown
   flush; the sender sized to keep up (batch_size 1000, 16 batches in flight).
+- `matomo-2s`: the defaults, Matomo 2 s late all the time (shutdown included),
+  stopped with SIGTERM: the adaptive sender must keep up by itself.
+- `matomo-serial`: a Matomo whose answer time grows with the load
+  (`_common.SerialReceiverProcess`: one bulk request at a time, 3 ms per hit),
+  with a spool; stopped with SIGTERM. What it did not store must be in the spool.
 - `naive`: the old design, one awaited POST per request (for comparison).
 - `matomo-receiver`: `matomo`, sending to a minimal bulk endpoint that only
   counts and acknowledges hits (`_common.ReceiverProcess`) instead of the
@@ -31,9 +36,12 @@ Everything listens on 127.0.0.1 only; every step has a deadline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -49,12 +57,14 @@ from _common import (
     NOT_THE_LIBRARY,
     CollectorProcess,
     ReceiverProcess,
+    SerialReceiverProcess,
     machine_facts,
     start_uvicorn,
     stop_uvicorn,
 )
 
 SLOW_DELAY = 2.0
+SERIAL_PER_HIT = 0.003
 
 # wrk prints its own summary; this adds one JSON line we can parse.
 WRK_SCRIPT = """
@@ -79,6 +89,11 @@ class Variant:
     slow_at_shutdown: bool = False
     # Send to the minimal receiver instead of the collector.
     receiver: bool = False
+    # Send to a Matomo that serves one request at a time, this many seconds per hit.
+    serial: float = 0.0
+    stop_signal: int = signal.SIGINT
+    # Run the app on the library found here (a checkout's src/), not the installed one.
+    source: str | None = None
 
 
 VARIANTS = [
@@ -102,6 +117,16 @@ VARIANTS = [
         delay=SLOW_DELAY,
         slow_at_shutdown=True,
     ),
+    Variant(
+        "matomo-2s", "matomo", delay=SLOW_DELAY, slow_at_shutdown=True, stop_signal=signal.SIGTERM
+    ),
+    Variant(
+        "matomo-serial",
+        "matomo",
+        {"spool_path": "{tmp}/{run}-spool.sqlite3"},
+        serial=SERIAL_PER_HIT,
+        stop_signal=signal.SIGTERM,
+    ),
     Variant("naive", "naive"),
     Variant("matomo-receiver", "matomo", receiver=True),
     # Not the library: the least any tracking middleware does (see _common.Floor),
@@ -112,7 +137,7 @@ VARIANTS = [
 STACKS = {"h11": "h11, asyncio", "standard": "httptools, uvloop"}
 DEFAULT_VARIANTS = "bare,matomo,matomo-slow,matomo-slow-sized,naive,floor,passthrough"
 # Variants whose hits the collector does not see.
-UNSEEN = (*NOT_THE_LIBRARY, "matomo-receiver")
+UNSEEN = (*NOT_THE_LIBRARY, "matomo-receiver", "matomo-serial")
 
 
 @dataclass
@@ -133,6 +158,10 @@ class Run:
     shutdown_s: float
     gc_us: float  # garbage collection time per request served, whole server life
     gc_collections: int
+    retried: int | None = None  # the sender's retried requests
+    spooled_left: int = 0  # hits still in the spool after shutdown
+    abandoned: int = 0  # stored by the serial Matomo after the sender gave up waiting
+    slowest_ms: int = 0  # the serial Matomo's slowest answer
 
 
 def cpu_seconds(pid: int) -> float:
@@ -172,28 +201,42 @@ def run_once(
     if variant.receiver:
         assert receiver_url is not None
         url = receiver_url
-    before = collector.counts()
+    serial = None
+    if variant.serial:
+        serial = SerialReceiverProcess(variant.serial, cpus=args.load_cpu_list)
+        url = serial.tracking_url
+    options = {
+        k: v.replace("{tmp}", str(tmp)).replace("{run}", f"{variant.name}-{repetition}")
+        if isinstance(v, str)
+        else v
+        for k, v in variant.sender.items()
+    }
+    counts = serial.counts if serial is not None else collector.counts
+    before = counts()
     if variant.delay:
         collector.set_delay(variant.delay)
     try:
-        server = start_uvicorn(variant.app, url, variant.sender, args.app_cpus, tmp, args.stack)
+        env = {"PYTHONPATH": variant.source} if variant.source else None
+        server = start_uvicorn(variant.app, url, options, args.app_cpus, tmp, args.stack, env=env)
         try:
             port = server.port
             warm = wrk(port, args.warmup, args.connections, args.load_cpus, args.script)
-            start = collector.counts()
+            start = counts()
             cpu = cpu_seconds(server.process.pid)
             result = wrk(port, args.duration, args.connections, args.load_cpus, args.script)
             cpu = cpu_seconds(server.process.pid) - cpu
-            end = collector.counts()
+            end = counts()
             if variant.delay and not variant.slow_at_shutdown:
                 collector.set_delay(0)
         finally:
             stopping = time.perf_counter()
-            data = stop_uvicorn(server)
+            data = stop_uvicorn(server, variant.stop_signal)
             shutdown_s = time.perf_counter() - stopping
+        after = counts()
     finally:
         collector.set_delay(0)
-    after = collector.counts()
+        if serial is not None:
+            serial.stop()
     stats = data["stats"]
     served: int = data["served"]
     seconds = result["duration_us"] / 1e6
@@ -204,6 +247,11 @@ def run_once(
     if variant.receiver:
         # What the receiver acknowledged, as the sender counted it.
         stored = stats["sent"]
+    spooled_left = 0
+    spool = options.get("spool_path")
+    if isinstance(spool, str) and Path(spool).exists():
+        with sqlite3.connect(spool) as db:
+            spooled_left = db.execute("SELECT count(*) FROM hits").fetchone()[0]
     return Run(
         variant=variant.name,
         repetition=repetition,
@@ -221,6 +269,10 @@ def run_once(
         shutdown_s=shutdown_s,
         gc_us=data["gc"]["seconds"] / max(served, 1) * 1e6,
         gc_collections=data["gc"]["collections"],
+        retried=None if stats is None else stats["retried"],
+        spooled_left=spooled_left,
+        abandoned=after.get("abandoned", 0) - before.get("abandoned", 0),
+        slowest_ms=after.get("slowest_ms", 0),
     )
 
 
@@ -237,6 +289,11 @@ def main() -> None:
         help="uvicorn's HTTP parser and loop: h11 on asyncio, or httptools on uvloop",
     )
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated")
+    parser.add_argument(
+        "--baseline-src",
+        help="a src/ directory of another version of the library (e.g. from git archive): "
+        "adds the variants matomo@baseline and matomo-2s@baseline, run on it",
+    )
     parser.add_argument("--app-cpus", default="0", help="taskset list for uvicorn ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
     parser.add_argument("--json", type=Path, help="write every run here")
@@ -255,12 +312,22 @@ def main() -> None:
     if os.cpu_count() == 1 or not hasattr(os, "sched_setaffinity"):
         args.app_cpus = args.load_cpus = ""
     wanted = args.variants.split(",")
-    variants = [v for v in VARIANTS if v.name in wanted]
+    known = list(VARIANTS)
+    if args.baseline_src:
+        source = str(Path(args.baseline_src).resolve())
+        known += [
+            dataclasses.replace(v, name=f"{v.name}@baseline", source=source)
+            for v in VARIANTS
+            if v.name in ("matomo", "matomo-2s")
+        ]
+        wanted += [f"{name}@baseline" for name in ("matomo", "matomo-2s") if name in wanted]
+    variants = [v for v in known if v.name in wanted]
     if not variants or variants[0].name != "bare":
         raise SystemExit("--variants must include bare (the ratios are relative to it)")
 
     runs: list[Run] = []
     load_cpus = [int(c) for c in args.load_cpus.split(",")] if args.load_cpus else None
+    args.load_cpu_list = load_cpus
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         args.script = tmp / "report.lua"
@@ -343,11 +410,12 @@ def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) ->
             f"{statistics.median(r.p99_ms for r in mine):.1f} |"
         )
     print(
-        "\n| Variant | served (all runs) | stored by Matomo | lost | dropped (sender stats) "
+        "\n| Variant | served (all runs) | stored by Matomo | left in the spool | lost "
+        "| dropped (sender stats) | retried | stored after a timeout (duplicates) "
         "| Matomo requests per 1000 hits during load | backlog when load stopped (max) "
         "| shutdown s (max) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names[1:]:
         if name in NOT_THE_LIBRARY:  # they track nothing
             continue
@@ -362,9 +430,18 @@ def print_report(runs: list[Run], names: list[str], args: argparse.Namespace) ->
         )
         dropped = "-" if mine[0].dropped is None else f"{sum(r.dropped or 0 for r in mine):,}"
         backlog = "-" if name in UNSEEN else f"{max(r.backlog_at_end_of_load for r in mine):,}"
+        left = sum(r.spooled_left for r in mine)
+        retried = "-" if mine[0].retried is None else f"{sum(r.retried or 0 for r in mine):,}"
         print(
-            f"| {name} | {served:,} | {stored:,} | {served - stored:,} | {dropped} | {per_1000} "
+            f"| {name} | {served:,} | {stored:,} | {left:,} | {served - stored - left:,} "
+            f"| {dropped} | {retried} | {sum(r.abandoned for r in mine):,} | {per_1000} "
             f"| {backlog} | {max(r.shutdown_s for r in mine):.1f} |"
+        )
+    if "matomo-serial" in names:
+        slowest = max(r.slowest_ms for r in runs if r.variant == "matomo-serial")
+        print(
+            f"\nmatomo-serial: stored = hits the serial Matomo stored; its slowest answer "
+            f"took {slowest / 1000:.2f} s (http_timeout 5 s)."
         )
     if any(name in UNSEEN and name not in NOT_THE_LIBRARY for name in names):
         print(

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trustme
 
-from asgi_matomo import _http, _sender
+from asgi_matomo import _http, _transport
 from asgi_matomo._collector import Collector
 from asgi_matomo._hit import Hit
 from asgi_matomo._http import (
@@ -946,8 +946,8 @@ async def test_sender_uses_the_lean_client_on_asyncio() -> None:
             for hit in hits(5):
                 sender.submit(hit)
             assert await sender.aflush(DEADLINE)
-            assert sender._owned is not None
-            client = sender._owned.client
+            assert sender._transport.owned is not None
+            client = sender._transport.owned.client
             assert isinstance(client, LeanClient)
         assert client.is_closed
         assert not client._connections
@@ -964,15 +964,15 @@ async def test_sender_uses_httpx_with_a_proxy(name: str, monkeypatch: pytest.Mon
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         sender = BatchSender(endpoint=collector.tracking_url)
         await sender.send_now(hits(1))
-        assert sender._owned is not None
-        assert isinstance(sender._owned.client, httpx.AsyncClient)
+        assert sender._transport.owned is not None
+        assert isinstance(sender._transport.owned.client, httpx.AsyncClient)
         await sender.aclose()
         assert sender.stats.sent == 1
 
 
 def test_httpx_on_trio_and_for_urls_with_credentials() -> None:
     async def fits(url: str) -> bool:
-        return _sender._lean_fits(url, anyio.lowlevel.current_token())
+        return _transport._lean_fits(url, anyio.lowlevel.current_token())
 
     url = "http://127.0.0.1:9/matomo.php"
     assert anyio.run(fits, url)
@@ -988,7 +988,7 @@ def test_one_lean_client_per_event_loop_closed_with_it(monkeypatch: pytest.Monke
             super().__init__(*args, **kwargs)
             created.append(self)
 
-    monkeypatch.setattr(_sender, "LeanClient", Recorded)
+    monkeypatch.setattr(_transport, "LeanClient", Recorded)
     with Collector(sites=[1]) as collector:
         sender = BatchSender(endpoint=collector.tracking_url)
         # Starlette's TestClient runs each request in a new event loop.
@@ -1005,14 +1005,14 @@ async def test_a_fork_child_leaves_the_lean_client_alone() -> None:
     with Collector(sites=[1]) as collector:
         sender = BatchSender(endpoint=collector.tracking_url)
         await sender.send_now(hits(1))
-        owned = sender._owned
+        owned = sender._transport.owned
         assert owned is not None
         assert isinstance(owned.client, LeanClient)
         sender._after_fork_in_child()  # what os.register_at_fork runs in a child
-        assert owned in _sender._INHERITED
+        assert owned in _transport._INHERITED
         assert not owned.client.is_closed
         assert len(owned.client._connections) == 1
-        _sender._INHERITED.remove(owned)
+        _transport._INHERITED.remove(owned)
         await owned.client.aclose()
         await owned.closer.aclose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import gc
+import itertools
 import json
 import logging
 import os
@@ -26,16 +27,14 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from asgi_matomo import _sender, _token
+from asgi_matomo import _report, _retry, _sender, _token, _transport
 from asgi_matomo._bulk import parse_retry_after
 from asgi_matomo._hit import UNAUTHENTICATED_MAX_AGE, Hit
+from asgi_matomo._retry import RETRY_AFTER_CAP, RETRY_AFTER_JITTER, RETRY_BASE, RETRY_CAP
 from asgi_matomo._sender import (
     DEFAULT_BATCH_SIZE,
-    RETRY_BASE,
-    RETRY_CAP,
     BatchSender,
     Stats,
-    backoff_delay,
 )
 from asgi_matomo._spool import SqliteSpool
 
@@ -318,7 +317,8 @@ def test_endpoint_must_be_an_http_url(endpoint: Any) -> None:
 
 def test_defaults_are_exported() -> None:
     sender = BatchSender(endpoint=ENDPOINT)
-    assert sender._batch_size == DEFAULT_BATCH_SIZE == 100
+    assert sender._batch_size == DEFAULT_BATCH_SIZE == 1000
+    assert sender._controller.batch == 100  # where the adaptive limit starts
     assert not sender.running
     assert sender.stats == Stats()
     assert not sender.force_flush()
@@ -768,21 +768,12 @@ async def test_a_single_hit_too_large_is_refused() -> None:
 def test_duplicate_filter_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     sender = BatchSender(endpoint=ENDPOINT)
     with caplog.at_level(logging.ERROR, "asgi_matomo"):
-        for n in range(_sender._MAX_CAUSES + 10):
-            sender._log_once(f"cause {n}", logging.ERROR, "cause %d", n)
-    assert len(caplog.records) == _sender._MAX_CAUSES
+        for n in range(_report.MAX_CAUSES + 10):
+            sender._reporter.log_once(f"cause {n}", logging.ERROR, "cause %d", n)
+    assert len(caplog.records) == _report.MAX_CAUSES
 
 
 # -- retries -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("attempt", [1, 2, 3, 6, 7, 8, 100, 10_000])
-def test_backoff_is_full_jitter_up_to_the_cap(attempt: int) -> None:
-    ceiling = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempt - 1, 64))
-    assert backoff_delay(attempt, lambda: 0.0) == 0.0
-    assert backoff_delay(attempt, lambda: 0.999999) == pytest.approx(ceiling, rel=1e-5)
-    for _ in range(50):
-        assert 0.0 <= backoff_delay(attempt) <= ceiling <= RETRY_CAP
 
 
 @pytest.mark.parametrize(
@@ -844,7 +835,8 @@ async def test_retries_with_backoff_until_success() -> None:
     assert all(body == matomo.bodies[0] for body in matomo.bodies)
     assert len(clock.sleeps) == 6
     for attempt, delay in enumerate(clock.sleeps, start=1):
-        assert 0.0 <= delay <= min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+        ceiling = min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+        assert ceiling / 2 <= delay <= ceiling
 
 
 @pytest.mark.anyio
@@ -857,7 +849,9 @@ async def test_retry_after_is_honoured(header: str) -> None:
         sender = sender_for(client, clock=clock, sleep=clock.sleep, wall_clock=lambda: NOW)
         async with sender.running_in_background():
             sender.submit(hit(0))
-    assert clock.sleeps == [7.0]
+    # Waited what Matomo asked for, and up to a fifth more (jitter).
+    assert len(clock.sleeps) == 1
+    assert 7.0 <= clock.sleeps[0] <= 7.0 * (1 + RETRY_AFTER_JITTER)
     assert sender.stats.sent == 1
 
 
@@ -913,7 +907,7 @@ async def test_retry_deadline_then_spool_or_drop(
 
 def test_throttle_counts_suppressed_lines() -> None:
     now = [0.0]
-    throttle = _sender._Throttle(lambda: now[0], interval=60.0)
+    throttle = _report.Throttle(lambda: now[0], interval=60.0)
     assert throttle.allow("k") == 0
     assert throttle.allow("k") is None
     assert throttle.allow("other") == 0
@@ -927,9 +921,9 @@ def test_warn_mentions_suppressed_lines(caplog: pytest.LogCaptureFixture) -> Non
     sender = BatchSender(endpoint=ENDPOINT, clock=clock)
     with caplog.at_level(logging.WARNING, "asgi_matomo"):
         for _ in range(3):
-            sender._drop(1, "x", "because")
-        clock.now += _sender.LOG_INTERVAL
-        sender._drop(1, "x", "because")
+            sender._reporter.drop(1, "x", "because")
+        clock.now += _report.LOG_INTERVAL
+        sender._reporter.drop(1, "x", "because")
     assert [r.getMessage() for r in caplog.records] == [
         "asgi_matomo: dropped 1 hits: because",
         "asgi_matomo: dropped 1 hits: because (2 similar messages suppressed)",
@@ -1148,7 +1142,13 @@ async def test_lockout_probes_of_a_verified_token_are_rate_limited() -> None:
             start = clock.now
             sender.submit(hit(1, cip="203.0.113.7"))
             assert await sender.aflush(DEADLINE)
-    assert [t - start for t in without_token_at] == [10.0, 70.0, 130.0, 190.0, 250.0]
+    # The first after two 5xx answers (the first retry waits Retry-After, at least),
+    # then one per LOCKOUT_PROBE_INTERVAL at most, until the retry deadline.
+    assert without_token_at[0] - start >= 10.0
+    gaps = [b - a for a, b in itertools.pairwise(without_token_at)]
+    assert len(gaps) >= 2
+    assert all(gap >= _token.LOCKOUT_PROBE_INTERVAL for gap in gaps)
+    assert without_token_at[-1] - start <= 300.0
     assert sender._tokens.state is _token.TokenState.VERIFIED
     assert (sender.stats.sent, sender.stats.dropped) == (1, 1)
 
@@ -1282,7 +1282,12 @@ async def test_a_token_revoked_after_it_was_verified_is_noticed(
     matomo = Matomo(fake)
     async with matomo.client() as client:
         sender = sender_for(
-            client, access_token=TOKEN, batch_size=5, clock=clock, sleep=clock.sleep
+            client,
+            access_token=TOKEN,
+            batch_size=5,
+            max_concurrent_batches=4,
+            clock=clock,
+            sleep=clock.sleep,
         )
         async with sender.running_in_background():
             with caplog.at_level(logging.ERROR, "asgi_matomo"):
@@ -1294,14 +1299,14 @@ async def test_a_token_revoked_after_it_was_verified_is_noticed(
                 matomo.gate = anyio.Event()
                 for n in range(15, 200):
                     sender.submit(hit(n, cip="203.0.113.7"))
-                await matomo.wait_for(3 + _sender.DEFAULT_MAX_CONCURRENT_BATCHES)
+                await matomo.wait_for(3 + 4)
                 matomo.gate.set()
                 assert await sender.aflush(DEADLINE)
     stats = sender.stats
     assert stats.token_rejected
     # Only the batches already on their way with the token when it was revoked;
     # the others wait for the verdict of the first one's probe.
-    assert fake.failed_logins <= _sender.DEFAULT_MAX_CONCURRENT_BATCHES
+    assert fake.failed_logins <= 4
     assert (stats.sent, stats.invalid, stats.dropped, stats.rejected) == (200, 0, 0, 0)
     tracked_with_cip = {
         n for body in matomo.bodies[: fake.accepted] for n in numbers(body["requests"])
@@ -1333,8 +1338,8 @@ async def test_batches_wait_for_the_verdict_on_a_verified_token_in_doubt() -> No
         return fake(body)
 
     def waiting_for_the_token_lock() -> int:
-        assert sender._token_lock is not None
-        return sender._token_lock[1].statistics().tasks_waiting
+        assert sender._delivery.token_lock is not None
+        return sender._delivery.token_lock[1].statistics().tasks_waiting
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         sender = sender_for(client, access_token=TOKEN, batch_size=1)
@@ -1495,7 +1500,7 @@ def owned_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
 
     monkeypatch.setattr(httpx, "AsyncClient", factory)
     # On asyncio the sender would use its lean client (tested in test_http.py).
-    monkeypatch.setattr(_sender, "_lean_fits", lambda endpoint, loop: False)
+    monkeypatch.setattr(_transport, "_lean_fits", lambda endpoint, loop: False)
     return created
 
 
@@ -1566,7 +1571,7 @@ async def test_retry_after_read_from_a_plain_dict_or_broken_headers() -> None:
     sender = sender_for(SimpleNamespace(post=post), clock=clock, sleep=clock.sleep)
     async with sender.running_in_background():
         sender.submit(hit(0))
-    assert clock.sleeps[0] == 3.0
+    assert 3.0 <= clock.sleeps[0] <= 3.0 * (1 + RETRY_AFTER_JITTER)
     assert len(clock.sleeps) == 2
     assert sender.stats.sent == 1
 
@@ -1596,7 +1601,7 @@ async def test_send_now_retries_a_few_times_then_spools_or_drops(with_spool: boo
     async with matomo.client() as client:
         sender = sender_for(client, clock=clock, sleep=clock.sleep, spool=spool)
         await sender.send_now([hit(0)])
-    assert sender.stats.batches == _sender.DIRECT_ATTEMPTS
+    assert sender.stats.batches == _retry.DIRECT_ATTEMPTS
     assert sum(clock.sleeps) <= sender._http_timeout
     assert (sender.stats.spooled, sender.stats.dropped) == ((1, 0) if with_spool else (0, 1))
 
@@ -1775,7 +1780,8 @@ async def test_shutdown_during_a_backoff_delivers_once_matomo_is_back(with_spool
             sender.force_flush()
             await until(lambda: len(sleep.sleeps) == 2)
             assert (len(matomo.bodies), sender.stats.in_flight, sender.stats.queued) == (2, 4, 4)
-    assert sleep.sleeps == [30.0, 30.0]
+    assert all(30.0 <= s <= 30.0 * (1 + RETRY_AFTER_JITTER) for s in sleep.sleeps)
+    assert len(sleep.sleeps) == 2
     assert sorted(matomo.hits) == sorted([0, 1, 2, 3, *range(8)])
     stats = sender.stats
     assert (stats.sent, stats.dropped, stats.spooled, stats.retried) == (8, 0, 0, 2)
@@ -1796,7 +1802,8 @@ async def test_shutdown_during_a_backoff_spools_what_still_fails() -> None:
             sleep=sleep,
             spool=spool,
             retry_deadline=1e9,
-            shutdown_timeout=3600,  # a retry in 7200 s does not fit: no waiting
+            # A retry in 7200 s (waited RETRY_AFTER_CAP at most) does not fit: no waiting.
+            shutdown_timeout=RETRY_AFTER_CAP / 2,
         )
         with anyio.fail_after(DEADLINE):
             async with sender.running_in_background():
@@ -1844,7 +1851,7 @@ async def test_fork_child_starts_afresh(owned_clients: list[httpx.AsyncClient]) 
             sender._after_fork_in_child()
             assert not sender.running
             assert sender.stats == Stats(token_rejected=True)
-            assert sender._owned is None
+            assert sender._transport.owned is None
             sender.submit(hit(3))  # the child has not started its own worker yet
             assert sender.stats.dropped == 1
             scope.cancel()
@@ -1856,7 +1863,7 @@ async def test_fork_child_starts_afresh(owned_clients: list[httpx.AsyncClient]) 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_register_at_fork_resets_the_child() -> None:
     sender = BatchSender(endpoint=ENDPOINT)
-    sender._counters.sent = 5
+    sender._reporter.counters.sent = 5
     with warnings.catch_warnings():
         # Python 3.12+ warns about forking a process that has threads.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -2101,11 +2108,3 @@ def test_real_connections_across_event_loops(http_server: type[_Handler]) -> Non
     assert peers[2] == peers[3]  # same loop: the connection is reused
     assert len(set(peers)) == 3
     assert sender.stats.sent == 4
-
-
-def test_replay_delay_grows_to_the_cap_with_half_of_it_jitter() -> None:
-    assert _sender.replay_delay(1, rand=lambda: 0.0) == _sender.RETRY_BASE
-    assert _sender.replay_delay(1, rand=lambda: 1.0) == 2 * _sender.RETRY_BASE
-    assert _sender.replay_delay(3, rand=lambda: 1.0) == 8 * _sender.RETRY_BASE
-    assert _sender.replay_delay(99, rand=lambda: 1.0) == _sender.RETRY_CAP
-    assert _sender.replay_delay(99, rand=lambda: 0.0) == _sender.RETRY_CAP / 2

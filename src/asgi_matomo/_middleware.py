@@ -77,10 +77,10 @@ class MatomoMiddleware:
         forwarded_header: the header your proxies write: "x-forwarded-for" (with
             X-Forwarded-Proto/-Host) or "forwarded" (RFC 7239); the other is ignored.
         anonymize_ip_bytes: zero the last 0-3 bytes of the visitor IP.
-        batch_size: hits per bulk request.
+        batch_size: the most hits in one bulk request (the sender adapts below it).
         flush_interval: seconds a hit may wait for its batch to fill.
         max_queue_size: hits kept in memory; beyond, spooled or dropped and counted.
-        max_concurrent_batches: bulk requests in flight at once.
+        max_concurrent_batches: the most bulk requests in flight at once (adapted below it).
         retry_deadline: seconds a failing batch is retried.
         shutdown_timeout: seconds the shutdown may spend delivering the queue.
         spool_path: SQLite file for hits that would otherwise be lost.
