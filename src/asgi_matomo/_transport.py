@@ -105,6 +105,7 @@ class Transport:
             header=lambda name: _header(response, name),
             now=self._wall_clock,
             excerpt=self.excerpt,
+            size=_size(response),
         )
 
     def excerpt(self, text: str, limit: int) -> str:
@@ -151,6 +152,11 @@ class Transport:
         if owned is not None and owned.loop == anyio.lowlevel.current_token():
             await owned.closer.aclose()  # closes the client
         # A client of another event loop is closed by that loop when it ends.
+
+
+def _size(response: object) -> int | None:
+    content = getattr(response, "content", None)
+    return len(content) if isinstance(content, bytes) else None
 
 
 def _header(response: object, name: str) -> str | None:
