@@ -213,8 +213,9 @@ class Delivery:
             if (attempts is not None and attempt >= attempts) or self._clock() + delay > limit:
                 self._reporter.warn(
                     "gave_up",
-                    "asgi_matomo: Matomo unavailable (%s): giving up on a batch",
+                    "asgi_matomo: Matomo unavailable (%s): giving up on a batch%s",
                     answer.cause,
+                    " at the shutdown deadline (shutdown_timeout)" if limit < give_up_at else "",
                 )
                 return hits
             self._reporter.warn(
