@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trustme
 
-from asgi_matomo import _http, _transport
+from asgi_matomo import _http, _http_wire, _transport
 from asgi_matomo._collector import Collector
 from asgi_matomo._hit import Hit
 from asgi_matomo._http import (
@@ -648,7 +648,7 @@ async def parse(
     """Parse `raw` as if it arrived on a connection that then ended (EOF or `lost`)."""
     loop = asyncio.get_running_loop()
     conn = _http._Connection(loop, lambda c: None, limit, parser)
-    conn.send(_http._Head("/matomo.php", [(b"Host", b"matomo.example.com")]), b"{}")
+    conn.send(_http_wire.RequestHead("/matomo.php", [(b"Host", b"matomo.example.com")]), b"{}")
 
     async def feed() -> None:
         pieces = [raw[i : i + 1] for i in range(len(raw))] if byte_by_byte else [raw]
@@ -784,7 +784,7 @@ async def test_an_endless_head_is_refused_at_the_cap(parser: str) -> None:
     raw = b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * (_http.MAX_HEAD // 6 + 100)
     loop = asyncio.get_running_loop()
     conn = _http._Connection(loop, lambda c: None, MAX_BODY, parser)
-    conn.send(_http._Head("/", [(b"Host", b"x")]), b"")
+    conn.send(_http_wire.RequestHead("/", [(b"Host", b"x")]), b"")
     for start in range(0, len(raw), 1000):
         conn.data_received(raw[start : start + 1000])
         if conn.answer is not None and conn.answer.done():

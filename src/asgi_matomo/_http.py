@@ -4,10 +4,11 @@ httpx spends about 1 ms of CPU per request (client, connection pool, anyio
 streams, h11): at 100 hits per batch that is the largest single cost of tracking
 in the application's process. The sender only ever POSTs a JSON body to one URL
 and reads a small answer, so this client does exactly that with asyncio's
-Protocol/Transport API: one write per request, the answer parsed by h11 (the
-HTTP/1.1 library httpx itself uses) from the bytes the loop hands over, no task
-and no stream object in between. The saving is in the layers skipped, not in
-the parsing: requests are framed and answers read by h11 only.
+Protocol/Transport API: one write per request, the answer read from the bytes
+the loop hands over, no task and no stream object in between. The saving is in
+the layers skipped, not in the parsing: request heads are written by h11 and
+answers read by httptools or h11 (`_http_wire`); this module holds the
+connections.
 
 What it covers: keep-alive with a small pool of idle connections, bodies framed
 by Content-Length, chunked or the end of the connection, 1xx interim answers,
@@ -15,7 +16,7 @@ TLS verified against the same trust store as httpx's default. What it leaves to
 httpx (the sender keeps httpx for those): proxies, credentials in the URL,
 URLs that need encoding, trio.
 
-Every buffer is bounded whatever the server does: h11 keeps at most an
+Every buffer is bounded whatever the server does: the parser keeps at most an
 incomplete response head (MAX_HEAD), a body is kept up to `max_body`, and a
 connection that sends bytes while no request waits for them is closed.
 """
@@ -23,23 +24,31 @@ connection that sends bytes while no request waits for them is closed.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import os
 import re
 import ssl
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import SplitResult, urlsplit
 
-import h11
-
-try:
-    import httptools
-except ImportError:  # pragma: no cover (installed with uvicorn[standard], and for tests)
-    httptools = None  # type: ignore[assignment]
+from ._http_wire import (
+    MAX_HEAD,
+    PARSER,
+    LeanConnectionError,
+    LeanHeaders,
+    LeanHTTPError,
+    LeanProtocolError,
+    LeanResponse,
+    Outcome,
+    RequestHead,
+    field,
+    make_reader,
+)
 
 __all__ = [
+    "MAX_BODY",
+    "MAX_HEAD",
+    "PARSER",
     "LeanClient",
     "LeanConnectionError",
     "LeanHTTPError",
@@ -52,8 +61,6 @@ __all__ = [
 # The part of an answer kept; the rest is not read and its connection is closed.
 # Matomo's bulk answer is a few hundred bytes; a misconfigured URL may serve a page.
 MAX_BODY = 1024 * 1024
-# A response head larger than this is not an HTTP server we want to talk to.
-MAX_HEAD = 64 * 1024
 # Idle connections older than this are not reused: httpx's default keep-alive
 # expiry, and Apache's default KeepAliveTimeout, after which it closes them.
 KEEPALIVE_EXPIRY = 5.0
@@ -64,81 +71,11 @@ _HAPPY_EYEBALLS_DELAY = 0.25
 _CLOSE_WAIT = 1.0
 _MAX_HEADS = 16  # request heads kept ready, by URL and headers
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-# What reads the answers: httptools where it is installed, h11 (httpx's) otherwise.
-PARSER = "httptools" if httptools is not None else "h11"
 # Headers this client writes itself from the request: a caller's are ignored.
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 # The request target is sent as it is: printable ASCII, no spaces. Anything else
 # would need percent-encoding, which httpx does and this client leaves to it.
 _TARGET = re.compile(r"[\x21-\x7e]*")
-
-
-class LeanHTTPError(Exception):
-    """The request failed: the connection broke, or the answer was not HTTP/1.x."""
-
-
-class LeanConnectionError(LeanHTTPError):
-    """The server closed or reset the connection before its answer was complete."""
-
-
-class LeanProtocolError(LeanHTTPError):
-    """The server's answer is not well-formed HTTP/1.x."""
-
-
-class LeanHeaders(Mapping[str, str]):
-    """Response headers with case-insensitive lookups; repeated ones joined by ", "."""
-
-    __slots__ = ("_fields",)
-
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        joined: dict[str, str] = {}
-        for name, value in fields:
-            key = name.lower()
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
-        self._fields = joined
-
-    def __getitem__(self, name: str) -> str:
-        return self._fields[name.lower()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __repr__(self) -> str:
-        return f"LeanHeaders({self._fields!r})"
-
-
-class LeanResponse:
-    """What the sender reads from an answer, named as httpx names it."""
-
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: LeanHeaders, content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
-
-    @property
-    def text(self) -> str:
-        """The body decoded per the Content-Type's charset, else UTF-8 (as httpx does)."""
-        return self.content.decode(_charset(self.headers.get("content-type")), errors="replace")
-
-    def __repr__(self) -> str:
-        return f"<LeanResponse [{self.status_code}]>"
-
-
-def _charset(content_type: str | None) -> str:
-    if content_type:
-        for param in content_type.split(";")[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "charset":
-                try:
-                    return codecs.lookup(value.strip().strip("\"'")).name
-                except LookupError:
-                    break
-    return "utf-8"
 
 
 def _split(url: str) -> SplitResult:
@@ -188,218 +125,6 @@ def _ssl_context() -> ssl.SSLContext:
     return context
 
 
-def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo gzip or deflate, which a server may apply despite Accept-Encoding: identity."""
-    coding = (encoding or "").strip().lower()
-    if coding in ("", "identity"):
-        return body
-    if coding not in ("gzip", "x-gzip", "deflate"):
-        return body  # br, zstd...: kept as received, as httpx does without their packages
-    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
-    try:
-        return zlib.decompressobj(wbits).decompress(body, limit)
-    except zlib.error as exc:
-        raise LeanProtocolError(f"a {coding} body that does not decompress: {exc}") from exc
-
-
-def _field(name: str, value: str) -> tuple[bytes, bytes]:
-    # h11 checks both when the request is made (no CR or LF: no header smuggling).
-    return name.encode("latin-1"), value.encode("latin-1")
-
-
-_Answer = tuple[LeanResponse, bool]  # the response, and whether the connection may be reused
-
-
-def _answer(
-    status: int, fields: list[tuple[str, str]], body: bytearray, limit: int, reusable: bool
-) -> _Answer:
-    headers = LeanHeaders(fields)
-    content = _decode(bytes(body), headers.get("content-encoding"), limit)
-    return LeanResponse(status, headers, content), reusable
-
-
-class _Head:
-    """A request head as h11 writes it, but for the Content-Length of each request.
-
-    h11 checks every field and writes the head once per URL and header set:
-    doing both per request would take half of this client's CPU per POST.
-    """
-
-    __slots__ = ("_prefix", "shape")
-
-    def __init__(self, target: str, fields: list[tuple[bytes, bytes]]) -> None:
-        try:
-            # The request as h11 sees it, without its body: what an answer is read against.
-            self.shape = h11.Request(
-                method=b"POST",
-                target=target,
-                headers=[*fields, (b"Connection", b"keep-alive"), (b"Content-Length", b"0")],
-            )
-        except h11.LocalProtocolError as exc:
-            # A CR or LF in a header would let it write other headers, or a second request.
-            raise ValueError(f"invalid header field: {exc}") from None
-        written = h11.Connection(h11.CLIENT).send(self.shape) or b""
-        # h11 writes the fields in order: the last one is left open for each request's length.
-        end = b"Content-Length: 0\r\n\r\n"
-        assert written.endswith(end)
-        self._prefix = written[: -len(end)] + b"Content-Length: "
-
-    def frame(self, content: bytes) -> bytes:
-        # One write, one segment for a small request: head and body together.
-        return b"".join((self._prefix, b"%d\r\n\r\n" % len(content), content))
-
-
-class _H11Reader:
-    """Reads the answers on one connection with h11."""
-
-    def __init__(self, max_body: int) -> None:
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        self._max_body = max_body
-        self._response: h11.Response | None = None
-        self._body = bytearray()
-
-    def begin(self, head: _Head) -> None:
-        framer = self._h11
-        if framer.our_state is h11.DONE:
-            framer.start_next_cycle()  # only a reusable connection is used again
-        # h11 is told of the request without its body: an answer is framed alike.
-        framer.send(head.shape)
-        framer.send(h11.EndOfMessage())
-        self._response = None
-        self._body = bytearray()
-
-    def feed(self, data: bytes) -> _Answer | None:
-        self._h11.receive_data(data)
-        return self._read()
-
-    def end(self) -> _Answer | None:
-        self._h11.receive_data(b"")
-        return self._read()
-
-    def _read(self) -> _Answer | None:
-        framer = self._h11
-        try:
-            while True:
-                event = framer.next_event()
-                if isinstance(event, h11.Data):
-                    if not _keep(self._body, event.data, self._max_body):
-                        return self._answer(reusable=False)
-                elif isinstance(event, h11.Response):
-                    self._response = event
-                elif isinstance(event, h11.EndOfMessage):
-                    after, closed = framer.trailing_data
-                    return self._answer(
-                        # Not for Connection: close or HTTP/1.0, nor bytes after the answer.
-                        reusable=framer.their_state is h11.DONE and not after and not closed
-                    )
-                elif event is h11.NEED_DATA or event is h11.PAUSED:
-                    return None
-                # else an interim answer (100 Continue, 103 Early Hints): the final one follows.
-        except h11.RemoteProtocolError as exc:
-            raise LeanProtocolError(f"not a well-formed HTTP/1.1 answer: {exc}") from None
-
-    def _answer(self, *, reusable: bool) -> _Answer:
-        response = self._response
-        assert response is not None  # h11 gives the head before any body
-        fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers]
-        return _answer(response.status_code, fields, self._body, self._max_body, reusable)
-
-
-class _HttptoolsReader:
-    """Reads answers with httptools (llhttp, in C): a tenth of h11's CPU per answer.
-
-    httptools has no end-of-input call: a body that ends with the connection is
-    recognised here from the head, as RFC 9112 6.3 frames it.
-    """
-
-    def __init__(self, max_body: int) -> None:
-        assert httptools is not None
-        self._parser = httptools.HttpResponseParser(self)
-        self._max_body = max_body
-        self._reset()
-
-    def _reset(self) -> None:
-        self._fields: list[tuple[str, str]] = []
-        self._body = bytearray()
-        self._status = 0  # set once the head is complete
-        self._head_size = 0
-        self._cut = False  # the body went over the cap
-        self._done = False
-        self._keep_alive = False
-        self._after = False  # bytes came after the answer
-
-    def begin(self, head: _Head) -> None:
-        self._reset()
-
-    # -- httptools' callbacks
-
-    def on_message_begin(self) -> None:
-        if self._done:
-            self._after = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._done:
-            self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        if not self._done:
-            self._status = self._parser.get_status_code()
-
-    def on_body(self, body: bytes) -> None:
-        if not self._done and not self._cut:
-            self._cut = not _keep(self._body, body, self._max_body)
-
-    def on_message_complete(self) -> None:
-        if self._done:
-            return
-        if self._status < 200:
-            # An interim answer (100 Continue, 103 Early Hints): the final one follows.
-            self._fields = []
-            self._status = 0
-            return
-        self._done = True
-        # Read here: the parser forgets it once it is past the message.
-        self._keep_alive = self._parser.should_keep_alive()
-
-    # --
-
-    def feed(self, data: bytes) -> _Answer | None:
-        if not self._status:
-            self._head_size += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise LeanProtocolError("the server switched protocols (HTTP 101)") from None
-        except httptools.HttpParserError as exc:
-            if not self._done:
-                raise LeanProtocolError(f"not a well-formed HTTP/1.1 answer: {exc}") from None
-            self._after = True  # garbage after a complete answer
-        if self._done or self._cut:
-            reusable = self._done and self._keep_alive and not self._cut and not self._after
-            return _answer(self._status, self._fields, self._body, self._max_body, reusable)
-        if not self._status and self._head_size > MAX_HEAD:
-            raise LeanProtocolError(f"a response head larger than {MAX_HEAD} bytes")
-        return None
-
-    def end(self) -> _Answer | None:
-        if self._status and self._status not in (204, 304):
-            names = {name.lower(): value for name, value in self._fields}
-            encoding = names.get("transfer-encoding", "").lower()
-            if "content-length" not in names and not encoding.endswith("chunked"):
-                return _answer(self._status, self._fields, self._body, self._max_body, False)
-        raise LeanProtocolError("the answer is incomplete")
-
-
-def _keep(body: bytearray, data: bytes | bytearray, limit: int) -> bool:
-    """Add `data` to `body` up to `limit` bytes; False when the limit cut it."""
-    room = limit - len(body)
-    if len(data) <= room:
-        body += data
-        return True
-    body += data[:room]
-    return False
-
-
 class _Connection(asyncio.Protocol):
     """One connection: its reader parses the answer as the loop hands the bytes over.
 
@@ -420,7 +145,7 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.reader = _HttptoolsReader(max_body) if parser == "httptools" else _H11Reader(max_body)
+        self.reader = make_reader(parser, max_body)
         self.eof = False  # no more bytes will arrive
         self.error: Exception | None = None  # why the connection was lost, if not cleanly
         self.received = False  # a byte of the current answer arrived
@@ -428,14 +153,14 @@ class _Connection(asyncio.Protocol):
         self.timed_out = False
         self.lost: asyncio.Future[None] = loop.create_future()
         # The answer to the request in flight, or the error that ended it.
-        self.answer: asyncio.Future[_Answer] | None = None
+        self.answer: asyncio.Future[Outcome] | None = None
         self._on_lost = on_lost
         self._aborted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
 
-    def send(self, head: _Head, content: bytes) -> bytes:
+    def send(self, head: RequestHead, content: bytes) -> bytes:
         """The bytes of the request; from now on an answer is awaited."""
         self.reader.begin(head)
         self.received = False
@@ -490,7 +215,7 @@ class _Connection(asyncio.Protocol):
         if result is not None:
             answer.set_result(result)
 
-    def _fail(self, answer: asyncio.Future[_Answer], error: Exception) -> None:
+    def _fail(self, answer: asyncio.Future[Outcome], error: Exception) -> None:
         answer.set_exception(error)
         self.abort()
 
@@ -549,7 +274,7 @@ class LeanClient:
         keepalive_expiry: float = KEEPALIVE_EXPIRY,
         parser: str = PARSER,
     ) -> None:
-        if parser not in ("h11", "httptools") or (parser == "httptools" and httptools is None):
+        if parser not in ("h11", "httptools") or (parser == "httptools" and parser != PARSER):
             raise ValueError(f"parser must be 'h11' or (when installed) 'httptools': {parser!r}")
         self._parser = parser
         parts = _split(url)
@@ -564,14 +289,14 @@ class LeanClient:
         netloc = f"[{host}]" if ":" in host else host
         if self._port != _DEFAULT_PORTS[parts.scheme]:
             netloc = f"{netloc}:{self._port}"
-        self._host_field = _field("Host", netloc)
+        self._host_field = field("Host", netloc)
         self._defaults: dict[str, tuple[bytes, bytes]] = {
             "accept": (b"Accept", b"*/*"),
             "accept-encoding": (b"Accept-Encoding", b"identity"),
         }
         for name, value in (headers or {}).items():
             if name.lower() not in _FRAMING:
-                self._defaults[name.lower()] = _field(name, value)
+                self._defaults[name.lower()] = field(name, value)
         self._max_idle = max_idle
         self._max_body = max_body
         self._expiry = keepalive_expiry
@@ -582,7 +307,7 @@ class LeanClient:
         self._connections: set[_Connection] = set()
         self._closed = False
         # Heads by (url, headers): the sender uses one, for every request.
-        self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], _Head] = {}
+        self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], RequestHead] = {}
         self._head(url, None)  # the headers given are checked now
 
     @property
@@ -641,7 +366,7 @@ class LeanClient:
             # sockets are closed before the loop may end.
             await asyncio.wait([conn.lost for conn in connections], timeout=_CLOSE_WAIT)
 
-    def _head(self, url: str, headers: Mapping[str, str] | None) -> _Head:
+    def _head(self, url: str, headers: Mapping[str, str] | None) -> RequestHead:
         """The request head for `url` with `headers`; ValueError for a field h11 refuses."""
         key = (url, tuple(headers.items()) if headers else ())
         head = self._heads.get(key)
@@ -659,8 +384,8 @@ class LeanClient:
             fields = dict(fields)
             for name, value in headers.items():
                 if name.lower() not in _FRAMING:
-                    fields[name.lower()] = _field(name, value)
-        head = _Head(target, [self._host_field, *fields.values()])
+                    fields[name.lower()] = field(name, value)
+        head = RequestHead(target, [self._host_field, *fields.values()])
         if len(self._heads) >= _MAX_HEADS:
             self._heads.clear()  # a caller that varies its headers: bounded all the same
         self._heads[key] = head
@@ -730,7 +455,7 @@ class LeanClient:
     async def _exchange(
         self,
         conn: _Connection,
-        head: _Head,
+        head: RequestHead,
         content: bytes,
         *,
         reused: bool,
