@@ -1,14 +1,20 @@
 """CPU per bulk POST: httpx.AsyncClient against the sender's lean asyncio client.
 
     .venv/bin/python bench/bench_http.py [--posts 2000] [--rounds 5] [--hits 100]
+        [--baseline OLD_HTTP_PY]
 
 Each round POSTs the same realistic bulk body (`--hits` page views, about 50 KB of
 JSON at 100) `--posts` times, one after the other on one keep-alive connection, to
 a minimal receiver in another process, first with httpx then with the lean client
-(alternating which goes first). Each request is bounded as the sender bounds it
+(rotating which goes first), the lean client once per answer parser installed
+(httptools, h11). Each request is bounded as the sender bounds it
 (`anyio.fail_after` around httpx, the lean client's own `timeout=`) and reads
 `.text`. Prints the user and system CPU time per POST of
 this process (the receiver's CPU is not counted), the median of the rounds.
+
+`--baseline` adds, in the same rounds, the `LeanClient` of another version of
+`_http.py` (a file, e.g. `git show a2cc5bb:src/asgi_matomo/_http.py > /tmp/old.py`):
+before/after on one noisy machine is only comparable within one run.
 
 Only 127.0.0.1 is used; every loop is bounded.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import platform
@@ -31,7 +38,7 @@ import anyio
 import httpx
 
 from asgi_matomo._hit import Hit
-from asgi_matomo._http import LeanClient, LeanResponse
+from asgi_matomo._http import PARSER, LeanClient, LeanResponse
 from asgi_matomo._version import __version__
 
 HOST = "127.0.0.1"
@@ -148,12 +155,35 @@ def make_httpx() -> tuple[_Post, Callable[[], Awaitable[None]]]:
     return post, client.aclose
 
 
-def make_lean(url: str) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
+def make_lean(
+    url: str, parser: str = PARSER
+) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
     def make() -> tuple[_Post, Callable[[], Awaitable[None]]]:
-        client = LeanClient(url, headers=CLIENT_HEADERS)
+        client = LeanClient(url, headers=CLIENT_HEADERS, parser=parser)
 
         async def post(url: str, content: bytes) -> LeanResponse:
             return await client.post(url, content=content, headers=HEADERS, timeout=5.0)
+
+        return post, client.aclose
+
+    return make
+
+
+def make_baseline(url: str, path: str) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
+    spec = importlib.util.spec_from_file_location("baseline_http", path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def make() -> tuple[_Post, Callable[[], Awaitable[None]]]:
+        client = module.LeanClient(url, headers=CLIENT_HEADERS)
+
+        async def post(url: str, content: bytes) -> LeanResponse:
+            response: LeanResponse = await client.post(
+                url, content=content, headers=HEADERS, timeout=5.0
+            )
+            return response
 
         return post, client.aclose
 
@@ -165,6 +195,7 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hits", type=int, default=100)
+    parser.add_argument("--baseline", help="another _http.py whose LeanClient runs alongside")
     args = parser.parse_args()
     parent, child = multiprocessing.Pipe()
     receiver = multiprocessing.Process(target=_serve, args=(child,), daemon=True)
@@ -175,10 +206,16 @@ def main() -> None:
         port = parent.recv()
         url = f"http://{HOST}:{port}/matomo.php"
         content = body(args.hits)
-        results: dict[str, list[tuple[float, float]]] = {"httpx": [], "lean": []}
-        makers = {"httpx": make_httpx, "lean": make_lean(url)}
+        makers = {"httpx": make_httpx}
+        if args.baseline:
+            makers["lean (baseline)"] = make_baseline(url, args.baseline)
+        parsers = ["httptools", "h11"] if PARSER == "httptools" else ["h11"]
+        for parser in parsers:
+            makers[f"lean ({parser})"] = make_lean(url, parser)
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
         for n in range(args.rounds):
-            order = ["httpx", "lean"] if n % 2 == 0 else ["lean", "httpx"]
+            names = list(makers)
+            order = names[n % len(names) :] + names[: n % len(names)]  # rotating
             for name in order:
                 times = asyncio.run(cpu_per_post(makers[name], url, content, args.posts))
                 results[name].append(times)

@@ -36,6 +36,7 @@ Everything listens on 127.0.0.1 only; every step has a deadline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -91,6 +92,8 @@ class Variant:
     # Send to a Matomo that serves one request at a time, this many seconds per hit.
     serial: float = 0.0
     stop_signal: int = signal.SIGINT
+    # Run the app on the library found here (a checkout's src/), not the installed one.
+    source: str | None = None
 
 
 VARIANTS = [
@@ -213,7 +216,8 @@ def run_once(
     if variant.delay:
         collector.set_delay(variant.delay)
     try:
-        server = start_uvicorn(variant.app, url, options, args.app_cpus, tmp, args.stack)
+        env = {"PYTHONPATH": variant.source} if variant.source else None
+        server = start_uvicorn(variant.app, url, options, args.app_cpus, tmp, args.stack, env=env)
         try:
             port = server.port
             warm = wrk(port, args.warmup, args.connections, args.load_cpus, args.script)
@@ -285,6 +289,11 @@ def main() -> None:
         help="uvicorn's HTTP parser and loop: h11 on asyncio, or httptools on uvloop",
     )
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated")
+    parser.add_argument(
+        "--baseline-src",
+        help="a src/ directory of another version of the library (e.g. from git archive): "
+        "adds the variants matomo@baseline and matomo-2s@baseline, run on it",
+    )
     parser.add_argument("--app-cpus", default="0", help="taskset list for uvicorn ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset list for wrk and collector")
     parser.add_argument("--json", type=Path, help="write every run here")
@@ -303,7 +312,16 @@ def main() -> None:
     if os.cpu_count() == 1 or not hasattr(os, "sched_setaffinity"):
         args.app_cpus = args.load_cpus = ""
     wanted = args.variants.split(",")
-    variants = [v for v in VARIANTS if v.name in wanted]
+    known = list(VARIANTS)
+    if args.baseline_src:
+        source = str(Path(args.baseline_src).resolve())
+        known += [
+            dataclasses.replace(v, name=f"{v.name}@baseline", source=source)
+            for v in VARIANTS
+            if v.name in ("matomo", "matomo-2s")
+        ]
+        wanted += [f"{name}@baseline" for name in ("matomo", "matomo-2s") if name in wanted]
+    variants = [v for v in known if v.name in wanted]
     if not variants or variants[0].name != "bare":
         raise SystemExit("--variants must include bare (the ratios are relative to it)")
 

@@ -117,3 +117,30 @@ def test_the_body_carries_the_token_only_when_given() -> None:
     assert json.loads(bulk_body(["?a=1", "?b=2"], None)) == {"requests": ["?a=1", "?b=2"]}
     # Anything JSON must escape takes the careful path, still valid JSON.
     assert json.loads(bulk_body(['?q="x"\\'], None)) == {"requests": ['?q="x"\\']}
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "content_type", "size", "cause"),
+    [
+        (400, "GIF89a\x01\x00\ufffd", "image/gif", 43, "image/gif, 43 bytes"),
+        (400, "\x00\x01binary", None, None, "no content type, 8 bytes"),
+        (400, "Bad request", "text/html; charset=utf-8", None, "Bad request"),
+        (400, '{"error": "no"}', "application/problem+json", None, '{"error": "no"}'),
+        (400, "plain words", None, None, "plain words"),
+        (200, "\x89PNG\r\n", "image/png", 1234, "HTTP 200, image/png, 1234 bytes"),
+    ],
+)
+def test_answers_that_are_not_text_are_described_not_quoted(
+    status: int, text: str, content_type: str | None, size: int | None, cause: str
+) -> None:
+    headers = {"Content-Type": content_type}
+    verdict = read_answer(
+        status,
+        text,
+        3,
+        header=headers.__getitem__,
+        now=lambda: NOW,
+        excerpt=excerpt,
+        size=size,
+    )
+    assert (verdict.kind, verdict.cause) == (Kind.REFUSED, cause)

@@ -958,7 +958,8 @@ async def test_token_is_never_logged_nor_in_a_url(caplog: pytest.LogCaptureFixtu
     for request in matomo.requests:
         assert TOKEN not in str(request.url)
         assert TOKEN not in str(request.headers)
-    assert all(body["token_auth"] == TOKEN for body in matomo.bodies)
+    # The 400 to a batch with the token is probed without it (QueuedTracking's answer).
+    assert {body.get("token_auth") for body in matomo.bodies} == {TOKEN, None}
     assert TOKEN not in repr(sender)
 
 

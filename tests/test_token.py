@@ -102,3 +102,26 @@ def test_the_token_goes_with_visitor_ips_and_with_hits_close_to_a_day_old() -> N
     assert policy.needed_by([fresh, with_ip], NOW)
     assert policy.needed_by([fresh, old], NOW)
     assert auth_hits([fresh, with_ip, old]) == [with_ip]
+
+
+def test_a_refusal_of_a_batch_with_the_token_is_probed_like_invalid_hits() -> None:
+    # QueuedTracking answers 400 to a whole bulk with cip and a token it rejects.
+    policy = TokenPolicy(configured=True)
+    assert not policy.doubts_refusal(NONE)  # sent without the token: not its fault
+    verdicts = []
+    for _ in range(TOKEN_PROBES + 1):
+        doubt = policy.doubts_refusal(UNKNOWN)
+        verdicts.append(doubt)
+        if doubt:
+            assert policy.probing(UNKNOWN)
+    assert verdicts == [True] * TOKEN_PROBES + [False]
+    # A token that worked and is refused now is proven again, with a fresh budget.
+    verified = TokenPolicy(configured=True)
+    verified.state = VERIFIED
+    assert verified.doubts_refusal(VERIFIED)
+    assert (verified.state, verified.probes_left) == (UNKNOWN, TOKEN_PROBES)
+    assert verified.probing(VERIFIED)
+    assert verified.probes_left == TOKEN_PROBES  # outside the budget, as for invalid hits
+    rejected = TokenPolicy(configured=True)
+    rejected.reject()
+    assert not rejected.doubts_refusal(UNKNOWN)

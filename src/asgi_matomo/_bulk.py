@@ -73,13 +73,16 @@ def read_answer(
     header: Callable[[str], str | None],
     now: Callable[[], float],
     excerpt: Callable[[str, int], str],
+    size: int | None = None,
 ) -> Answer:
     """The verdict on Matomo's answer to a bulk request of `hits` hits.
 
     `header(name)` reads a response header and `now()` the wall clock (for a
     Retry-After date); each is called only by the answers that need it, as the
     common one (a 200 with counts) needs neither. `excerpt(text, limit)` shortens
-    an answer for a log line (the sender masks its token there).
+    an answer for a log line (the sender masks its token there). `size` is the
+    answer's length in bytes, for an answer that is not text (a GIF), which a log
+    line describes instead of quoting.
     """
     if 200 <= status < 300:
         counts = parse_counts(text, hits)
@@ -90,13 +93,8 @@ def read_answer(
             # A single hit's answers, and QueuedTracking's: accepted, no counts.
             return Answer(Kind.OK, tracked=hits, status=status)
         # A login page, a captive portal, Matomo's index.php: nothing was recorded.
-        return Answer(
-            Kind.REFUSED,
-            status=status,
-            cause=f"HTTP {status}, {content_type or 'no content type'}: "
-            f"{excerpt(text, PAGE_EXCERPT)!r}",
-            foreign=True,
-        )
+        what = describe(content_type, text, size, PAGE_EXCERPT, excerpt)
+        return Answer(Kind.REFUSED, status=status, cause=f"HTTP {status}, {what}", foreign=True)
     if status in RETRY_STATUSES or status >= 500:
         delay = parse_retry_after(header("Retry-After"), now())
         return Answer(Kind.RETRY, status=status, cause=f"HTTP {status}", retry_after=delay)
@@ -104,7 +102,38 @@ def read_answer(
         # httpx does not follow redirects, and a redirected POST would lose its body.
         location = header("Location")
         return Answer(Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL")
-    return Answer(Kind.REFUSED, status=status, cause=excerpt(text, BODY_EXCERPT))
+    # QueuedTracking answers a bulk with cip and a rejected token 400 with its GIF.
+    content_type = header("Content-Type")
+    if is_text(content_type, text):
+        cause = excerpt(text, BODY_EXCERPT)
+    else:
+        cause = describe(content_type, text, size, BODY_EXCERPT, excerpt)
+    return Answer(Kind.REFUSED, status=status, cause=cause)
+
+
+def is_text(content_type: str | None, text: str) -> bool:
+    """Whether an answer may be quoted in a log line: text, not a GIF or other bytes."""
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        return media.startswith("text/") or media.endswith(("json", "xml", "javascript"))
+    # No content type: text if what a log line would show is printable.
+    return all(c.isprintable() or c in "\t\r\n" for c in text[:BODY_EXCERPT])
+
+
+def describe(
+    content_type: str | None,
+    text: str,
+    size: int | None,
+    limit: int,
+    excerpt: Callable[[str, int], str],
+) -> str:
+    """An answer for a log line: its type and the start of it, or its size when not text."""
+    kind = content_type or "no content type"
+    if is_text(content_type, text):
+        return f"{kind}: {excerpt(text, limit)!r}"
+    if size is None:
+        size = len(text.encode("utf-8", "surrogateescape"))
+    return f"{kind}, {size} bytes"
 
 
 def parse_counts(text: str, n: int) -> tuple[int, int] | None:

@@ -173,14 +173,24 @@ class Delivery:
                 batch.hits, without_token = resend, True
                 if self._tokens.probing(sent_as):
                     probing = True
-                    if not locked and not held:
-                        lock = self._token_lock_here()
-                        await lock.acquire()
-                        held.append(lock)
+                    await self._hold_token_lock(locked, held)
                 continue
             if answer.kind is Kind.REFUSED:
                 if authenticated and answer.status in (401, 403):
                     self._reject_token(f"HTTP {answer.status}")
+                    continue
+                if (
+                    authenticated
+                    and 400 <= (answer.status or 0) < 500
+                    and answer.status != 413
+                    and self._tokens.doubts_refusal(sent_as)
+                ):
+                    # The whole batch again, without the token and cip: taken, the
+                    # token was what Matomo (QueuedTracking) refused.
+                    without_token = True
+                    probing = self._tokens.probing(sent_as)
+                    if probing:
+                        await self._hold_token_lock(locked, held)
                     continue
                 if answer.status == 413 and len(hits) > 1:
                     self._controller.too_large(len(hits))
@@ -203,8 +213,9 @@ class Delivery:
             if (attempts is not None and attempt >= attempts) or self._clock() + delay > limit:
                 self._reporter.warn(
                     "gave_up",
-                    "asgi_matomo: Matomo unavailable (%s): giving up on a batch",
+                    "asgi_matomo: Matomo unavailable (%s): giving up on a batch%s",
                     answer.cause,
+                    " at the shutdown deadline (shutdown_timeout)" if limit < give_up_at else "",
                 )
                 return hits
             self._reporter.warn(
@@ -212,6 +223,13 @@ class Delivery:
             )
             self._reporter.counters.retried += 1
             await self._backoff(delay, wake_on_close=batch.worker)
+
+    async def _hold_token_lock(self, locked: bool, held: list[anyio.Lock]) -> None:
+        """Batches that would send the token wait for the verdict of a probe."""
+        if not locked and not held:
+            lock = self._token_lock_here()
+            await lock.acquire()
+            held.append(lock)
 
     async def _post(self, hits: list[Hit], *, authenticated: bool) -> Answer:
         self._reporter.counters.batches += 1

@@ -4,29 +4,51 @@ httpx spends about 1 ms of CPU per request (client, connection pool, anyio
 streams, h11): at 100 hits per batch that is the largest single cost of tracking
 in the application's process. The sender only ever POSTs a JSON body to one URL
 and reads a small answer, so this client does exactly that with asyncio's
-Protocol/Transport API: one write per request, the answer parsed from the
-bytes the loop hands over, no task and no stream object in between.
+Protocol/Transport API: one write per request, the answer read from the bytes
+the loop hands over, no task and no stream object in between. The saving is in
+the layers skipped, not in the parsing: request heads are written by h11 and
+answers read by httptools or h11 (`_http_wire`); this module holds the
+connections.
 
 What it covers: keep-alive with a small pool of idle connections, bodies framed
 by Content-Length, chunked or the end of the connection, 1xx interim answers,
 TLS verified against the same trust store as httpx's default. What it leaves to
 httpx (the sender keeps httpx for those): proxies, credentials in the URL,
 URLs that need encoding, trio.
+
+Every buffer is bounded whatever the server does: the parser keeps at most an
+incomplete response head (MAX_HEAD), a body is kept up to `max_body`, and a
+connection that sends bytes while no request waits for them is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import os
 import re
 import ssl
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import SplitResult, urlsplit
 
+from ._http_wire import (
+    MAX_HEAD,
+    PARSER,
+    LeanConnectionError,
+    LeanHeaders,
+    LeanHTTPError,
+    LeanProtocolError,
+    LeanResponse,
+    Outcome,
+    RequestHead,
+    field,
+    make_reader,
+)
+
 __all__ = [
+    "MAX_BODY",
+    "MAX_HEAD",
+    "PARSER",
     "LeanClient",
     "LeanConnectionError",
     "LeanHTTPError",
@@ -39,9 +61,6 @@ __all__ = [
 # The part of an answer kept; the rest is not read and its connection is closed.
 # Matomo's bulk answer is a few hundred bytes; a misconfigured URL may serve a page.
 MAX_BODY = 1024 * 1024
-# A response head larger than this is not an HTTP server we want to talk to.
-MAX_HEAD = 64 * 1024
-_MAX_LINE = 8 * 1024  # a chunk-size or trailer line
 # Idle connections older than this are not reused: httpx's default keep-alive
 # expiry, and Apache's default KeepAliveTimeout, after which it closes them.
 KEEPALIVE_EXPIRY = 5.0
@@ -50,82 +69,13 @@ DEFAULT_MAX_IDLE = 4
 _HAPPY_EYEBALLS_DELAY = 0.25
 # aclose() waits this long for aborted transports to report connection_lost.
 _CLOSE_WAIT = 1.0
+_MAX_HEADS = 16  # request heads kept ready, by URL and headers
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Headers this client writes itself from the request: a caller's are ignored.
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # The request target is sent as it is: printable ASCII, no spaces. Anything else
 # would need percent-encoding, which httpx does and this client leaves to it.
 _TARGET = re.compile(r"[\x21-\x7e]*")
-
-
-class LeanHTTPError(Exception):
-    """The request failed: the connection broke, or the answer was not HTTP/1.x."""
-
-
-class LeanConnectionError(LeanHTTPError):
-    """The server closed or reset the connection before its answer was complete."""
-
-
-class LeanProtocolError(LeanHTTPError):
-    """The server's answer is not well-formed HTTP/1.x."""
-
-
-class LeanHeaders(Mapping[str, str]):
-    """Response headers with case-insensitive lookups; repeated ones joined by ", "."""
-
-    __slots__ = ("_fields",)
-
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        joined: dict[str, str] = {}
-        for name, value in fields:
-            key = name.lower()
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
-        self._fields = joined
-
-    def __getitem__(self, name: str) -> str:
-        return self._fields[name.lower()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __repr__(self) -> str:
-        return f"LeanHeaders({self._fields!r})"
-
-
-class LeanResponse:
-    """What the sender reads from an answer, named as httpx names it."""
-
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: LeanHeaders, content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
-
-    @property
-    def text(self) -> str:
-        """The body decoded per the Content-Type's charset, else UTF-8 (as httpx does)."""
-        return self.content.decode(_charset(self.headers.get("content-type")), errors="replace")
-
-    def __repr__(self) -> str:
-        return f"<LeanResponse [{self.status_code}]>"
-
-
-def _charset(content_type: str | None) -> str:
-    if content_type:
-        for param in content_type.split(";")[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "charset":
-                try:
-                    return codecs.lookup(value.strip().strip("\"'")).name
-                except LookupError:
-                    break
-    return "utf-8"
 
 
 def _split(url: str) -> SplitResult:
@@ -175,78 +125,109 @@ def _ssl_context() -> ssl.SSLContext:
     return context
 
 
-def _encode_field(name: str, value: str) -> str:
-    if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
-        # A CR or LF in a header would let it write other headers, or a second request.
-        raise ValueError(f"invalid header field {name!r}")
-    return f"{name}: {value}\r\n"
-
-
 class _Connection(asyncio.Protocol):
-    """One connection: collects the bytes the loop hands over, wakes the reader.
+    """One connection: its reader parses the answer as the loop hands the bytes over.
 
-    The client reads the answer in its own task from `buffer`; the protocol only
-    records what happened, so a connection the server closed while it sat idle
-    is known to be dead before anyone writes to it.
+    The bytes are parsed where they arrive, so nothing piles up between the loop
+    and a waiting task: the parser holds at most an incomplete response head
+    (MAX_HEAD), the body is kept up to the client's cap, and a connection that
+    sends anything while no request waits for an answer is closed at once,
+    nothing of it kept. The caller waits on a future that gets the answer or
+    the error.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[_Connection], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_lost: Callable[[_Connection], None],
+        max_body: int = MAX_BODY,
+        parser: str = PARSER,
     ) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.reader = make_reader(parser, max_body)
         self.eof = False  # no more bytes will arrive
         self.error: Exception | None = None  # why the connection was lost, if not cleanly
         self.received = False  # a byte of the current answer arrived
         self.idle_since = 0.0
         self.timed_out = False
         self.lost: asyncio.Future[None] = loop.create_future()
+        # The answer to the request in flight, or the error that ended it.
+        self.answer: asyncio.Future[Outcome] | None = None
         self._on_lost = on_lost
-        self._waiter: asyncio.Future[None] | None = None
+        self._aborted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
 
+    def send(self, head: RequestHead, content: bytes) -> bytes:
+        """The bytes of the request; from now on an answer is awaited."""
+        self.reader.begin(head)
+        self.received = False
+        self.answer = self.loop.create_future()
+        return head.frame(content)
+
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
+        answer = self.answer
+        if answer is None or answer.done():
+            # Nothing was asked: a server that talks now is not one to trust with
+            # the next request, and what it sends would only pile up.
+            self.abort()
+            return
         self.received = True
-        self._wake()
+        try:
+            result = self.reader.feed(data)
+        except LeanProtocolError as exc:
+            self._fail(answer, exc)
+            return
+        if result is not None:
+            answer.set_result(result)
 
     def eof_received(self) -> bool:
+        self._end()
         # Returning False lets the transport close itself.
-        self.eof = True
-        self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
         self.error = exc
+        if exc is None and not self._aborted:
+            self._end()  # a clean end that eof_received did not report (TLS)
+        answer = self.answer
+        if answer is not None and not answer.done():
+            self._fail(answer, self.closed_error(self._where()))
+        self.eof = True
         self.lost.set_result(None)  # the loop calls this once
-        self._wake()
         self._on_lost(self)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Until more bytes arrived or the server is gone (returns at once if it is)."""
-        if self.eof:  # pragma: no cover (callers check first; never wait for nothing)
+    def _end(self) -> None:
+        """The server ended the connection: that may end a body framed by it."""
+        if self.eof:
             return
-        self._waiter = self.loop.create_future()
+        self.eof = True
+        answer = self.answer
+        if answer is None or answer.done():
+            return
         try:
-            await self._waiter
-        finally:
-            self._waiter = None
+            result = self.reader.end()
+        except LeanProtocolError:
+            self._fail(answer, self.closed_error(self._where()))
+            return
+        if result is not None:
+            answer.set_result(result)
+
+    def _fail(self, answer: asyncio.Future[Outcome], error: Exception) -> None:
+        answer.set_exception(error)
+        self.abort()
+
+    def _where(self) -> str:
+        return "in the middle of its answer" if self.received else "before its answer"
 
     def time_out(self) -> None:
-        """The deadline of the exchange passed: wake the reader with TimeoutError, drop the line."""
+        """The deadline of the exchange passed: fail the answer with TimeoutError, drop the line."""
         self.timed_out = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError("no complete answer within the timeout"))
+        answer = self.answer
+        if answer is not None and not answer.done():
+            answer.set_exception(TimeoutError("no complete answer within the timeout"))
         self.abort()
 
     def closed_error(self, what: str) -> LeanConnectionError:
@@ -254,179 +235,19 @@ class _Connection(asyncio.Protocol):
         return LeanConnectionError(f"the server closed the connection {what}{reason}")
 
     def reusable(self, now: float, expiry: float) -> bool:
-        """An idle connection the server has not closed, and that sent nothing unasked."""
+        """An idle connection the server has not closed (nor talked on: that closes it)."""
         transport = self.transport
         return (
             transport is not None
             and not self.eof
             and not transport.is_closing()
-            and not self.buffer
             and now - self.idle_since < expiry
         )
 
     def abort(self) -> None:
+        self._aborted = True
         if self.transport is not None:
             self.transport.abort()
-
-
-async def _read_line(conn: _Connection, what: str) -> bytes:
-    buffer = conn.buffer
-    while True:
-        end = buffer.find(b"\n")
-        if end >= 0:
-            line = bytes(buffer[:end])
-            del buffer[: end + 1]
-            return line[:-1] if line.endswith(b"\r") else line
-        if len(buffer) > _MAX_LINE:
-            raise LeanProtocolError(f"{what} longer than {_MAX_LINE} bytes")
-        if conn.eof:
-            raise conn.closed_error(f"in the middle of the {what}")
-        await conn.wait()
-
-
-async def _read_head(conn: _Connection) -> tuple[int, bool, LeanHeaders]:
-    """(status, HTTP/1.1?, headers) of the next answer in the connection's bytes."""
-    buffer = conn.buffer
-    while True:
-        # The head ends with an empty line; bare LF line ends are tolerated (RFC 9112 2.2).
-        crlf, lf = buffer.find(b"\n\r\n"), buffer.find(b"\n\n")
-        end = min(crlf, lf) if crlf >= 0 and lf >= 0 else max(crlf, lf)
-        if end >= 0 or len(buffer) > MAX_HEAD:
-            break
-        if conn.eof:
-            raise conn.closed_error("before its answer" if not buffer else "in a response head")
-        await conn.wait()
-    if end < 0 or end > MAX_HEAD:
-        raise LeanProtocolError(f"response head larger than {MAX_HEAD} bytes")
-    head = bytes(buffer[:end])
-    del buffer[: end + (3 if end == crlf else 2)]
-    lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
-    while lines and not lines[0]:
-        lines.pop(0)  # empty lines before the status line may be ignored (RFC 9112 2.2)
-    status_line = lines[0] if lines else b""
-    version, _, rest = status_line.partition(b" ")
-    code = rest[:3]
-    if (
-        version not in (b"HTTP/1.1", b"HTTP/1.0")
-        or len(code) != 3
-        or not code.isdigit()
-        or rest[3:4] not in (b"", b" ")
-    ):
-        raise LeanProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    fields: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            # Obsolete line folding: the line continues the previous value.
-            if not fields:
-                raise LeanProtocolError("a folded header line without a header before it")
-            name, value = fields[-1]
-            fields[-1] = (name, f"{value} {line.strip().decode('latin-1')}".strip())
-            continue
-        raw_name, colon, raw_value = line.partition(b":")
-        name = raw_name.decode("latin-1")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise LeanProtocolError(f"malformed header line: {line[:80]!r}")
-        fields.append((name, raw_value.strip().decode("latin-1")))
-    return int(code), version == b"HTTP/1.1", LeanHeaders(fields)
-
-
-async def _read_sized(conn: _Connection, size: int, limit: int) -> tuple[bytes, bool]:
-    """(body, complete) of a Content-Length body; at most `limit` bytes are read."""
-    buffer = conn.buffer
-    want = min(size, limit)
-    while len(buffer) < want:
-        if conn.eof:
-            raise conn.closed_error(f"after {len(buffer)} of {size} body bytes")
-        await conn.wait()
-    body = bytes(buffer[:want])
-    del buffer[:want]
-    return body, want == size
-
-
-async def _read_chunked(conn: _Connection, limit: int) -> tuple[bytes, bool]:
-    """(body, complete) of a chunked body; stops keeping at `limit` bytes."""
-    body = bytearray()
-    while True:
-        line = await _read_line(conn, "chunk size line")
-        size_text = line.split(b";", 1)[0].strip()
-        if not size_text or size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 16:
-            raise LeanProtocolError(f"malformed chunk size line: {line[:80]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        if len(body) + size > limit:
-            keep, _ = await _read_sized(conn, limit - len(body), limit)
-            return bytes(body + keep), False
-        chunk, _ = await _read_sized(conn, size, size)
-        body += chunk
-        if await _read_line(conn, "chunk end") != b"":
-            raise LeanProtocolError("chunk data longer than its size")
-    while await _read_line(conn, "trailer line") != b"":
-        pass  # trailers are not used
-    return bytes(body), True
-
-
-async def _read_to_close(conn: _Connection, limit: int) -> tuple[bytes, bool]:
-    """(body, complete) of a body that ends with the connection."""
-    buffer = conn.buffer
-    while not conn.eof and len(buffer) <= limit:
-        await conn.wait()
-    if conn.error is not None and len(buffer) <= limit:
-        # A reset, not an end: the body may be cut short.
-        raise conn.closed_error(f"after {len(buffer)} body bytes")
-    body = bytes(buffer[:limit])
-    complete = len(buffer) <= limit
-    buffer.clear()
-    return body, complete
-
-
-def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo gzip or deflate, which a server may apply despite Accept-Encoding: identity."""
-    coding = (encoding or "").strip().lower()
-    if coding in ("", "identity"):
-        return body
-    if coding not in ("gzip", "x-gzip", "deflate"):
-        return body  # br, zstd...: kept as received, as httpx does without their packages
-    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
-    try:
-        return zlib.decompressobj(wbits).decompress(body, limit)
-    except zlib.error as exc:
-        raise LeanProtocolError(f"a {coding} body that does not decompress: {exc}") from exc
-
-
-async def _read_response(conn: _Connection, limit: int) -> tuple[LeanResponse, bool]:
-    """The final answer on `conn`, and whether the connection may carry another request."""
-    while True:
-        status, http11, headers = await _read_head(conn)
-        if status >= 200:
-            break
-        if status == 101:
-            raise LeanProtocolError("the server switched protocols (HTTP 101)")
-        # 100 Continue, 103 Early Hints: the final answer follows.
-    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
-    keep_alive = http11 and "close" not in connection
-    encoding = headers.get("transfer-encoding")
-    length = headers.get("content-length")
-    if status in (204, 304):
-        body, complete = b"", True
-    elif encoding is not None:
-        # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
-        if encoding.rsplit(",", 1)[-1].strip().lower() == "chunked":
-            body, complete = await _read_chunked(conn, limit)
-        else:
-            body, complete = await _read_to_close(conn, limit)
-            keep_alive = False
-    elif length is not None:
-        values = {value.strip() for value in length.split(",")}
-        size_text = values.pop() if len(values) == 1 else ""
-        if not size_text.isdigit() or not size_text.isascii() or len(size_text) > 18:
-            raise LeanProtocolError(f"invalid Content-Length: {length[:40]!r}")
-        body, complete = await _read_sized(conn, int(size_text), limit)
-    else:
-        body, complete = await _read_to_close(conn, limit)
-        keep_alive = False
-    body = _decode(body, headers.get("content-encoding"), limit)
-    return LeanResponse(status, headers, body), keep_alive and complete
 
 
 class LeanClient:
@@ -438,6 +259,9 @@ class LeanClient:
         max_idle: idle connections kept open for reuse; more are closed.
         max_body: bytes of an answer kept; a longer answer is cut and its
             connection closed.
+        keepalive_expiry: seconds an idle connection is kept for reuse.
+        parser: what reads the answers, "httptools" (the default where it is
+            installed) or "h11"; h11 frames the requests either way.
     """
 
     def __init__(
@@ -448,7 +272,11 @@ class LeanClient:
         max_idle: int = DEFAULT_MAX_IDLE,
         max_body: int = MAX_BODY,
         keepalive_expiry: float = KEEPALIVE_EXPIRY,
+        parser: str = PARSER,
     ) -> None:
+        if parser not in ("h11", "httptools") or (parser == "httptools" and parser != PARSER):
+            raise ValueError(f"parser must be 'h11' or (when installed) 'httptools': {parser!r}")
+        self._parser = parser
         parts = _split(url)
         self._url = url
         self._origin = (parts.scheme, parts.hostname, parts.port)
@@ -461,14 +289,14 @@ class LeanClient:
         netloc = f"[{host}]" if ":" in host else host
         if self._port != _DEFAULT_PORTS[parts.scheme]:
             netloc = f"{netloc}:{self._port}"
-        self._host_field = _encode_field("Host", netloc)
-        self._defaults: dict[str, str] = {
-            "accept": "Accept: */*\r\n",
-            "accept-encoding": "Accept-Encoding: identity\r\n",
+        self._host_field = field("Host", netloc)
+        self._defaults: dict[str, tuple[bytes, bytes]] = {
+            "accept": (b"Accept", b"*/*"),
+            "accept-encoding": (b"Accept-Encoding", b"identity"),
         }
         for name, value in (headers or {}).items():
             if name.lower() not in _FRAMING:
-                self._defaults[name.lower()] = _encode_field(name, value)
+                self._defaults[name.lower()] = field(name, value)
         self._max_idle = max_idle
         self._max_body = max_body
         self._expiry = keepalive_expiry
@@ -478,6 +306,9 @@ class LeanClient:
         # Every connection whose transport is not gone yet, idle or in use.
         self._connections: set[_Connection] = set()
         self._closed = False
+        # Heads by (url, headers): the sender uses one, for every request.
+        self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], RequestHead] = {}
+        self._head(url, None)  # the headers given are checked now
 
     @property
     def is_closed(self) -> bool:
@@ -503,12 +334,12 @@ class LeanClient:
         """
         if self._closed:
             raise LeanHTTPError("the client is closed")
-        request = self._request(url, content, headers)
+        head = self._head(url, headers)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         conn = self._take_idle()
         if conn is not None:
-            response = await self._exchange(conn, request, reused=True, deadline=deadline)
+            response = await self._exchange(conn, head, content, reused=True, deadline=deadline)
             if response is not None:
                 return response
         if deadline is None:
@@ -519,7 +350,7 @@ class LeanClient:
             except asyncio.TimeoutError:
                 # (Not the builtin TimeoutError before Python 3.11.)
                 raise TimeoutError("no connection within the timeout") from None
-        response = await self._exchange(conn, request, reused=False, deadline=deadline)
+        response = await self._exchange(conn, head, content, reused=False, deadline=deadline)
         assert response is not None
         return response
 
@@ -535,7 +366,12 @@ class LeanClient:
             # sockets are closed before the loop may end.
             await asyncio.wait([conn.lost for conn in connections], timeout=_CLOSE_WAIT)
 
-    def _request(self, url: str, content: bytes, headers: Mapping[str, str] | None) -> bytes:
+    def _head(self, url: str, headers: Mapping[str, str] | None) -> RequestHead:
+        """The request head for `url` with `headers`; ValueError for a field h11 refuses."""
+        key = (url, tuple(headers.items()) if headers else ())
+        head = self._heads.get(key)
+        if head is not None:
+            return head
         if url == self._url:
             target = self._target
         else:
@@ -548,13 +384,12 @@ class LeanClient:
             fields = dict(fields)
             for name, value in headers.items():
                 if name.lower() not in _FRAMING:
-                    fields[name.lower()] = _encode_field(name, value)
-        head = (
-            f"POST {target} HTTP/1.1\r\n{self._host_field}{''.join(fields.values())}"
-            f"Connection: keep-alive\r\nContent-Length: {len(content)}\r\n\r\n"
-        )
-        # One write, one segment for a small request: headers and body together.
-        return head.encode("latin-1") + content
+                    fields[name.lower()] = field(name, value)
+        head = RequestHead(target, [self._host_field, *fields.values()])
+        if len(self._heads) >= _MAX_HEADS:
+            self._heads.clear()  # a caller that varies its headers: bounded all the same
+        self._heads[key] = head
+        return head
 
     def _take_idle(self) -> _Connection | None:
         now = asyncio.get_running_loop().time()
@@ -569,15 +404,34 @@ class LeanClient:
         loop = asyncio.get_running_loop()
         if self._tls and self._ssl is None:
             self._ssl = _ssl_context()
-        ssl = self._ssl if self._tls else None
+        context = self._ssl if self._tls else None
         server_hostname = self._host if self._tls else None
+        try:
+            conn = await self._open(loop, context, server_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            # Kept as the cause: the sender looks for it to say what to set.
+            raise LeanConnectionError(
+                f"certificate verification failed for {self._host}: {exc.verify_message}"
+            ) from exc
+        self._connections.add(conn)
+        if self._closed:  # aclose() ran while connecting
+            conn.abort()
+            raise LeanHTTPError("the client is closed")
+        return conn
+
+    async def _open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> _Connection:
         if isinstance(loop, asyncio.BaseEventLoop):
             # asyncio's own loops try the host's addresses in parallel when asked.
             _, conn = await loop.create_connection(
-                lambda: _Connection(loop, self._forget),
+                lambda: _Connection(loop, self._forget, self._max_body, self._parser),
                 self._host,
                 self._port,
-                ssl=ssl,
+                ssl=context,
                 server_hostname=server_hostname,
                 happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
             )
@@ -585,34 +439,39 @@ class LeanClient:
             # Other loops (uvloop, which `uvicorn[standard]` runs) take no such
             # argument: a TypeError on every connection. They try one by one.
             _, conn = await loop.create_connection(
-                lambda: _Connection(loop, self._forget),
+                lambda: _Connection(loop, self._forget, self._max_body, self._parser),
                 self._host,
                 self._port,
-                ssl=ssl,
+                ssl=context,
                 server_hostname=server_hostname,
             )
-        self._connections.add(conn)
-        if self._closed:  # aclose() ran while connecting
-            conn.abort()
-            raise LeanHTTPError("the client is closed")
         return conn
 
     def _forget(self, conn: _Connection) -> None:
         self._connections.discard(conn)
+        if conn in self._idle:  # closed while idle: by the server, or for talking
+            self._idle.remove(conn)
 
     async def _exchange(
-        self, conn: _Connection, request: bytes, *, reused: bool, deadline: float | None = None
+        self,
+        conn: _Connection,
+        head: RequestHead,
+        content: bytes,
+        *,
+        reused: bool,
+        deadline: float | None = None,
     ) -> LeanResponse | None:
-        """The answer to `request` on `conn`; None when a reused connection turned out dead."""
+        """The answer to the request on `conn`; None when a reused connection turned out dead."""
         transport = conn.transport
         assert transport is not None
-        conn.received = False
         timer = None if deadline is None else conn.loop.call_at(deadline, conn.time_out)
         try:
             # Written at once: the transport buffers what the socket does not take
             # and sends it as the socket drains; the answer comes after it anyway.
-            transport.write(request)
-            response, keep_alive = await _read_response(conn, self._max_body)
+            transport.write(conn.send(head, content))
+            answer = conn.answer
+            assert answer is not None
+            response, keep_alive = await answer
         except BaseException as exc:
             # Cancelled (a timeout) or failed: the state of the connection is unknown.
             conn.abort()
@@ -630,7 +489,7 @@ class LeanClient:
             keep_alive
             and not self._closed
             and not conn.eof
-            and not conn.buffer  # bytes after the answer: not a server to trust
+            and not transport.is_closing()  # it talked after its answer, or timed out
             and not transport.get_write_buffer_size()  # answered before reading it all
             and len(self._idle) < self._max_idle
         ):

@@ -114,7 +114,10 @@ class Spooler:
                 if evicted:
                     self._reporter.drop(evicted, "spool_full", WHY["spool_full"])
                 return
-        self._reporter.drop(len(hits), reason, WHY[reason])
+        why = WHY[reason]
+        if reason == "shutdown":
+            why += "; set spool_path to keep undelivered hits on disk for the next start"
+        self._reporter.drop(len(hits), reason, why)
 
     async def spool_overflow(self, queue: HitQueue) -> None:
         """Background task: move what found the queue full into the spool."""

@@ -25,7 +25,7 @@ logger = logging.getLogger("asgi_matomo")
 WHY = {
     "queue_full": "the queue is full (Matomo too slow or down)",
     "retry_deadline": "Matomo did not accept them before the retry deadline",
-    "shutdown": "they were still undelivered at shutdown",
+    "shutdown": "Matomo had not taken them when the shutdown deadline (shutdown_timeout) passed",
     "spool_full": "the spool is full: it evicted its oldest hits",
     "too_old": "hits older than 24 h cannot be tracked without a valid access_token",
 }

@@ -496,7 +496,9 @@ class BatchSender:
             # _in_flight, where aclose finds it for the spool.
             self._slots.release()
         if left:
-            await self._spooler.put_or_drop(left, "retry_deadline")
+            # Once shutdown has begun, its deadline is what cut the retries short.
+            closing = self._delivery.shutdown_deadline is not None
+            await self._spooler.put_or_drop(left, "shutdown" if closing else "retry_deadline")
         self._untrack(batch)
         self._notify_progress()
         if not left:

@@ -113,6 +113,23 @@ class TokenPolicy:
         # Resending the cip hits without the token tells a bad token from a bad idsite.
         return suspect and self.state is TokenState.UNKNOWN and self.probes_left > 0
 
+    def doubts_refusal(self, sent_as: TokenState) -> bool:
+        """After a 4xx answer to a batch sent with the token: resend it all without it?
+
+        QueuedTracking checks the token when it queues a request, and answers a
+        bulk that carries cip with a token it rejects with 400 for the whole batch
+        (MATOMO.md): a probe without the token and cip tells that from a batch
+        Matomo refuses for another reason.
+        """
+        if sent_as is TokenState.NONE:
+            return False
+        if self.state is TokenState.VERIFIED:
+            # Revoked since: prove it again (one probe now, batches one at a time).
+            self.state = TokenState.UNKNOWN
+            self.probes_left = TOKEN_PROBES
+            return True
+        return self.state is TokenState.UNKNOWN and self.probes_left > 0
+
     def probing(self, sent_as: TokenState) -> bool:
         """A resend without the token begins: whether it is a probe of the token.
 

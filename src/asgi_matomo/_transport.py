@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -68,6 +70,7 @@ class Transport:
         self._max_idle = max_idle
         self._wall_clock = wall_clock
         self.owned: _OwnedClient | None = None
+        self._told_certificate = False
 
     async def post(self, hits: list[Hit], *, authenticated: bool) -> Answer:
         """One bulk request of `hits`, with the token when `authenticated`."""
@@ -90,6 +93,8 @@ class Transport:
         except TimeoutError:
             return Answer(Kind.RETRY, cause="timeout")
         except Exception as exc:  # connection errors, and whatever a user's client raises
+            if _certificate_error(exc) is not None:
+                return self._certificate_failed(exc)
             return Answer(Kind.RETRY, cause=type(exc).__name__)
         status = getattr(response, "status_code", None)
         logger.debug("asgi_matomo: bulk request of %d hits answered %s", len(hits), status)
@@ -105,7 +110,24 @@ class Transport:
             header=lambda name: _header(response, name),
             now=self._wall_clock,
             excerpt=self.excerpt,
+            size=_size(response),
         )
+
+    def _certificate_failed(self, exc: Exception) -> Answer:
+        """Matomo's TLS certificate is not trusted: say so once, and what to set."""
+        host = urlsplit(self._endpoint).hostname or self._endpoint
+        if not self._told_certificate:
+            self._told_certificate = True
+            error = _certificate_error(exc)
+            logger.error(
+                "asgi_matomo: certificate verification failed for %s (%s): no hit reaches "
+                "Matomo until its certificate is trusted (hits are retried, then spooled or "
+                "dropped). Set SSL_CERT_FILE (or SSL_CERT_DIR) to a CA bundle that holds "
+                "its issuer, or pass client=httpx.AsyncClient(verify=...) to the middleware.",
+                host,
+                getattr(error, "verify_message", None) or error,
+            )
+        return Answer(Kind.RETRY, cause=f"certificate verification failed for {host}")
 
     def excerpt(self, text: str, limit: int) -> str:
         """The start of an answer for a log line: one line, the token masked (before cutting)."""
@@ -151,6 +173,23 @@ class Transport:
         if owned is not None and owned.loop == anyio.lowlevel.current_token():
             await owned.closer.aclose()  # closes the client
         # A client of another event loop is closed by that loop when it ends.
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure behind `exc` (httpx and the lean client chain it), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _size(response: object) -> int | None:
+    content = getattr(response, "content", None)
+    return len(content) if isinstance(content, bytes) else None
 
 
 def _header(response: object, name: str) -> str | None:
