@@ -39,7 +39,7 @@ def test_visitor_without_ids_ip_or_headers() -> None:
 
 
 def test_user_agent_text_without_ua_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_useragent, "_PARSE", None)
+    monkeypatch.setattr(_useragent, "_parser", lambda: None)
     _useragent._describe.cache_clear()
     try:
         html = render(hit(1, 0))

@@ -39,9 +39,11 @@ def test_describe(user_agent: str, software: Software) -> None:
 def test_without_ua_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     # The optional extra not installed: the import fails and the page shows raw text.
     monkeypatch.setitem(sys.modules, "ua_parser", None)
-    assert _useragent._load_parser() is None
-    monkeypatch.setattr(_useragent, "_PARSE", None)
-    assert describe(FIREFOX) is None
+    _useragent._parser.cache_clear()
+    try:
+        assert describe(FIREFOX) is None
+    finally:
+        _useragent._parser.cache_clear()
 
 
 def test_long_text_is_cut_before_parsing() -> None:

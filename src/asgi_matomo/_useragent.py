@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 __all__ = ["Software", "describe"]
@@ -24,15 +24,14 @@ MAX_PARSED_LENGTH = 512
 _Parse = Callable[[str], Any]
 
 
-def _load_parser() -> _Parse | None:
+@cache
+def _parser() -> _Parse | None:
+    # Imported on first use: the collector's other commands do not pay for it.
     try:
         from ua_parser import parse
     except ImportError:
         return None
     return parse
-
-
-_PARSE: _Parse | None = _load_parser()
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,10 @@ def describe(user_agent: str) -> Software | None:
 
 @lru_cache(maxsize=CACHE_SIZE)
 def _describe(user_agent: str) -> Software | None:
-    if _PARSE is None:
+    parse = _parser()
+    if parse is None:
         return None
-    result = _PARSE(user_agent)
+    result = parse(user_agent)
     device = result.device
     device_name = None
     if device is not None and device.family not in ("Other", "Spider", ""):
