@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from asgi_matomo import MatomoMiddleware
-from asgi_matomo._types import Receive, Scope, Send
+from asgi_matomo._types import Message, Receive, Scope, Send
 from asgi_matomo._visitor import VisitorIds
 from asgi_matomo.testing import MatomoRecorder
 from tests.helpers import http_scope
@@ -36,10 +36,10 @@ async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
 async def call(app: MatomoMiddleware) -> int:
     statuses: list[int] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
@@ -48,13 +48,15 @@ async def call(app: MatomoMiddleware) -> int:
 
 
 def tracked(recorder: MatomoRecorder, result: object) -> MatomoMiddleware:
+    # Typed Any: the point is what an app's function returns whatever its hints say.
+    function: Any = lambda scope: result  # noqa: E731
     return MatomoMiddleware(
         ok_app,
         matomo_url="https://matomo.example.org",
         idsite=1,
         client=recorder.client,
         visitor_key=KEY,
-        visitor_id=lambda scope: result,
+        visitor_id=function,
     )
 
 
