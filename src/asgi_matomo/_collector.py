@@ -303,7 +303,7 @@ def _parse_cvar(raw: str | None) -> CustomVariables | None:
         return None
     try:
         decoded = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep: PHP's json_decode gives up too
         return None
     # A JSON list is a PHP array with keys 0, 1, ...: slot 0 is invalid.
     items: Iterable[tuple[object, object]]
@@ -896,7 +896,7 @@ class Collector:
     def _bulk(self, handler: _Handler, query: str, body: bytes) -> _Answer:
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep is malformed for PHP too
             data = None
         requests = data.get("requests") if isinstance(data, dict) else None
         queued = self._queued and _query_params(query).get("queuedtracking") != "0"
@@ -1300,7 +1300,7 @@ def _shape(query: str, body: bytes, *, bulk: bool) -> tuple[int, bool]:
         return 1, "token_auth=" in query or b"token_auth=" in body
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return 0, False
     if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
         return 0, False

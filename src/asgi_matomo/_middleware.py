@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -333,6 +334,9 @@ class MatomoMiddleware:
         """Run a user's function; its failure costs its own result, never the hit."""
         try:
             return function(*args)
+        except _NoIdError as exc:
+            self._failed_once(name, "returned %s instead of a str, an int, a UUID or None", exc)
+            return None
         except Exception:
             self._failed_once(name, "raised an exception", exc_info=True)
             return None
@@ -436,10 +440,20 @@ async def _answer_lifespan(
     await send({"type": "lifespan.shutdown.complete"})
 
 
+class _NoIdError(Exception):
+    """A visitor_id result that names no visitor (its type is the message)."""
+
+
 def _hashed_id(
     visitor: VisitorIds, function: Callable[[Scope], object], scope: Scope
 ) -> str | None:
-    return visitor.app_id(function(scope))
+    value = function(scope)
+    if isinstance(value, uuid.UUID):  # a common primary key: its text is the id
+        value = str(value)
+    hashed = visitor.app_id(value)
+    if hashed is None and value is not None and value != "" and value != b"":
+        raise _NoIdError(type(value).__name__)
+    return hashed
 
 
 def _rand() -> int:
