@@ -29,3 +29,12 @@ def test_a_db_that_cannot_be_opened_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot open the hit database {str(tmp_path)!r}: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999", "http://matomo:abc/"])
+def test_check_with_a_url_that_does_not_parse_is_one_failed_check(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--matomo-url", url, "--idsite", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"[FAIL] url: {url!r} is not an http(s) URL")

@@ -237,8 +237,12 @@ class _Report:
 
 def _base_url(matomo_url: str) -> str:
     """Matomo's root URL from what the user gave (with or without /matomo.php)."""
-    split = urlsplit(matomo_url.strip())
-    if split.scheme not in ("http", "https") or not split.netloc:
+    try:
+        split = urlsplit(matomo_url.strip())
+        port_ok = split.port is None or split.port > 0  # .port: ValueError if out of range
+    except ValueError:
+        port_ok = False
+    if not port_ok or split.scheme not in ("http", "https") or not split.netloc:
         raise CheckError(
             f"{matomo_url!r} is not an http(s) URL: give Matomo's address, e.g."
             " https://matomo.example.com or https://matomo.example.com/matomo.php"
