@@ -9,7 +9,7 @@ import pytest
 from asgi_matomo._cli import main
 
 
-@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+@pytest.mark.parametrize("port", ["99999", "-1", "65536", "http"])
 def test_a_port_out_of_range_is_a_usage_error(
     port: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
