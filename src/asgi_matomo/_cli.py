@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ __all__ = ["main"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+MAX_PORT = 65535
 CHECK_TIMEOUT = 10.0
 TRACKER_SCRIPTS = ("matomo.php", "piwik.php", "index.php")
 GIF_MAGIC = (b"GIF87a", b"GIF89a")
@@ -64,6 +66,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    # bind() would raise OverflowError, a traceback, for a port out of range.
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to {MAX_PORT}, got {value!r}")
+    return number
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asgi-matomo",
@@ -79,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
         " and watch the hits arrive on its page. Stop it with Ctrl-C.",
     )
     collector.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
-    collector.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free)")
+    collector.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port (0: any free)")
     collector.add_argument("--db", help="SQLite file to keep the hits in (default: memory)")
     collector.add_argument("--token", help="the token_auth it accepts (needed for cip)")
     collector.add_argument(
@@ -177,6 +190,10 @@ def _run_collector(args: argparse.Namespace) -> int:
             ready=ready,
             dimensions=dict(args.dimension),
         )
+    except sqlite3.Error as exc:
+        # A --db that is a directory, or in a folder that does not exist.
+        print(f"error: cannot open the hit database {args.db!r}: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -220,8 +237,12 @@ class _Report:
 
 def _base_url(matomo_url: str) -> str:
     """Matomo's root URL from what the user gave (with or without /matomo.php)."""
-    split = urlsplit(matomo_url.strip())
-    if split.scheme not in ("http", "https") or not split.netloc:
+    try:
+        split = urlsplit(matomo_url.strip())
+        port_ok = split.port is None or split.port > 0  # .port: ValueError if out of range
+    except ValueError:
+        port_ok = False
+    if not port_ok or split.scheme not in ("http", "https") or not split.netloc:
         raise CheckError(
             f"{matomo_url!r} is not an http(s) URL: give Matomo's address, e.g."
             " https://matomo.example.com or https://matomo.example.com/matomo.php"

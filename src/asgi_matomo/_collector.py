@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -456,9 +457,18 @@ class _Server(ThreadingHTTPServer):
         self.collector = collector
         super().__init__(address, _Handler)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:  # pragma: no cover
-        # A client that hangs up mid-request: nothing to report on stderr.
-        LOGGER.debug("collector: connection error", exc_info=True)
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # pragma: no cover - a client that hangs up
+            LOGGER.debug("collector: connection error", exc_info=True)
+            return
+        # Anything else is a bug of ours that cost the sender its answer: said (rate-limited).
+        LOGGER.debug("collector: request failed", exc_info=True)
+        self.collector._refusals.refused(
+            "internal",
+            f"a request failed inside the stand-in ({type(error).__name__}: {str(error)[:200]});"
+            " the sender got no answer (the traceback is logged at DEBUG level)",
+        )
 
 
 class Collector:

@@ -39,8 +39,12 @@ def tracking_endpoint(matomo_url: object) -> str:
     text = matomo_url.strip()
     if not text:
         raise ValueError("matomo_url must not be empty: give your Matomo's address")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(text)
+        port_ok = parts.port is None or parts.port > 0  # .port: ValueError if out of range
+    except ValueError:
+        port_ok = False
+    if not port_ok or parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(
             f"matomo_url must be an http(s) URL such as 'https://matomo.example.org', "
             f"got {matomo_url!r}"

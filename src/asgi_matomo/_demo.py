@@ -567,8 +567,28 @@ def _demo_remote(
         print(f"  {status}  GET {visit.path}", file=out)
     print(f"\nWhat the sender reported after the app shut down:\n{format_stats(stats)}", file=out)
     if stats is None or stats.get("sent", 0) == 0:
+        print(_nothing_stored(stats, matomo_url, idsite, token), file=out)
         return 1
     return 0
+
+
+def _nothing_stored(
+    stats: dict[str, Any] | None, matomo_url: str, idsite: int, token: str | None
+) -> str:
+    """What to run when a real Matomo took none of the demo's hits."""
+    if stats is None:
+        counted = ""
+    else:
+        lost = ("invalid", "rejected", "dropped")
+        counted = ", ".join(f"{stats[name]} counted {name}" for name in lost if stats.get(name))
+        counted = f" of the {stats.get('submitted', 0)} hits" + (f" ({counted})" if counted else "")
+    command = f"asgi-matomo check --matomo-url {matomo_url} --idsite {idsite}"
+    if token:
+        command += " --token <token>"
+    return (
+        f"\nMatomo stored none{counted}: run `{command}` to see why (a site id Matomo"
+        " does not have, a token it refuses, a tracker it does not answer on)."
+    )
 
 
 def _start(app: _App, out: TextIO) -> None:

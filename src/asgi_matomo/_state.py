@@ -10,6 +10,7 @@ context, which refers to the same state: its writes reach the request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -19,6 +20,10 @@ from asgi_matomo._types import Scope
 
 # The state (not the dict under STATE_KEY): a handler may replace that dict, and
 # what is written later must land in the one the middleware reads.
+logger = logging.getLogger("asgi_matomo")
+# A wrong argument is a bug at one call site, repeated on every request: said once.
+_misuse_said = False
+
 current_state: ContextVar[MutableMapping[str, Any] | None] = ContextVar(
     "asgi_matomo_state", default=None
 )
@@ -51,6 +56,11 @@ def set_tracking_params(params: Mapping[str, Any] | None = None, /, **more: Any)
     state = current_state.get()
     if state is None:
         return False
+    given: object = params  # whatever the hints say, callers pass lists and strings too
+    if given is not None and not isinstance(given, Mapping):
+        # Never an exception in the app's code: the keyword arguments still count.
+        _said_misuse(type(given).__name__)
+        params = None
     overrides = state.get(STATE_KEY)
     if not isinstance(overrides, MutableMapping):
         overrides = state[STATE_KEY] = {}
@@ -63,6 +73,18 @@ def set_tracking_params(params: Mapping[str, Any] | None = None, /, **more: Any)
                 value = {**old, **value}
             overrides[key] = value
     return True
+
+
+def _said_misuse(kind: str) -> None:
+    global _misuse_said
+    level = logging.DEBUG if _misuse_said else logging.WARNING
+    _misuse_said = True
+    logger.log(
+        level,
+        "asgi_matomo: set_tracking_params was given %s instead of a dict of Matomo parameters;"
+        " it is ignored (keyword arguments still count)",
+        kind,
+    )
 
 
 def fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
