@@ -200,3 +200,33 @@ def test_never_beyond_the_limits_whatever_the_answers(seed: int) -> None:
             c.answered(hits, seconds, now, pushed_back=rng.random() < 0.05)
         assert 1 <= c.concurrency <= max_concurrency
         assert 1 <= c.batch <= max_batch
+
+
+@pytest.mark.parametrize("cut_by", ["slow answer", "413"])
+def test_push_back_never_makes_a_cut_batch_larger_again(cut_by: str) -> None:
+    c = controller()
+    c.sent(100)
+    if cut_by == "413":
+        c.too_large(100)
+    else:
+        c.answered(100, TIMEOUT * 0.9, 1.0, pushed_back=False)
+    cut = c.batch
+    assert cut < INITIAL_BATCH
+    for n in range(3):
+        c.sent(c.batch)
+        c.answered(c.batch, 0.01, 2.0 + n, pushed_back=True)  # a 503, or a refused connection
+        assert c.batch == cut
+
+
+def test_a_timeout_shrinks_the_batch_like_an_answer_close_to_the_timeout() -> None:
+    # A Matomo too slow to answer 100 hits in time: each timeout (a push-back after
+    # http_timeout) must leave batches that can be answered in time, not 100 again.
+    c = controller()
+    sizes = []
+    for n in range(4):
+        hits = c.batch
+        c.sent(hits)
+        c.answered(hits, TIMEOUT, 10.0 * n, pushed_back=True)
+        sizes.append(c.batch)
+    assert sizes == [60, 36, 21, 12]
+    assert c.concurrency == 1

@@ -144,7 +144,12 @@ class Controller:
             self._peak = max(self._peak, self._in_flight + hits)
         if pushed_back:
             self._decrease(BACK_OFF)
-            self.batch = max(min(INITIAL_BATCH, self.max_batch), self.batch // 2)
+            # Halved down to the initial size, never raised: a batch cut for slow
+            # answers or a 413 stays cut. A timeout is a push-back that also says
+            # how slow the answers got: the cut below applies to it too.
+            self.batch = min(self.batch, max(INITIAL_BATCH, self.batch // 2))
+            if seconds > self._cut:
+                self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
             return
         if seconds > self._cut:
             # Close to the timeout already: less in flight, smaller batches, now.
