@@ -201,7 +201,10 @@ class Delivery:
                 batch.hits = []
                 return []
             attempt += 1
-            if authenticated and (answer.status or 0) >= 500:
+            # Matomo answers 500 to a blocked IP (MATOMO.md); 502-504 and 429 come from an
+            # overloaded Matomo or proxy, for which a lucky answer without the token
+            # would reject a good token for good.
+            if authenticated and answer.status == 500:
                 token_errors += 1
                 if self._may_probe_lockout(token_errors) and await self._probe_lockout(batch):
                     continue
@@ -265,7 +268,7 @@ class Delivery:
                 self._backoffs.discard(scope)
 
     def _may_probe_lockout(self, token_errors: int) -> bool:
-        """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
+        """Whether a batch that got `token_errors` HTTP 500 answers with the token tries without."""
         return self._tokens.may_probe_lockout(token_errors, self._clock)
 
     async def _deliver_halves(
