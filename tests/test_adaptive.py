@@ -230,3 +230,24 @@ def test_a_timeout_shrinks_the_batch_like_an_answer_close_to_the_timeout() -> No
         sizes.append(c.batch)
     assert sizes == [60, 36, 21, 12]
     assert c.concurrency == 1
+
+
+def test_a_batch_cut_by_an_outage_comes_back_without_a_backlog() -> None:
+    # Timeouts of a Matomo that does not answer at all cut the batch; once it answers
+    # fast again, the batch returns to the initial size even without a backlog
+    # (light traffic, a spool replayed), instead of a few hits per request for good.
+    c = controller()
+    for n in range(6):
+        c.sent(c.batch)
+        c.answered(c.batch, TIMEOUT, 10.0 * n, pushed_back=True)
+    assert c.batch < 10
+    run = Run(c, flat(0.01), backlog=False).until(200.0)
+    assert run.c.batch == INITIAL_BATCH
+    assert run.c.concurrency == 1  # without a backlog, nothing else grows
+
+
+def test_a_batch_refused_as_too_large_never_grows_back_to_that_size() -> None:
+    c = controller()
+    c.too_large(100)
+    run = Run(c, flat(0.01)).until(60.0)
+    assert max(batch for _, _, batch in run.limits) < 100
