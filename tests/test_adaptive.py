@@ -200,3 +200,54 @@ def test_never_beyond_the_limits_whatever_the_answers(seed: int) -> None:
             c.answered(hits, seconds, now, pushed_back=rng.random() < 0.05)
         assert 1 <= c.concurrency <= max_concurrency
         assert 1 <= c.batch <= max_batch
+
+
+@pytest.mark.parametrize("cut_by", ["slow answer", "413"])
+def test_push_back_never_makes_a_cut_batch_larger_again(cut_by: str) -> None:
+    c = controller()
+    c.sent(100)
+    if cut_by == "413":
+        c.too_large(100)
+    else:
+        c.answered(100, TIMEOUT * 0.9, 1.0, pushed_back=False)
+    cut = c.batch
+    assert cut < INITIAL_BATCH
+    for n in range(3):
+        c.sent(c.batch)
+        c.answered(c.batch, 0.01, 2.0 + n, pushed_back=True)  # a 503, or a refused connection
+        assert c.batch == cut
+
+
+def test_a_timeout_shrinks_the_batch_like_an_answer_close_to_the_timeout() -> None:
+    # A Matomo too slow to answer 100 hits in time: each timeout (a push-back after
+    # http_timeout) must leave batches that can be answered in time, not 100 again.
+    c = controller()
+    sizes = []
+    for n in range(4):
+        hits = c.batch
+        c.sent(hits)
+        c.answered(hits, TIMEOUT, 10.0 * n, pushed_back=True)
+        sizes.append(c.batch)
+    assert sizes == [60, 36, 21, 12]
+    assert c.concurrency == 1
+
+
+def test_a_batch_cut_by_an_outage_comes_back_without_a_backlog() -> None:
+    # Timeouts of a Matomo that does not answer at all cut the batch; once it answers
+    # fast again, the batch returns to the initial size even without a backlog
+    # (light traffic, a spool replayed), instead of a few hits per request for good.
+    c = controller()
+    for n in range(6):
+        c.sent(c.batch)
+        c.answered(c.batch, TIMEOUT, 10.0 * n, pushed_back=True)
+    assert c.batch < 10
+    run = Run(c, flat(0.01), backlog=False).until(200.0)
+    assert run.c.batch == INITIAL_BATCH
+    assert run.c.concurrency == 1  # without a backlog, nothing else grows
+
+
+def test_a_batch_refused_as_too_large_never_grows_back_to_that_size() -> None:
+    c = controller()
+    c.too_large(100)
+    run = Run(c, flat(0.01)).until(60.0)
+    assert max(batch for _, _, batch in run.limits) < 100

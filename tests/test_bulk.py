@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import pytest
 
-from asgi_matomo._bulk import Answer, Kind, bulk_body, read_answer
+from asgi_matomo._bulk import BODY_EXCERPT, Answer, Kind, bulk_body, read_answer
 
 NOW = 1_700_000_000.0
 
@@ -90,6 +90,12 @@ def test_redirects_name_the_url_to_use() -> None:
     verdict = answer(301, location="https://matomo.example.org/matomo.php")
     assert verdict.kind is Kind.REFUSED
     assert verdict.cause == "redirected to https://matomo.example.org/matomo.php: use that URL"
+
+
+def test_a_redirect_to_an_endless_url_is_cut_for_the_log_line() -> None:
+    # A hostile or broken server's Location may fill the whole response head (64 KiB).
+    verdict = answer(302, location="https://x.example/" + "a" * 60_000)
+    assert len(verdict.cause) < BODY_EXCERPT + 50
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413])

@@ -83,3 +83,36 @@ def test_no_retry_after_makes_the_sender_retry_faster_than_its_backoff() -> None
     # A huge value is waited (capped), not retried at once nor given up.
     for name in ("huge", "inf", "far date"):
         assert counts[name] <= BATCHES, (name, counts[name])
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_a_brief_overload_does_not_reject_a_verified_token(status: int) -> None:
+    # Two push-backs to a batch sent with a token that worked, then a request
+    # without it that gets through: that is an overloaded Matomo (or proxy), not
+    # an IP blocked for failed logins (Matomo answers those 500). The token used
+    # to be rejected for the rest of the process: every later hit without cip.
+    now = time.time()
+    visitors = [
+        Hit(f"idsite=1&rec=1&url=https%3A%2F%2Fexample.com%2F{i}", now, cip=f"203.0.113.{i}")
+        for i in range(10)
+    ]
+    with Collector(sites=[1], token="good") as collector:
+        sender = BatchSender(
+            endpoint=collector.tracking_url, access_token="good", batch_size=5, flush_interval=0.05
+        )
+
+        async def main() -> None:
+            async with sender.running_in_background():
+                for hit in visitors[:5]:
+                    sender.submit(hit)
+                assert await sender.aflush(30.0)
+                collector.set_fault(status=status, headers={"Retry-After": "0"}, count=2)
+                for hit in visitors[5:]:  # one batch: it gets both push-backs
+                    sender.submit(hit)
+                assert await sender.aflush(30.0)
+
+        anyio.run(main)
+        stored = collector.hits()
+    assert not sender.stats.token_rejected
+    assert sender.stats.sent == 10
+    assert sorted(h.visitor_ip for h in stored) == sorted(h.cip for h in visitors if h.cip)

@@ -796,6 +796,27 @@ async def test_an_endless_head_is_refused_at_the_cap(parser: str) -> None:
 
 
 @pytest.mark.parametrize("parser", PARSERS)
+async def test_endless_trailers_are_refused_at_a_cap(parser: str) -> None:
+    # httptools gathered trailers in memory without a bound (hundreds of MB in
+    # a few seconds from a hostile server, until http_timeout).
+    body_cap = 1000
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    endless = b"X-Trailer: " + b"a" * 1000 + b"\r\n"
+    loop = asyncio.get_running_loop()
+    conn = _http._Connection(loop, lambda c: None, body_cap, parser)
+    conn.send(_http_wire.RequestHead("/", [(b"Host", b"x")]), b"")
+    conn.data_received(start)
+    fed = 0
+    while not (conn.answer is not None and conn.answer.done()):
+        conn.data_received(endless)
+        fed += len(endless)
+        assert fed < 10 * (_http.MAX_HEAD + body_cap), "never refused"
+    with pytest.raises(LeanProtocolError):
+        await conn.answer
+    assert fed <= _http.MAX_HEAD + body_cap + len(endless)
+
+
+@pytest.mark.parametrize("parser", PARSERS)
 @pytest.mark.parametrize("byte_by_byte", [False, True])
 @pytest.mark.parametrize(
     ("raw", "message"),

@@ -25,6 +25,7 @@ from asgi_matomo._hit import Hit
 from asgi_matomo._http import LeanClient
 from asgi_matomo._sender import BatchSender
 from asgi_matomo._spool import SqliteSpool
+from asgi_matomo._spool_guard import GuardedSpool
 
 pytestmark = pytest.mark.anyio
 
@@ -136,3 +137,28 @@ async def test_with_a_spool_nothing_is_dropped_at_shutdown(
                     await anyio.sleep(0.01)  # polling a condition with a deadline
     assert (sender.stats.spooled, sender.stats.dropped) == (10, 0)
     assert "spool_path" not in caplog.text
+
+
+async def test_a_spool_that_cannot_be_written_at_shutdown_is_not_told_to_set_spool_path(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # spool_path is set; its directory is a regular file: the spool cannot be used.
+    (tmp_path / "not-a-dir").write_text("")
+    spool = GuardedSpool(tmp_path / "not-a-dir" / "spool.db")
+    caplog.set_level(logging.INFO, logger="asgi_matomo")
+    with Collector(sites=[1]) as collector:
+        collector.set_fault(status=503)
+        sender = BatchSender(
+            endpoint=collector.tracking_url, batch_size=5, shutdown_timeout=0.5, spool=spool
+        )
+        async with sender.running_in_background():
+            for hit in hits(10):
+                sender.submit(hit)
+            with anyio.fail_after(DEADLINE):
+                while len(collector.requests) < 2:
+                    await anyio.sleep(0.01)  # polling a condition with a deadline
+    assert (sender.stats.spooled, sender.stats.dropped) == (0, 10)
+    drops = [r.getMessage() for r in caplog.records if "asgi_matomo: dropped" in r.getMessage()]
+    assert drops
+    assert all("shutdown deadline (shutdown_timeout)" in line for line in drops)
+    assert not any("set spool_path" in line for line in drops)

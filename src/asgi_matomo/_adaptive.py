@@ -15,7 +15,9 @@ bounds the options set:
   (a batch that times out after Matomo stored it would be sent twice). The
   expectation assumes, until the answers show otherwise, that Matomo handles
   the hits in flight one after the other. An answer slower than 80 % of
-  `http_timeout` halves the batches in flight and shrinks the batch size at once.
+  `http_timeout` halves the batches in flight and shrinks the batch size at once;
+  so does a timeout. A batch cut below its initial size grows back to it while
+  answers are fast, backlog or not; a size refused with 413 is not reached again.
 
 Decisions are taken once per window of about one answer time (Vector's
 "RTT window"): the answers that arrived in it are judged together, against
@@ -129,6 +131,8 @@ class Controller:
     def too_large(self, hits: int) -> None:
         """A batch of `hits` was refused as too large (HTTP 413): smaller ones from now on."""
         self.batch = max(1, min(self.batch, hits // 2))
+        # And never that large again: growing back into the server's limit costs a 413.
+        self.max_batch = max(1, min(self.max_batch, hits - 1))
 
     def answered(self, hits: int, seconds: float, now: float, *, pushed_back: bool) -> None:
         """Matomo answered a batch of `hits` after `seconds`.
@@ -144,7 +148,12 @@ class Controller:
             self._peak = max(self._peak, self._in_flight + hits)
         if pushed_back:
             self._decrease(BACK_OFF)
-            self.batch = max(min(INITIAL_BATCH, self.max_batch), self.batch // 2)
+            # Halved down to the initial size, never raised: a batch cut for slow
+            # answers or a 413 stays cut. A timeout is a push-back that also says
+            # how slow the answers got: the cut below applies to it too.
+            self.batch = min(self.batch, max(INITIAL_BATCH, self.batch // 2))
+            if seconds > self._cut:
+                self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
             return
         if seconds > self._cut:
             # Close to the timeout already: less in flight, smaller batches, now.
@@ -188,6 +197,11 @@ class Controller:
         )
         if self._backlog:
             self._grow()
+        elif self.batch < min(INITIAL_BATCH, self.max_batch) and self._max_rtt * 2 < self._too_slow:
+            # A batch cut below the initial size (slow answers, timeouts of an outage)
+            # comes back to it while answers allow, backlog or not: a spool replayed,
+            # or light traffic, would otherwise go out a few hits per request for good.
+            self.batch = min(INITIAL_BATCH, self.max_batch, self.batch * 2)
         self._new_window(now + max(MIN_WINDOW, self._baseline))
 
     def _grow(self) -> None:

@@ -101,6 +101,8 @@ def read_answer(
     if 300 <= status < 400:
         # httpx does not follow redirects, and a redirected POST would lose its body.
         location = header("Location")
+        if location is not None:  # it may fill a whole response head: cut for the log line
+            location = excerpt(location, BODY_EXCERPT)
         return Answer(Kind.REFUSED, status=status, cause=f"redirected to {location}: use that URL")
     # QueuedTracking answers a bulk with cip and a rejected token 400 with its GIF.
     content_type = header("Content-Type")

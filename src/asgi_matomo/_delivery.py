@@ -201,7 +201,10 @@ class Delivery:
                 batch.hits = []
                 return []
             attempt += 1
-            if authenticated and (answer.status or 0) >= 500:
+            # Matomo answers 500 to a blocked IP (MATOMO.md); 502-504 and 429 come from an
+            # overloaded Matomo or proxy, for which a lucky answer without the token
+            # would reject a good token for good.
+            if authenticated and answer.status == 500:
                 token_errors += 1
                 if self._may_probe_lockout(token_errors) and await self._probe_lockout(batch):
                     continue
@@ -223,6 +226,12 @@ class Delivery:
             )
             self._reporter.counters.retried += 1
             await self._backoff(delay, wake_on_close=batch.worker)
+            if answer.cause == "timeout" and len(batch.hits) > self._controller.batch:
+                # Too large to be answered in time: resent whole, it would time out
+                # again (and be stored again by a Matomo that stores it late).
+                return await self._deliver_halves(
+                    batch, give_up_at - self._clock(), locked=locked or bool(held), too_slow=True
+                )
 
     async def _hold_token_lock(self, locked: bool, held: list[anyio.Lock]) -> None:
         """Batches that would send the token wait for the verdict of a probe."""
@@ -259,18 +268,29 @@ class Delivery:
                 self._backoffs.discard(scope)
 
     def _may_probe_lockout(self, token_errors: int) -> bool:
-        """Whether a batch that got `token_errors` 5xx answers with the token tries without."""
+        """Whether a batch that got `token_errors` HTTP 500 answers with the token tries without."""
         return self._tokens.may_probe_lockout(token_errors, self._clock)
 
-    async def _deliver_halves(self, batch: Batch, span: float, *, locked: bool) -> list[Hit]:
-        """Send a batch too large for the web server in front of Matomo as two."""
-        self._reporter.log_once(
-            "413",
-            logging.WARNING,
-            "asgi_matomo: a batch of %d hits was too large for the server (HTTP 413); "
-            "sending smaller ones. Lower batch_size or raise the server's body size limit.",
-            len(batch.hits),
-        )
+    async def _deliver_halves(
+        self, batch: Batch, span: float, *, locked: bool, too_slow: bool = False
+    ) -> list[Hit]:
+        """Send a batch too large for the server (413), or for Matomo's answer time, as two."""
+        if too_slow:
+            self._reporter.log_once(
+                "too_slow",
+                logging.WARNING,
+                "asgi_matomo: a batch of %d hits was not answered within http_timeout; "
+                "sending smaller ones. Raise http_timeout if Matomo is this slow.",
+                len(batch.hits),
+            )
+        else:
+            self._reporter.log_once(
+                "413",
+                logging.WARNING,
+                "asgi_matomo: a batch of %d hits was too large for the server (HTTP 413); "
+                "sending smaller ones. Lower batch_size or raise the server's body size limit.",
+                len(batch.hits),
+            )
         left: list[Hit] = []
         mid = len(batch.hits) // 2
         for part in (batch.hits[:mid], batch.hits[mid:]):

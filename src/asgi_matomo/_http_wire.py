@@ -244,6 +244,10 @@ class _HttptoolsReader:
         self._body = bytearray()
         self._status = 0  # set once the head is complete
         self._head_size = 0
+        # Bytes after the head that are not body: chunk sizes and extensions, and
+        # trailers, which httptools gathers in memory as they come.
+        self._framing = 0
+        self._seen = 0  # body bytes the parser handed over, kept or not
         self._cut = False  # the body went over the cap
         self._done = False
         self._keep_alive = False
@@ -259,7 +263,8 @@ class _HttptoolsReader:
             self._after = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._done:
+        # Trailers (after a chunked body, the head complete) are not the answer's fields.
+        if not self._done and not self._status:
             self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -267,6 +272,7 @@ class _HttptoolsReader:
             self._status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        self._seen += len(body)
         if not self._done and not self._cut:
             self._cut = not _keep(self._body, body, self._max_body)
 
@@ -285,8 +291,10 @@ class _HttptoolsReader:
     # --
 
     def feed(self, data: bytes) -> Outcome | None:
-        if not self._status:
+        in_head = not self._status
+        if in_head:
             self._head_size += len(data)
+        seen = self._seen
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -300,6 +308,12 @@ class _HttptoolsReader:
             return _answer(self._status, self._fields, self._body, self._max_body, reusable)
         if not self._status and self._head_size > MAX_HEAD:
             raise LeanProtocolError(f"a response head larger than {MAX_HEAD} bytes")
+        if not in_head:
+            self._framing += len(data) - (self._seen - seen)
+            if self._framing > MAX_HEAD + self._max_body:
+                raise LeanProtocolError(
+                    f"chunk framing and trailers larger than {MAX_HEAD + self._max_body} bytes"
+                )
         return None
 
     def end(self) -> Outcome | None:

@@ -115,7 +115,9 @@ class Spooler:
                     self._reporter.drop(evicted, "spool_full", WHY["spool_full"])
                 return
         why = WHY[reason]
-        if reason == "shutdown":
+        if self.spool is not None:
+            why += "; the spool could not take them either"
+        elif reason == "shutdown":
             why += "; set spool_path to keep undelivered hits on disk for the next start"
         self._reporter.drop(len(hits), reason, why)
 

@@ -17,11 +17,11 @@ from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
 # Until Matomo has confirmed the token, this many all-invalid batches are resent
 # without it to find out whether the token or something else is wrong.
 TOKEN_PROBES = 3
-# A batch sent with a not yet confirmed token that gets this many 5xx answers is
+# A batch sent with a not yet confirmed token that gets this many HTTP 500 answers is
 # tried once without it: Matomo answers 500 to an IP it locked out.
 LOCKOUT_PROBE_AFTER = 2
 # A confirmed token can be revoked, or the IP blocked by failed logins of other
-# processes: 5xx answers to it are tried without it too, at most once per this many seconds.
+# processes: 500 answers to it are tried without it too, at most once per this many seconds.
 LOCKOUT_PROBE_INTERVAL = 60.0
 # A hit this old (seconds) goes with the token, when there is one: Matomo wants it for a
 # cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
@@ -70,7 +70,7 @@ class TokenPolicy:
         return any(h.cip is not None or h.timestamp <= oldest for h in hits)
 
     def may_probe_lockout(self, token_errors: int, clock: Callable[[], float]) -> bool:
-        """Whether a batch that got `token_errors` 5xx answers with the token tries without.
+        """Whether a batch that got `token_errors` HTTP 500 answers with the token tries without.
 
         `clock` (monotonic) is read only when the answer depends on it.
         """
