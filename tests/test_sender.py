@@ -754,6 +754,38 @@ async def test_a_batch_too_large_is_split(caplog: pytest.LogCaptureFixture) -> N
 
 
 @pytest.mark.anyio
+async def test_a_split_batch_cut_off_at_shutdown_spools_only_what_was_not_delivered() -> None:
+    # The first half is delivered, the second hangs until aclose() gives up on it:
+    # only the second half may go to the spool (the first would be stored twice).
+    arrived = anyio.Event()
+    hold = anyio.Event()  # never set
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if len(body["requests"]) > 2:
+            return httpx.Response(413)
+        if numbers(body["requests"])[0] == 4:
+            arrived.set()
+            await hold.wait()
+        return success(body)
+
+    spool = FakeSpool()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        sender = sender_for(client, batch_size=8, shutdown_timeout=0.0, spool=spool)
+        async with sender.running_in_background():
+            # 8 -> 4 + 4 -> (2 + 2) + (2 + 2): the third pair hangs.
+            for n in range(8):
+                sender.submit(hit(n))
+            sender.force_flush()
+            with anyio.fail_after(DEADLINE):
+                await arrived.wait()
+    spooled = sorted(numbers([h.encode(authenticated=False) for h in spool.rows.values()]))
+    assert spooled == [4, 5, 6, 7]
+    assert (sender.stats.sent, sender.stats.spooled) == (4, 4)
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
 async def test_a_single_hit_too_large_is_refused() -> None:
     matomo = Matomo(lambda body: httpx.Response(413))
     async with matomo.client() as client:

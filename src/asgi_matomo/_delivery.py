@@ -293,11 +293,19 @@ class Delivery:
             )
         left: list[Hit] = []
         mid = len(batch.hits) // 2
-        for part in (batch.hits[:mid], batch.hits[mid:]):
+        first, second = batch.hits[:mid], batch.hits[mid:]
+        for part, rest in ((first, second), (second, [])):
             half = Batch(part, batch.first_seq, worker=batch.worker)
-            left += await self._deliver_unlocked(half, max(span, 0.0), None, locked=locked)
-            batch.tracked += half.tracked
-        batch.hits = left
+            try:
+                left += await self._deliver_unlocked(half, max(span, 0.0), None, locked=locked)
+            except BaseException:
+                # Cancelled (aclose past its deadline): what aclose() spools is what
+                # is not delivered yet, down to the halves of halves.
+                batch.hits = left + half.hits + rest
+                raise
+            finally:
+                batch.tracked += half.tracked
+            batch.hits = left + rest
         return left
 
     async def _probe_lockout(self, batch: Batch) -> bool:
