@@ -41,7 +41,7 @@ from asgi_matomo._overrides import (
 )
 from asgi_matomo._proxy import parse_ip
 from asgi_matomo._types import Message, Receive, Scope, Send
-from tests.helpers import BulkRecorder, config, http_scope, params_of
+from tests.helpers import BulkRecorder, call_app, config, http_scope, params_of
 from tests.overrides_app import CASES
 from tests.servers import serve
 
@@ -619,14 +619,8 @@ def test_any_override_through_the_middleware_keeps_the_response_and_the_hit(
             access_token="t0ken",
         )
 
-        async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
         async with LifespanManager(app):
-            await app(http_scope("/page"), receive, send)
+            sent.extend(await call_app(app, http_scope("/page")))
 
     anyio.run(main)
     assert sent == [
