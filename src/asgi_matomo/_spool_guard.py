@@ -379,6 +379,7 @@ def _cause(exc: BaseException) -> str:
 
 
 def _put(spool: SqliteSpool, hits: Sequence[Hit]) -> bool:
+    # True once stored: GuardedSpool._guarded answers False when the file failed.
     spool.put(hits)
     return True
 
