@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from asgi_matomo import MatomoMiddleware, _core
 from asgi_matomo._bulk import bulk_body
-from asgi_matomo._config import build_config
 from asgi_matomo._types import Receive, Scope, Send
 from tests.helpers import BulkRecorder, call_app
+from tests.helpers import config as tracking_config
 
 HEADER_NAMES = [
     b"host",
@@ -157,18 +157,12 @@ def test_the_plain_hit_is_the_general_hit(
     from_route: bool,
     proxies: bool,
 ) -> None:
-    config = build_config(
+    config = tracking_config(
         idsite=7,
         track_visitor_ip=token,
         assume_https=not proxies,
-        exclude_paths=None,
-        exclude_patterns=None,
-        allowed_methods="all-methods",
         ignored_methods=None,
-        ignored_user_agents=None,
-        route_details=None,
         action_name_from_route=from_route,
-        custom_dimensions=None,
         trusted_proxies=["10.0.0.0/8", "::1"] if proxies else None,
         anonymize_ip_bytes=1 if proxies else 0,
     )
