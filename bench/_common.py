@@ -300,15 +300,20 @@ class CollectorProcess:
             self._proc.kill()
 
 
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    """The body of the next request on a kept-alive connection (Content-Length only)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return await reader.readexactly(length)
+
+
 async def _answer_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            body = await reader.readexactly(length)
+            body = await _read_request(reader)
             tracked = body.count(b'"?')
             answer = b'{"status":"success","tracked":%d,"invalid":0}' % tracked
             writer.write(
@@ -369,12 +374,7 @@ class _Serial:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                body = await reader.readexactly(length)
+                body = await _read_request(reader)
                 tracked = body.count(b'"?')
                 arrived = time.monotonic()
                 async with self.lock:

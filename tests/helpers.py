@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qsl
+
+import httpx
 
 from asgi_matomo._config import DEFAULT_IGNORED_METHODS, build_config
 from asgi_matomo._core import TrackingConfig
 from asgi_matomo._hit import Hit
+from asgi_matomo._types import Message
+
+
+class FakeClock:
+    """A clock that moves only when the test sets `now`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class BulkRecorder:
+    """The smallest client the sender accepts: records each bulk body."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        self.received.append(json.loads(kwargs["content"]))
+        return httpx.Response(204)
+
+
+async def call_app(app: Any, scope: dict[str, Any]) -> list[Message]:
+    """Everything `app` sends for one bodiless request."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
 
 
 def params_of(hit: Hit, *, authenticated: bool = True) -> dict[str, str]:

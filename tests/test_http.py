@@ -117,6 +117,19 @@ async def keep_alive(
         del request
 
 
+async def first_connection_answered_once(
+    server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+) -> bool:
+    """True on the first connection, after answering one request; later ones kept alive."""
+    if n > 1:
+        await keep_alive(server, reader, writer, n)
+        return False
+    await server.next_request(reader, n)
+    writer.write(answer())
+    await writer.drain()
+    return True
+
+
 @dataclass
 class Server:
     handler: Handler = keep_alive
@@ -324,12 +337,8 @@ async def test_a_reused_connection_that_fails_before_answering_is_retried_once()
     async def reset_second_request(
         server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
     ) -> None:
-        if n > 1:
-            await keep_alive(server, reader, writer, n)
+        if not await first_connection_answered_once(server, reader, writer, n):
             return
-        await server.next_request(reader, n)
-        writer.write(answer())
-        await writer.drain()
         # The server drops the connection as the next request arrives, unread
         # (unread bytes make the kernel answer with a reset).
         await reader.readexactly(1)
@@ -504,12 +513,8 @@ async def test_a_server_flooding_an_idle_connection_is_cut_off_with_bounded_memo
         server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
     ) -> None:
         nonlocal written
-        if n > 1:
-            await keep_alive(server, reader, writer, n)
+        if not await first_connection_answered_once(server, reader, writer, n):
             return
-        await server.next_request(reader, n)
-        writer.write(answer())
-        await writer.drain()
         await idle.wait()
         while written < cap:  # until the client resets the connection
             writer.write(flood)

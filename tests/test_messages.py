@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -60,6 +61,22 @@ async def untrusted_tls_server() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+async def shut_down_during_an_outage(**options: Any) -> BatchSender:
+    """Ten hits in two batches to a Matomo answering 503; closed once both failed once."""
+    with Collector(sites=[1]) as collector:
+        collector.set_fault(status=503)
+        sender = BatchSender(
+            endpoint=collector.tracking_url, batch_size=5, shutdown_timeout=0.5, **options
+        )
+        async with sender.running_in_background():
+            for hit in hits(10):
+                sender.submit(hit)
+            with anyio.fail_after(DEADLINE):
+                while len(collector.requests) < 2:
+                    await anyio.sleep(0.01)  # polling a condition with a deadline
+    return sender
+
+
 def certificate_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if "certificate verification failed" in r.getMessage()]
 
@@ -98,17 +115,7 @@ async def test_hits_lost_at_shutdown_name_the_shutdown_deadline_and_suggest_a_sp
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="asgi_matomo")
-    with Collector(sites=[1]) as collector:
-        collector.set_fault(status=503)
-        sender = BatchSender(
-            endpoint=collector.tracking_url, batch_size=5, shutdown_timeout=0.5, retry_deadline=60
-        )
-        async with sender.running_in_background():
-            for hit in hits(10):
-                sender.submit(hit)
-            with anyio.fail_after(DEADLINE):
-                while len(collector.requests) < 2:  # both batches failed once
-                    await anyio.sleep(0.01)  # polling a condition with a deadline
+    sender = await shut_down_during_an_outage(retry_deadline=60)
     assert sender.stats.dropped == 10
     drops = [r.getMessage() for r in caplog.records if "asgi_matomo: dropped" in r.getMessage()]
     assert drops
@@ -121,20 +128,7 @@ async def test_with_a_spool_nothing_is_dropped_at_shutdown(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.INFO, logger="asgi_matomo")
-    with Collector(sites=[1]) as collector:
-        collector.set_fault(status=503)
-        sender = BatchSender(
-            endpoint=collector.tracking_url,
-            batch_size=5,
-            shutdown_timeout=0.5,
-            spool=SqliteSpool(tmp_path / "spool.db"),
-        )
-        async with sender.running_in_background():
-            for hit in hits(10):
-                sender.submit(hit)
-            with anyio.fail_after(DEADLINE):
-                while len(collector.requests) < 2:
-                    await anyio.sleep(0.01)  # polling a condition with a deadline
+    sender = await shut_down_during_an_outage(spool=SqliteSpool(tmp_path / "spool.db"))
     assert (sender.stats.spooled, sender.stats.dropped) == (10, 0)
     assert "spool_path" not in caplog.text
 
@@ -146,17 +140,7 @@ async def test_a_spool_that_cannot_be_written_at_shutdown_is_not_told_to_set_spo
     (tmp_path / "not-a-dir").write_text("")
     spool = GuardedSpool(tmp_path / "not-a-dir" / "spool.db")
     caplog.set_level(logging.INFO, logger="asgi_matomo")
-    with Collector(sites=[1]) as collector:
-        collector.set_fault(status=503)
-        sender = BatchSender(
-            endpoint=collector.tracking_url, batch_size=5, shutdown_timeout=0.5, spool=spool
-        )
-        async with sender.running_in_background():
-            for hit in hits(10):
-                sender.submit(hit)
-            with anyio.fail_after(DEADLINE):
-                while len(collector.requests) < 2:
-                    await anyio.sleep(0.01)  # polling a condition with a deadline
+    sender = await shut_down_during_an_outage(spool=spool)
     assert (sender.stats.spooled, sender.stats.dropped) == (0, 10)
     drops = [r.getMessage() for r in caplog.records if "asgi_matomo: dropped" in r.getMessage()]
     assert drops

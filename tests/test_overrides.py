@@ -41,7 +41,7 @@ from asgi_matomo._overrides import (
 )
 from asgi_matomo._proxy import parse_ip
 from asgi_matomo._types import Message, Receive, Scope, Send
-from tests.helpers import config, http_scope, params_of
+from tests.helpers import BulkRecorder, call_app, config, http_scope, params_of
 from tests.overrides_app import CASES
 from tests.servers import serve
 
@@ -598,14 +598,7 @@ def test_awkward_overrides_under_a_real_server_keep_every_hit(tmp_path: Path) ->
 def test_any_override_through_the_middleware_keeps_the_response_and_the_hit(
     written: dict[Any, Any], replace: bool
 ) -> None:
-    received: list[dict[str, Any]] = []
-
-    class Matomo:
-        """The smallest client the sender accepts: records each bulk body."""
-
-        async def post(self, url: str, **kwargs: Any) -> httpx.Response:
-            received.append(json.loads(kwargs["content"]))
-            return httpx.Response(204)
+    matomo = BulkRecorder()
 
     async def handler(scope: Scope, receive: Receive, send: Send) -> None:
         if replace:
@@ -622,25 +615,19 @@ def test_any_override_through_the_middleware_keeps_the_response_and_the_hit(
             handler,
             matomo_url="https://matomo.example.org",
             idsite=1,
-            client=Matomo(),  # type: ignore[arg-type]
+            client=matomo,  # type: ignore[arg-type]
             access_token="t0ken",
         )
 
-        async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
         async with LifespanManager(app):
-            await app(http_scope("/page"), receive, send)
+            sent.extend(await call_app(app, http_scope("/page")))
 
     anyio.run(main)
     assert sent == [
         {"type": "http.response.start", "status": 201, "headers": [(b"x", b"y")]},
         {"type": "http.response.body", "body": b"done"},
     ]
-    (body,) = received
+    (body,) = matomo.received
     assert 1 <= len(body["requests"]) <= 2
     for element in body["requests"]:
         params = dict(parse_qsl(element[1:], keep_blank_values=True, errors="strict"))

@@ -7,14 +7,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
-import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_matomo import MatomoMiddleware, _core
 from asgi_matomo._bulk import bulk_body
-from asgi_matomo._config import build_config
-from asgi_matomo._types import Message, Receive, Scope, Send
+from asgi_matomo._types import Receive, Scope, Send
+from tests.helpers import BulkRecorder, call_app
+from tests.helpers import config as tracking_config
 
 HEADER_NAMES = [
     b"host",
@@ -82,49 +82,29 @@ async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def run(app: Any, scope: Scope) -> list[Message]:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scope=scopes, token=st.booleans(), proxies=st.booleans())
 def test_generated_requests_get_identical_responses_and_valid_hits(
     scope: dict[str, Any], token: bool, proxies: bool
 ) -> None:
-    received: list[dict[str, Any]] = []
-
-    class Matomo:
-        """The smallest client the sender accepts: records each bulk body."""
-
-        async def post(self, url: str, **kwargs: Any) -> httpx.Response:
-            received.append(json.loads(kwargs["content"]))
-            return httpx.Response(204)
+    matomo = BulkRecorder()
 
     async def main() -> None:
         app = MatomoMiddleware(
             bare_app,
             matomo_url="https://matomo.example.org",
             idsite=3,
-            client=Matomo(),  # type: ignore[arg-type]
+            client=matomo,  # type: ignore[arg-type]
             access_token="t0ken" if token else None,
             trusted_proxies=["10.0.0.0/8", "::1"] if proxies else None,
             anonymize_ip_bytes=2 if proxies else 0,
         )
-        expected = await run(bare_app, dict(scope))
-        assert await run(app, dict(scope)) == expected
+        expected = await call_app(bare_app, dict(scope))
+        assert await call_app(app, dict(scope)) == expected
 
     anyio.run(main)
-    assert len(received) == 1
-    (body,) = received
+    assert len(matomo.received) == 1
+    (body,) = matomo.received
     # The token travels only with batches that need it: hits carrying the visitor IP.
     needs_token = token and any("&cip=" in element for element in body["requests"])
     assert ("token_auth" in body) is needs_token
@@ -177,18 +157,12 @@ def test_the_plain_hit_is_the_general_hit(
     from_route: bool,
     proxies: bool,
 ) -> None:
-    config = build_config(
+    config = tracking_config(
         idsite=7,
         track_visitor_ip=token,
         assume_https=not proxies,
-        exclude_paths=None,
-        exclude_patterns=None,
-        allowed_methods="all-methods",
         ignored_methods=None,
-        ignored_user_agents=None,
-        route_details=None,
         action_name_from_route=from_route,
-        custom_dimensions=None,
         trusted_proxies=["10.0.0.0/8", "::1"] if proxies else None,
         anonymize_ip_bytes=1 if proxies else 0,
     )

@@ -7,27 +7,20 @@ from types import SimpleNamespace
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._queue import HitQueue
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def hit(n: int) -> Hit:
     return Hit(f"idsite=1&rec=1&n={n}", 1_700_000_000.0 + n, "10.0.0.1" if n % 2 else None)
 
 
-def queue(clock: Clock, batch_size: int = 3) -> HitQueue:
+def queue(clock: FakeClock, batch_size: int = 3) -> HitQueue:
     limits = SimpleNamespace(batch=batch_size)
     return HitQueue(max_size=10, limits=limits, flush_interval=1.0, clock=clock)
 
 
 def test_a_batch_is_due_when_full() -> None:
-    q = queue(Clock())
+    q = queue(FakeClock(100.0))
     assert not q.ready(closing=False)
     # The worker is woken for the first hit (the interval starts) and a full batch.
     assert [q.append(hit(n)) for n in range(4)] == [True, False, True, False]
@@ -37,7 +30,7 @@ def test_a_batch_is_due_when_full() -> None:
 
 
 def test_a_batch_is_due_after_the_interval() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     q = queue(clock)
     assert q.wait() == math.inf
     q.append(hit(0))
@@ -49,7 +42,7 @@ def test_a_batch_is_due_after_the_interval() -> None:
 
 
 def test_flush_and_shutdown_make_everything_due() -> None:
-    q = queue(Clock())
+    q = queue(FakeClock(100.0))
     q.append(hit(0))
     assert q.ready(closing=True)
     assert not q.ready(closing=False)
@@ -64,7 +57,7 @@ def test_flush_and_shutdown_make_everything_due() -> None:
 
 
 def test_drain_takes_the_queue_and_the_overflow() -> None:
-    q = queue(Clock())
+    q = queue(FakeClock(100.0))
     q.append(hit(0))
     q.overflow.append(hit(1))
     assert len(q) == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,11 +17,10 @@ from urllib.parse import parse_qs
 
 import anyio
 import pytest
-import uvicorn
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._sender import BatchSender
-from tests.servers import free_port
+from tests.threaded_server import read_body, serve_in_thread
 
 GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x01\x00\x00\x00"
@@ -44,12 +42,7 @@ class QueuedTracking:
         assert callable(receive)
         assert callable(send)
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         bulk = json.loads(body)
         token = bulk.get("token_auth")
         self.requests.append(token is not None)
@@ -77,20 +70,8 @@ class QueuedTracking:
 @pytest.fixture
 def queued_tracking() -> Iterator[tuple[QueuedTracking, str]]:
     app = QueuedTracking()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + DEADLINE
-        while not server.started:
-            assert time.monotonic() < deadline, "the stand-in did not start"
-            time.sleep(0.02)  # polling a condition with a deadline
-        yield app, f"http://127.0.0.1:{port}/matomo.php"
-    finally:
-        server.should_exit = True
-        thread.join(DEADLINE)
+    with serve_in_thread(app, timeout=DEADLINE) as url:
+        yield app, url
 
 
 def visitor_hits(n: int) -> list[Hit]:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from asgi_matomo import MatomoMiddleware, _state, set_tracking_params
-from asgi_matomo._types import Message, Receive, Scope, Send
+from asgi_matomo._types import Receive, Scope, Send
 from asgi_matomo.testing import MatomoRecorder
-from tests.helpers import http_scope
+from tests.helpers import call_app, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -31,19 +31,6 @@ async def misusing_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"%r" % found})
 
 
-async def call(app: MatomoMiddleware, path: str) -> list[Message]:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(http_scope(path), receive, send)
-    return sent
-
-
 async def test_a_positional_argument_that_is_no_mapping_is_said_once(
     recorder: MatomoRecorder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,7 +44,7 @@ async def test_a_positional_argument_that_is_no_mapping_is_said_once(
     )
     with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
         for path in ("/list", "/text"):
-            start, body = await call(app, path)
+            start, body = await call_app(app, http_scope(path))
             assert start["status"] == 200
             assert body["body"] == b"True"  # the keyword arguments were set
     assert [hit["dimension1"] for hit in recorder.hits] == ["kept", "kept"]

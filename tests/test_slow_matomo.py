@@ -9,18 +9,16 @@ in the test's event loop.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
 import pytest
-import uvicorn
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._sender import BatchSender
-from tests.servers import free_port
+from tests.threaded_server import read_body, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +39,7 @@ class SerialMatomo:
         assert callable(receive)
         assert callable(send)
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         requests = json.loads(body)["requests"]
         self.sizes.append(len(requests))
         async with self.lock:
@@ -67,20 +60,8 @@ class SerialMatomo:
 @pytest.fixture
 def serial_matomo() -> Iterator[tuple[SerialMatomo, str]]:
     app = SerialMatomo()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + DEADLINE
-        while not server.started:
-            assert time.monotonic() < deadline, "the stand-in did not start"
-            time.sleep(0.02)  # polling a condition with a deadline
-        yield app, f"http://127.0.0.1:{port}/matomo.php"
-    finally:
-        server.should_exit = True
-        thread.join(DEADLINE)
+    with serve_in_thread(app, timeout=DEADLINE, log_level="critical") as url:
+        yield app, url
 
 
 def test_batches_that_time_out_are_resent_smaller_until_matomo_answers_in_time(

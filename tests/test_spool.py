@@ -16,6 +16,7 @@ from asgi_matomo import _spool
 from asgi_matomo._hit import Hit
 from asgi_matomo._sender import SpoolProtocol
 from asgi_matomo._spool import SCHEMA_VERSION, SpoolError, SqliteSpool
+from tests.helpers import FakeClock
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -26,17 +27,9 @@ LEASE = 60.0
 CLAIM_BATCH = 7
 
 
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture

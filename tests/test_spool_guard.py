@@ -22,19 +22,12 @@ from asgi_matomo._spool_guard import (
     GuardedSpool,
     SpoolUnavailableError,
 )
+from tests.helpers import FakeClock
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 GARBAGE = bytes(range(256)) * 64
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

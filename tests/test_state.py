@@ -17,10 +17,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_matomo import MatomoMiddleware, set_tracking_params
-from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_matomo._types import ASGIApp, Receive, Scope, Send
 from asgi_matomo._visitor import VisitorIds
 from asgi_matomo.testing import MatomoRecorder
-from tests.helpers import http_scope
+from tests.helpers import call_app, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -40,19 +40,6 @@ def tracked(app: ASGIApp, recorder: MatomoRecorder, **options: Any) -> MatomoMid
     options.setdefault("idsite", 1)
     options.setdefault("visitor_key", KEY)
     return MatomoMiddleware(app, client=recorder.client, **options)
-
-
-async def call(app: ASGIApp, scope: Scope) -> list[Message]:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
 
 
 async def mutating_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,12 +93,12 @@ async def test_untracked_requests_have_the_dict_too(
     scope = http_scope(path, method=method, headers=headers)
     if state is not None:
         scope["state"] = state
-    assert await call(app, scope) == EXPECTED
+    assert await call_app(app, scope) == EXPECTED
     assert len(recorder.hits) == int(is_tracked)
 
 
 async def test_a_tracked_request_sends_what_the_handler_wrote(recorder: MatomoRecorder) -> None:
-    assert await call(tracked(mutating_app, recorder), http_scope("/")) == EXPECTED
+    assert await call_app(tracked(mutating_app, recorder), http_scope("/")) == EXPECTED
     (hit,) = recorder.hits
     assert hit["uid"] == "user-1"
     assert (hit["dimension1"], hit["dimension2"], hit["action_name"]) == ("a", "b", "Mutated")
@@ -131,7 +118,7 @@ async def test_the_dict_is_fresh_for_each_request(recorder: MatomoRecorder) -> N
     app_state: dict[str, Any] = {"asgi_matomo": {"dimension9": "app-wide"}}
     for path in ("/", "/x", "/", "/x"):
         # What servers do with the lifespan state: a shallow copy per request.
-        await call(middleware, {**http_scope(path), "state": dict(app_state)})
+        await call_app(middleware, {**http_scope(path), "state": dict(app_state)})
     assert seen == [{"dimension9": "app-wide"}] * 4
     assert app_state == {"asgi_matomo": {"dimension9": "app-wide"}}
 
@@ -147,10 +134,10 @@ def test_set_tracking_params_outside_a_request_does_nothing() -> None:
 async def test_set_tracking_params_is_a_no_op_again_after_the_request(
     recorder: MatomoRecorder,
 ) -> None:
-    await call(tracked(mutating_app, recorder), http_scope("/"))
+    await call_app(tracked(mutating_app, recorder), http_scope("/"))
     assert set_tracking_params(uid="after") is False
     with pytest.raises(RuntimeError):
-        await call(tracked(failing_app, recorder), http_scope("/"))
+        await call_app(tracked(failing_app, recorder), http_scope("/"))
     assert set_tracking_params(uid="after") is False
 
 
@@ -169,7 +156,7 @@ async def test_set_tracking_params_merges_custom_variables_and_follows_a_replace
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    await call(tracked(app, recorder), http_scope("/"))
+    await call_app(tracked(app, recorder), http_scope("/"))
     page, event = recorder.hits
     assert json.loads(page["cvar"]) == {
         "1": ["http_status_code", "200"],
@@ -189,7 +176,7 @@ async def test_set_tracking_params_repairs_a_dict_the_handler_broke(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    await call(tracked(app, recorder), http_scope("/"))
+    await call_app(tracked(app, recorder), http_scope("/"))
     assert recorder.hits[0]["uid"] == "u-2"
 
 
@@ -258,8 +245,8 @@ async def test_request_details_adds_parameters_when_the_response_ends(
         return {"uid": scope.get("user", "anonymous"), "dimension1": "app", "dimension2": status}
 
     app = tracked(ok_app, recorder, request_details=details)
-    await call(app, {**http_scope("/"), "user": "ada"})
-    await call(app, http_scope("/own"))
+    await call_app(app, {**http_scope("/"), "user": "ada"})
+    await call_app(app, http_scope("/own"))
     first, second = recorder.hits
     assert calls == [("/", 201), ("/own", 201)]
     assert (first["uid"], first["dimension1"], first["dimension2"]) == ("ada", "app", "201")
@@ -274,9 +261,9 @@ async def test_visitor_id_function(recorder: MatomoRecorder) -> None:
         return scope.get("user")
 
     app = tracked(ok_app, recorder, visitor_id=visitor)
-    await call(app, {**http_scope("/"), "user": "ada"})
-    await call(app, {**http_scope("/"), "user": "ada"})
-    await call(app, http_scope("/"))
+    await call_app(app, {**http_scope("/"), "user": "ada"})
+    await call_app(app, {**http_scope("/"), "user": "ada"})
+    await call_app(app, http_scope("/"))
     first, second, anonymous = recorder.hits
     assert first["cid"] == second["cid"] == ids.app_id("ada")
     # None: the default id of the day.
@@ -294,7 +281,7 @@ async def test_a_failing_function_is_logged_once_and_the_hit_is_kept(
     app = tracked(ok_app, recorder, **{option: failing})
     with caplog.at_level(logging.DEBUG, logger="asgi_matomo"):
         for _ in range(3):
-            sent = await call(app, http_scope("/"))
+            sent = await call_app(app, http_scope("/"))
             assert sent[0]["status"] == 201
     assert len(recorder.hits) == 3
     assert all(len(hit["cid"]) == 16 for hit in recorder.hits)
@@ -310,22 +297,22 @@ async def test_request_details_returning_no_dict_is_logged_once(
 ) -> None:
     app = tracked(ok_app, recorder, request_details=lambda scope, status: ["uid", "x"])
     with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
-        await call(app, http_scope("/"))
-        await call(app, http_scope("/"))
+        await call_app(app, http_scope("/"))
+        await call_app(app, http_scope("/"))
     (warning,) = caplog.records
     assert "returned list instead of a dict" in warning.getMessage()
     assert len(recorder.hits) == 2
 
 
 async def test_request_details_returning_none_adds_nothing(recorder: MatomoRecorder) -> None:
-    await call(tracked(ok_app, recorder, request_details=lambda s, st: None), http_scope("/"))
+    await call_app(tracked(ok_app, recorder, request_details=lambda s, st: None), http_scope("/"))
     assert "uid" not in recorder.hits[0]
 
 
 async def test_visitor_ids_off(recorder: MatomoRecorder) -> None:
     app = tracked(ok_app, recorder, visitor_ids=False, visitor_key=None)
     cookie = (b"cookie", b"_pk_id.1.1fff=0123456789abcdef.1.")
-    await call(app, http_scope("/", headers=[cookie]))
+    await call_app(app, http_scope("/", headers=[cookie]))
     assert "cid" not in recorder.hits[0]
 
 
@@ -374,7 +361,7 @@ async def test_options_requests_are_not_tracked_by_default(
 ) -> None:
     app = tracked(ok_app, recorder, **options)
     for method in ("GET", "POST", "OPTIONS"):
-        assert (await call(app, http_scope("/", method=method)))[0]["status"] == 201
+        assert (await call_app(app, http_scope("/", method=method)))[0]["status"] == 201
     assert [json.loads(hit["cvar"])["2"][1] for hit in recorder.hits] == tracked_methods
 
 
@@ -384,7 +371,7 @@ async def test_a_visitor_id_that_cannot_be_hashed_is_the_functions_failure(
     # str() of an int this long raises ValueError (Python's digit limit).
     app = tracked(ok_app, recorder, visitor_id=lambda scope: 10**5000)
     with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
-        assert (await call(app, http_scope("/")))[0]["status"] == 201
+        assert (await call_app(app, http_scope("/")))[0]["status"] == 201
     (hit,) = recorder.hits
     assert hit["cid"] == VisitorIds(KEY.encode(), 1).daily_id(
         "203.0.113.7", None, float(hit["cdt"])

@@ -17,7 +17,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 from ._spool import BUSY_TIMEOUT_SECONDS, SqliteSpool
 from ._spool_errors import SpoolError, describe_error, problem_of
@@ -53,6 +54,7 @@ _MAX_ASIDE_NAMES = 100
 _GUARDS: weakref.WeakSet[GuardedSpool] = weakref.WeakSet()
 
 _Identity = tuple[int, int]
+_T = TypeVar("_T")
 
 
 class SpoolUnavailableError(Exception):
@@ -110,13 +112,7 @@ class GuardedSpool:
             if current is None:
                 break
             spool, _generation = current
-            try:
-                spool.put(hits)
-            except Exception as exc:
-                if not self._failed(spool, exc):
-                    raise
-            else:
-                self._succeeded()
+            if self._guarded(spool, partial(_put, spool, hits), False):
                 return None
         raise SpoolUnavailableError(
             f"the spool {self.path!r} cannot be used now (see the ERROR logged about it)"
@@ -128,13 +124,7 @@ class GuardedSpool:
         if current is None:
             return []
         spool, generation = current
-        try:
-            rows = spool.claim(limit)
-        except Exception as exc:
-            if not self._failed(spool, exc):
-                raise
-            return []
-        self._succeeded()
+        rows: list[tuple[int, Hit]] = self._guarded(spool, partial(spool.claim, limit), [])
         return [(row_id << _GEN_BITS | generation, hit) for row_id, hit in rows]
 
     def ack(self, ids: Sequence[int]) -> None:
@@ -151,14 +141,7 @@ class GuardedSpool:
         if current is None:
             return 0
         spool, _generation = current
-        try:
-            waiting = spool.count()
-        except Exception as exc:
-            if not self._failed(spool, exc):
-                raise
-            return 0
-        self._succeeded()
-        return waiting
+        return self._guarded(spool, spool.count, 0)
 
     def close(self) -> None:
         """Close the file. Safe to call more than once."""
@@ -181,16 +164,18 @@ class GuardedSpool:
         mine = [i >> _GEN_BITS for i in ids if i & _GEN_MASK == generation]
         if not mine:
             return
+        self._guarded(spool, partial(spool.ack if ack else spool.release, mine), None)
+
+    def _guarded(self, spool: SqliteSpool, operation: Callable[[], _T], failed: _T) -> _T:
+        """`operation` on `spool`; `failed` when its error was about the file (dealt with)."""
         try:
-            if ack:
-                spool.ack(mine)
-            else:
-                spool.release(mine)
+            result = operation()
         except Exception as exc:
             if not self._failed(spool, exc):
                 raise
-        else:
-            self._succeeded()
+            return failed
+        self._succeeded()
+        return result
 
     def _current(self) -> tuple[SqliteSpool, int] | None:
         """The open spool and its generation, opening it when due; None if unusable."""
@@ -391,6 +376,12 @@ def _cause(exc: BaseException) -> str:
     # SQLite's own words, without the advice around them (given once, by the caller).
     cause = exc.__cause__ if isinstance(exc, SpoolError) else exc
     return str(cause if cause is not None else exc)
+
+
+def _put(spool: SqliteSpool, hits: Sequence[Hit]) -> bool:
+    # True once stored: GuardedSpool._guarded answers False when the file failed.
+    spool.put(hits)
+    return True
 
 
 def _close_quietly(spool: SqliteSpool) -> None:
