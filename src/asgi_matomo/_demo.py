@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 
-from asgi_matomo._collector import Collector, StoredHit, _terminate_on_sigterm
-from asgi_matomo._collector_page import COLUMNS, cells
+from asgi_matomo._collector import Collector, StoredHit
+from asgi_matomo._collector._page import COLUMNS, cells
+from asgi_matomo._collector._server import _terminate_on_sigterm
 from asgi_matomo._config import tracking_endpoint
 
 if TYPE_CHECKING:

@@ -30,9 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from asgi_matomo._collector_log import RefusalLog
-from asgi_matomo._collector_page import render_page, render_visits
-from asgi_matomo._visits import Visit, group_visits, matches
+from asgi_matomo._collector._log import RefusalLog
+from asgi_matomo._collector._page import render_page, render_visits
+from asgi_matomo._collector._visits import Visit, group_visits, matches
 
 if TYPE_CHECKING:
     import os
