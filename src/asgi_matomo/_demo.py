@@ -31,7 +31,7 @@ import httpx
 
 from asgi_matomo._collector import Collector, StoredHit
 from asgi_matomo._collector._page import COLUMNS, cells
-from asgi_matomo._collector._server import _terminate_on_sigterm
+from asgi_matomo._collector._serve import terminate_on_sigterm
 from asgi_matomo._config import tracking_endpoint
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def _summary_of_requests(answered: Sequence[tuple[Visit, int]]) -> str:
 def _wait_forever() -> None:
     print("  Ctrl-C stops both.", flush=True)
     forever = threading.Event()
-    with _terminate_on_sigterm(), _interrupt_on_sighup(), contextlib.suppress(KeyboardInterrupt):
+    with terminate_on_sigterm(), _interrupt_on_sighup(), contextlib.suppress(KeyboardInterrupt):
         forever.wait()
 
 

@@ -7,6 +7,7 @@ dependency is httpx and the collector must not add another.
 
 from __future__ import annotations
 
+from asgi_matomo._collector._serve import serve
 from asgi_matomo._collector._server import (
     BRUTE_FORCE_LIMIT,
     GIF,
@@ -15,7 +16,6 @@ from asgi_matomo._collector._server import (
     Collector,
     ReceivedRequest,
     StoredHit,
-    serve,
 )
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 The endpoints live beside it: `_tracking` (matomo.php), `_reporting`
 (index.php), `_views` (the visits log and its JSON API); the HTTP glue in
-`_wire`, the SQLite store in `_store`, Matomo's rules for one hit in `_rules`.
+`_wire`, the SQLite store in `_store`, Matomo's rules for one hit in `_rules`;
+`_serve` runs a collector in the foreground.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -53,7 +52,6 @@ from asgi_matomo._collector._wire import (
 if TYPE_CHECKING:
     import os
     import socket
-    from types import FrameType
 
 __all__ = [
     "BRUTE_FORCE_LIMIT",
@@ -63,7 +61,6 @@ __all__ = [
     "Collector",
     "ReceivedRequest",
     "StoredHit",
-    "serve",
 ]
 
 LOGGER = logging.getLogger("asgi_matomo")
@@ -425,62 +422,3 @@ def _dimension_names(names: Mapping[int, str] | None) -> dict[int, str]:
             raise ValueError(f"dimensions: a name for dimension {dimension}, got {name!r}")
         checked[dimension] = name.strip()
     return checked
-
-
-@contextmanager
-def _terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both stop serve() the same way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    db_path: str | os.PathLike[str] | None = None,
-    token: str | None = None,
-    sites: Iterable[int] | None = None,
-    *,
-    queued_tracking: bool = False,
-    ready: Callable[[Collector], None] | None = None,
-    dimensions: Mapping[int, str] | None = None,
-) -> None:
-    """Run a collector until Ctrl-C or SIGTERM.
-
-    ```python
-    serve("127.0.0.1", 8765, "hits.sqlite", token="secret", sites=[1, 2])
-    ```
-
-    Parameters are those of `Collector`; `ready` is called once it listens.
-    """
-    collector = Collector(
-        host=host,
-        port=port,
-        db_path=db_path,
-        token=token,
-        sites=sites,
-        queued_tracking=queued_tracking,
-        dimensions=dimensions,
-    )
-    # Never set: serve() returns only on Ctrl-C or SIGTERM.
-    forever = threading.Event()
-    with _terminate_on_sigterm():
-        collector.start()
-        try:
-            if ready is not None:
-                ready(collector)
-            forever.wait()  # pragma: no cover - left by an exception only
-        except KeyboardInterrupt:
-            LOGGER.debug("collector: interrupted")
-        finally:
-            collector.stop()
