@@ -33,7 +33,6 @@ __all__ = [
     "query_params",
     "shape",
     "site_id",
-    "token_state",
 ]
 
 TRACKING_PATHS = frozenset({"/matomo.php", "/piwik.php"})
@@ -252,7 +251,7 @@ def is_bulk(raw: bytes) -> bool:
     return raw.find(b'"requests"') > 0 or raw.find(b"'requests'") > 0
 
 
-def token_state(token: str | None) -> str:
+def _token_state(token: str | None) -> str:
     return "a wrong token_auth" if token else "no token_auth"
 
 
@@ -336,7 +335,7 @@ def hit_row(
                 raise InvalidHitError(
                     "cdt",
                     f"cdt {cdt[:30]!r} is older than 24 hours and the hit has"
-                    f" {token_state(token)}: {token_fix}",
+                    f" {_token_state(token)}: {token_fix}",
                 )
             hit_time = stamp
     cid = params.get("cid", "")
@@ -347,7 +346,7 @@ def hit_row(
         )
     cip = params.get("cip", "")
     if cip and not authorized:
-        raise InvalidHitError("cip", f"cip with {token_state(token)}: {token_fix}, or send no cip")
+        raise InvalidHitError("cip", f"cip with {_token_state(token)}: {token_fix}, or send no cip")
     hit_type = _hit_type(params)
     if hit_type == "event" and not params.get("e_a", "").strip():
         raise InvalidHitError(

@@ -36,6 +36,8 @@ __all__ = ["Auth", "Fault", "tracking"]
 
 @dataclass
 class Fault:
+    """How the next tracking requests misbehave (see Collector.set_fault)."""
+
     status: int | None
     delay: float
     body: bytes | None
@@ -57,6 +59,7 @@ _PROCEED = Answer(0)
 
 
 def tracking(collector: Collector, handler: Handler, query: str, body: bytes) -> Answer | None:
+    """The answer to a request at matomo.php; None: close without an answer."""
     bulk = handler.command == "POST" and is_bulk(body)
     fault = collector._take_fault()
     if fault is not None:

@@ -37,6 +37,8 @@ CONNECTION_TIMEOUT = 60.0
 
 @dataclass
 class Answer:
+    """What an endpoint answers: status, body, content type and extra headers."""
+
     status: int
     body: bytes = b""
     content_type: str | None = None
