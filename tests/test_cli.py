@@ -22,8 +22,9 @@ import httpx
 import pytest
 
 import asgi_matomo._cli as cli
-from asgi_matomo import __version__
-from asgi_matomo._cli import check, main
+from asgi_matomo import __version__, _check
+from asgi_matomo._check import check
+from asgi_matomo._cli import main
 from asgi_matomo._collector import Collector
 
 TOKEN = "cli-token-0123456789"
@@ -63,7 +64,7 @@ def run_check(url: str, idsite: int, token: str | None = None) -> tuple[int, str
     ],
 )
 def test_base_url(given: str, base: str) -> None:
-    assert cli._base_url(given) == base
+    assert _check._base_url(given) == base
 
 
 @pytest.mark.parametrize("given", ["m.test", "ftp://m.test", "https://"])
@@ -328,7 +329,7 @@ def with_cause(exc: httpx.HTTPError, cause: BaseException) -> httpx.HTTPError:
     ],
 )
 def test_network_errors_are_explained(exc: httpx.HTTPError, message: str) -> None:
-    assert message in cli._describe_error(exc, "https://m.test/x")
+    assert message in _check._describe_error(exc, "https://m.test/x")
 
 
 def test_check_network_error_on_tracker() -> None:

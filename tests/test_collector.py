@@ -883,7 +883,7 @@ def test_bad_content_length_is_an_empty_body(collector: Collector) -> None:
 def test_chunked_body_too_large_is_413(
     collector: Collector, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("asgi_matomo._collector.MAX_BODY", 10)
+    monkeypatch.setattr("asgi_matomo._collector._wire.MAX_BODY", 10)
 
     def chunks() -> Iterator[bytes]:
         yield b"0123456789"
@@ -1008,7 +1008,7 @@ def test_visits_fragment_is_asked_again_only_when_hits_arrive(
 def test_page_shows_the_latest_visits(
     collector: Collector, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("asgi_matomo._collector.PAGE_VISITS", 2)
+    monkeypatch.setattr("asgi_matomo._collector._views.PAGE_VISITS", 2)
     for n in range(3):
         track(client, collector, url=f"https://a.test/{n}", new_visit="1")
     collector.wait_for_hits(3)
@@ -1046,7 +1046,7 @@ def test_api_visits(collector: Collector, client: httpx.Client) -> None:
 def test_page_reads_the_latest_hits_only(
     collector: Collector, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("asgi_matomo._collector.PAGE_HITS", 2)
+    monkeypatch.setattr("asgi_matomo._collector._views.PAGE_HITS", 2)
     for n in range(3):
         track(client, collector, url=f"https://a.test/{n}")
     collector.wait_for_hits(3)

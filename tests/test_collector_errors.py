@@ -18,7 +18,7 @@ def test_an_error_inside_a_request_is_a_warning_with_its_type(
         raise RuntimeError("a bug in the stand-in")
 
     with Collector() as collector:
-        monkeypatch.setattr(collector, "_tracking", broken)
+        monkeypatch.setattr(collector, "_handle", broken)
         with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
             for _ in range(3):
                 with pytest.raises(httpx.RemoteProtocolError):

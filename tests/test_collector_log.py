@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from asgi_matomo._collector_log import WARN_INTERVAL, RefusalLog
+from asgi_matomo._collector._log import WARN_INTERVAL, RefusalLog
 
 
 class Clock:

@@ -6,10 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from asgi_matomo import _useragent
-from asgi_matomo._collector import StoredHit
-from asgi_matomo._collector_page import action_status, render_page, render_visits
-from asgi_matomo._visits import group_visits
+from asgi_matomo._collector import StoredHit, _useragent
+from asgi_matomo._collector._page import action_status, render_page, render_visits
+from asgi_matomo._collector._visits import group_visits
 from tests.test_visits import FIREFOX, hit
 
 

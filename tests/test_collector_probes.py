@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from asgi_matomo import _collector
-from asgi_matomo._collector import GIF, Collector, ReceivedRequest
+from asgi_matomo._collector import GIF, Collector, ReceivedRequest, _server
 
 TOKEN = "probe-token-0123456789"
 WRONG = "wrong-token"
@@ -129,7 +128,7 @@ def test_reporting_api_with_every_site(client: httpx.Client) -> None:
 
 
 def test_sites_heard_of_are_bounded(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_collector, "MAX_SEEN_SITES", 2)
+    monkeypatch.setattr(_server, "MAX_SEEN_SITES", 2)
     with Collector(token=TOKEN) as collector:
         for site in (5, 6, 7):
             client.get(collector.tracking_url, params={"idsite": str(site), "rec": "1"})

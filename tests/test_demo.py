@@ -20,7 +20,7 @@ import httpx
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from asgi_matomo import _demo
+from asgi_matomo import _demo, _demo_app
 from asgi_matomo._cli import main
 from asgi_matomo._collector import Collector
 from tests.servers import ROOT
@@ -184,7 +184,7 @@ def test_demo_against_another_matomo() -> None:
     # Several visitors, each with one address, browser and language: Matomo
     # (and the stand-in's page) groups their hits into one visit each.
     visitors = {(hit.visitor_ip, hit.ua, hit.lang) for hit in hits}
-    assert visitors == set(_demo.VISITORS)
+    assert visitors == set(_demo_app.VISITORS)
 
 
 def test_demo_against_another_matomo_that_refuses_everything(
@@ -227,7 +227,7 @@ def test_demo_says_what_to_install(
 
 def test_demo_reports_an_app_that_cannot_start(tmp_path: Path) -> None:
     # An idsite that is not a number: the app's factory fails in the subprocess.
-    env = {_demo.ENV_URL: "http://matomo.invalid", _demo.ENV_IDSITE: "x"}
+    env = {_demo_app.ENV_URL: "http://matomo.invalid", _demo_app.ENV_IDSITE: "x"}
     with (
         _demo._run_app(env, tmp_path) as app,
         pytest.raises(_demo.DemoError, match="exited with"),
@@ -238,34 +238,34 @@ def test_demo_reports_an_app_that_cannot_start(tmp_path: Path) -> None:
 def test_demo_app_reports_its_stats(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     stats_path = tmp_path / "stats.json"
     with Collector(token=TOKEN, sites=[_demo.DEMO_SITE]) as matomo:
-        monkeypatch.setenv(_demo.ENV_URL, matomo.tracking_url)
-        monkeypatch.setenv(_demo.ENV_IDSITE, str(_demo.DEMO_SITE))
-        monkeypatch.setenv(_demo.ENV_TOKEN, TOKEN)
-        monkeypatch.setenv(_demo.ENV_STATS, str(stats_path))
-        with TestClient(_demo.create_app(), raise_server_exceptions=False) as client:
-            for visit in _demo.traffic(len(_demo.PAGES)):
+        monkeypatch.setenv(_demo_app.ENV_URL, matomo.tracking_url)
+        monkeypatch.setenv(_demo_app.ENV_IDSITE, str(_demo.DEMO_SITE))
+        monkeypatch.setenv(_demo_app.ENV_TOKEN, TOKEN)
+        monkeypatch.setenv(_demo_app.ENV_STATS, str(stats_path))
+        with TestClient(_demo_app.create_app(), raise_server_exceptions=False) as client:
+            for visit in _demo_app.traffic(len(_demo_app.PAGES)):
                 client.get(visit.path, headers=visit.headers)
             assert not stats_path.exists()
         stats = json.loads(stats_path.read_text())
         hits = matomo.wait_for_hits(stats["sent"])
-    assert stats["sent"] == len(hits) == sum(v.expected_hits for v in _demo.traffic(12))
+    assert stats["sent"] == len(hits) == sum(v.expected_hits for v in _demo_app.traffic(12))
     assert stats["dropped"] == 0
 
 
 def test_demo_app_without_stats_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_demo.ENV_URL, "http://matomo.invalid")
-    monkeypatch.setenv(_demo.ENV_IDSITE, "1")
-    monkeypatch.delenv(_demo.ENV_STATS, raising=False)
-    monkeypatch.delenv(_demo.ENV_TOKEN, raising=False)
+    monkeypatch.setenv(_demo_app.ENV_URL, "http://matomo.invalid")
+    monkeypatch.setenv(_demo_app.ENV_IDSITE, "1")
+    monkeypatch.delenv(_demo_app.ENV_STATS, raising=False)
+    monkeypatch.delenv(_demo_app.ENV_TOKEN, raising=False)
     from asgi_matomo import MatomoMiddleware
 
-    assert isinstance(_demo.create_app(), MatomoMiddleware)
+    assert isinstance(_demo_app.create_app(), MatomoMiddleware)
 
 
 def test_traffic_covers_every_page() -> None:
-    visits = _demo.traffic()
-    assert len(visits) == _demo.REQUESTS
-    assert {v.path for v in visits} == {path for path, _ in _demo.PAGES}
+    visits = _demo_app.traffic()
+    assert len(visits) == _demo_app.REQUESTS
+    assert {v.path for v in visits} == {path for path, _ in _demo_app.PAGES}
     assert len({v.headers["User-Agent"] for v in visits}) > 3
     assert len({v.headers["Accept-Language"] for v in visits}) > 3
     assert any("Referer" in v.headers for v in visits)
@@ -275,9 +275,9 @@ def test_traffic_covers_every_page() -> None:
         (v.headers["X-Forwarded-For"], v.headers["User-Agent"], v.headers["Accept-Language"])
         for v in visits
     }
-    assert seen == set(_demo.VISITORS)
+    assert seen == set(_demo_app.VISITORS)
     assert len(seen) >= 5
-    for ip, _, _ in _demo.VISITORS:
+    for ip, _, _ in _demo_app.VISITORS:
         assert sum(v.headers["X-Forwarded-For"] == ip for v in visits) >= 3
 
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from asgi_matomo import _useragent
-from asgi_matomo._useragent import MAX_PARSED_LENGTH, Software, _describe, describe
+from asgi_matomo._collector import _useragent
+from asgi_matomo._collector._useragent import MAX_PARSED_LENGTH, Software, _describe, describe
 
 IPHONE = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from asgi_matomo._collector import StoredHit
-from asgi_matomo._visits import Visit, group_visits, matches, user_id_visitor_id
+from asgi_matomo._collector._visits import Visit, group_visits, matches, user_id_visitor_id
 
 # 2025-11-18 09:00:00 UTC
 T0 = 1763456400.0
@@ -114,7 +114,7 @@ def test_new_visit_parameter(value: str, visits: list[list[int]]) -> None:
 
 
 def test_action_limit_starts_a_new_visit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("asgi_matomo._visits.MAX_ACTIONS_PER_VISIT", 2)
+    monkeypatch.setattr("asgi_matomo._collector._visits.MAX_ACTIONS_PER_VISIT", 2)
     assert ids(group_visits([hit(1, 0), hit(2, 1), hit(3, 2)])) == [[3], [1, 2]]
 
 

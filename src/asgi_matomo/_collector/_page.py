@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from asgi_matomo._collector_assets import REFRESH_MS, SCRIPT, STYLE
-from asgi_matomo._useragent import describe
+from asgi_matomo._collector._assets import REFRESH_MS, SCRIPT, STYLE
+from asgi_matomo._collector._useragent import describe
 
 if TYPE_CHECKING:
-    from asgi_matomo._collector import StoredHit
-    from asgi_matomo._visits import Visit
+    from asgi_matomo._collector._server import StoredHit
+    from asgi_matomo._collector._visits import Visit
 
 __all__ = ["COLUMNS", "action_status", "cells", "render_page", "render_visits"]
 

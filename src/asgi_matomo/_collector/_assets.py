@@ -1,4 +1,4 @@
-"""The style and script of the collector's visits log (`_collector_page`), inline in it.
+"""The style and script of the collector's visits log (`_page`), inline in it.
 
 The page has no external asset: its Content-Security-Policy allows only these two,
 by nonce. The layout wraps at spaces; only `.wrap` (URLs and values) may break

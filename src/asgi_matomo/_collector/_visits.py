@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 if TYPE_CHECKING:
-    from asgi_matomo._collector import StoredHit
+    from asgi_matomo._collector._server import StoredHit
 
 __all__ = ["Visit", "group_visits", "matches", "user_id_visitor_id"]
 
