@@ -2,7 +2,8 @@
 
 The names come from ua-parser, the Python port of uap-core (the rule set that log
 analysers share, updated with new browsers every month). It is an optional extra
-(`pip install "asgi-matomo[collector]"`): without it the page shows the raw text,
+(`pip install ".[collector]"` in a clone; PyPI's `asgi-matomo` is another library):
+without it the page shows the raw text,
 so the stand-in never needs more than the library itself.
 """
 
