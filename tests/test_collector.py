@@ -1126,3 +1126,19 @@ def test_index_php_without_api_module(collector: Collector, client: httpx.Client
     response = client.get(collector.base_url + "/index.php")
     assert response.status_code == 200
     assert b"Matomo" in response.content
+
+
+def test_a_stopped_collector_keeps_its_port_from_other_servers() -> None:
+    # A test stops the collector (Matomo down) and starts an app on "a free port":
+    # the app must never be given the collector's port, or the sender would post
+    # to the app itself.
+    with Collector() as collector:
+        port = httpx.URL(collector.base_url).port
+        assert port is not None
+        collector.stop()
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", port))
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(collector.tracking_url, timeout=5)
+        collector.start()
+        assert httpx.get(collector.base_url + "/api/hits", timeout=5).status_code == 200

@@ -76,4 +76,4 @@ def serve(
         except KeyboardInterrupt:
             LOGGER.debug("collector: interrupted")
         finally:
-            collector.stop()
+            collector.__exit__(None, None, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import socket
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -51,7 +52,6 @@ from asgi_matomo._collector._wire import (
 
 if TYPE_CHECKING:
     import os
-    import socket
 
 __all__ = [
     "BRUTE_FORCE_LIMIT",
@@ -127,6 +127,10 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+        # While stopped, the port stays bound without listening: connections are
+        # refused, as by a Matomo that is down, and no other server (an app a test
+        # starts on "a free port") can be given it before the restart.
+        self._reserved: socket.socket | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -135,6 +139,9 @@ class Collector:
         with self._cond:
             if self._server is not None:
                 raise RuntimeError("the collector is already running")
+            if self._reserved is not None:
+                self._reserved.close()
+                self._reserved = None
             server = Server((self._host, self._port), self)
             self._port = server.server_address[1]
             # A restart forgets the brute-force block, as its expiry would.
@@ -166,7 +173,29 @@ class Collector:
         server.server_close()
         assert thread is not None
         thread.join()
+        self._reserve_port()
         LOGGER.debug("collector: stopped")
+
+    def _reserve_port(self) -> None:
+        reserved = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
+        try:
+            reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reserved.bind((self._host, self._port))
+        except OSError:  # pragma: no cover - taken already: nothing to keep
+            reserved.close()
+            return
+        with self._cond:
+            kept = self._server is None and self._reserved is None
+            if kept:
+                self._reserved = reserved
+        if not kept:  # pragma: no cover - started again meanwhile
+            reserved.close()
+
+    def _release_port(self) -> None:
+        with self._cond:
+            reserved, self._reserved = self._reserved, None
+        if reserved is not None:
+            reserved.close()
 
     def __enter__(self) -> Collector:
         self.start()
@@ -174,6 +203,7 @@ class Collector:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+        self._release_port()
 
     @property
     def base_url(self) -> str:
