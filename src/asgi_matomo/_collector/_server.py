@@ -13,6 +13,7 @@ import logging
 import secrets
 import socket
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -130,7 +131,8 @@ class Collector:
         # While stopped, the port stays bound without listening: connections are
         # refused, as by a Matomo that is down, and no other server (an app a test
         # starts on "a free port") can be given it before the restart.
-        self._reserved: socket.socket | None = None
+        # Held by a finalizer: a collector dropped while stopped closes it too.
+        self._reserved: weakref.finalize[[], Collector] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -140,7 +142,7 @@ class Collector:
             if self._server is not None:
                 raise RuntimeError("the collector is already running")
             if self._reserved is not None:
-                self._reserved.close()
+                self._reserved()
                 self._reserved = None
             server = Server((self._host, self._port), self)
             self._port = server.server_address[1]
@@ -187,7 +189,7 @@ class Collector:
         with self._cond:
             kept = self._server is None and self._reserved is None
             if kept:
-                self._reserved = reserved
+                self._reserved = weakref.finalize(self, reserved.close)
         if not kept:  # pragma: no cover - started again meanwhile
             reserved.close()
 
@@ -195,7 +197,7 @@ class Collector:
         with self._cond:
             reserved, self._reserved = self._reserved, None
         if reserved is not None:
-            reserved.close()
+            reserved()
 
     def __enter__(self) -> Collector:
         self.start()
