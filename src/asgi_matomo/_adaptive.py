@@ -23,6 +23,13 @@ Decisions are taken once per window of about one answer time (Vector's
 "RTT window"): the answers that arrived in it are judged together, against
 the hits that were really in flight meanwhile. A push-back or an answer close
 to the timeout is acted on at once, and starts a new window.
+
+Answer times measured by a busy app spread for reasons of its own (its event
+loop answers late when the CPU is saturated). Before reading a spread as the
+cost of more hits in flight, the controller checks that Matomo could take hits
+one by one at that cost at all: a batch answered right after another one took
+at most the time between the two answers. (How the slowest answer changes as
+the hits in flight grow is taken as it is.)
 """
 
 from __future__ import annotations
@@ -71,11 +78,13 @@ class Controller:
         "_baseline",
         "_cut",
         "_in_flight",
+        "_last_at",
         "_max_rtt",
         "_min_hits",
         "_min_rtt",
         "_peak",
         "_prev",
+        "_serial",
         "_slow_start",
         "_sum_rtt",
         "_too_slow",
@@ -100,6 +109,7 @@ class Controller:
         # answer times respond to more traffic.
         self._prev: tuple[int, float] | None = None
         self._window_end: float | None = None  # None: begins with the next answer
+        self._last_at: float | None = None  # when the last answer arrived
         self._new_window()
 
     def _new_window(self, end: float | None = None) -> None:
@@ -110,6 +120,9 @@ class Controller:
         self._min_rtt = math.inf
         self._min_hits = 0  # of the fastest answer
         self._answered_hits = 0
+        # The most seconds per hit a Matomo taking hits one by one can have spent,
+        # from the answers of this window (see _grow).
+        self._serial = math.inf
         self._peak = self._in_flight
         self._backlog = False
 
@@ -141,6 +154,7 @@ class Controller:
         or at all.
         """
         self._in_flight = max(0, self._in_flight - hits)
+        last_at, self._last_at = self._last_at, now
         if self._window_end is None:
             # The first answer since the last cut: the window starts now (the very
             # first one is short: the first batches are answered together).
@@ -166,6 +180,10 @@ class Controller:
         self._answered_hits += hits
         if seconds < self._min_rtt:
             self._min_rtt, self._min_hits = seconds, hits
+        # One by one, this batch was taken after it was sent and after the answer
+        # before it was given: a Matomo taking hits one by one spent no more on it.
+        started = now - seconds if last_at is None else max(last_at, now - seconds)
+        self._serial = min(self._serial, max(0.0, now - started) / max(1, hits))
         # A window lasts an answer time, or until every slot was answered once.
         if now >= self._window_end or self._answered >= self.concurrency:
             self._judge_window(now)
@@ -212,19 +230,21 @@ class Controller:
         # Seconds each more hit in flight adds to an answer, from how the answers of
         # this window spread: batches in flight together are answered one after the
         # other by a Matomo that takes them one by one, together by one that does
-        # not. From a single answer: as if Matomo took the hits one by one.
+        # not. From a single answer: as if Matomo took the hits one by one. Either
+        # way, no more than such a Matomo can have spent on a hit: a spread it could
+        # not produce (batches answered together, late) is not a cost of the hits.
         estimates = []
         fixed = 0.0
         if self._answered > 1:
             between = self._answered_hits - self._min_hits
-            estimates.append((slowest - self._min_rtt) / max(1, between))
+            estimates.append(min(self._serial, (slowest - self._min_rtt) / max(1, between)))
             fixed = max(0.0, self._min_rtt - self._min_hits * estimates[0])
         if self._prev is not None:
             # And from how the slowest answer changed since the hits in flight last grew.
             before, before_slowest = self._prev
             if peak > before:
                 estimates.append((slowest - before_slowest) / (peak - before))
-        per_hit = max(estimates) if estimates else slowest / peak
+        per_hit = max(estimates) if estimates else min(self._serial, slowest / peak)
         limit = self.concurrency * self.batch
         growth = MAX_GROWTH if self._slow_start else 1.0 + 1.0 / self.concurrency
         target = max(limit, peak * growth)
