@@ -320,7 +320,10 @@ def test_defaults_are_exported() -> None:
     assert sender._batch_size == DEFAULT_BATCH_SIZE == 1000
     assert sender._controller.batch == 100  # where the adaptive limit starts
     assert not sender.running
-    assert sender.stats == Stats()
+    # The adaptive limits start at 4 batches of up to 100 hits, and stats show them.
+    assert sender.stats == Stats(concurrency=4, batch_size=100)
+    sender._controller.too_large(60)
+    assert sender.stats.batch_size == 30
     assert not sender.force_flush()
 
 
@@ -1883,7 +1886,7 @@ async def test_fork_child_starts_afresh(owned_clients: list[httpx.AsyncClient]) 
             # What os.register_at_fork runs in a child process:
             sender._after_fork_in_child()
             assert not sender.running
-            assert sender.stats == Stats(token_rejected=True)
+            assert sender.stats == Stats(token_rejected=True, concurrency=4, batch_size=100)
             assert sender._transport.owned is None
             sender.submit(hit(3))  # the child has not started its own worker yet
             assert sender.stats.dropped == 1

@@ -54,6 +54,9 @@ class Stats:
     replayed: int = 0  # read back from the spool and tracked
     batches: int = 0  # HTTP requests made
     token_rejected: bool = False  # Matomo refused access_token; tracking goes on without it
+    # Where the adaptive limits stand now (within max_concurrent_batches / batch_size).
+    concurrency: int = 0  # batches the sender lets be in flight at once
+    batch_size: int = 0  # the most hits it puts in one batch
 
 
 @dataclass(slots=True)

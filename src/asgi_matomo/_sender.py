@@ -54,7 +54,11 @@ DEFAULT_HTTP_TIMEOUT = 5.0
 # Matomo has no cap of its own; peers use 20-500 and the log importer 200.
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_INTERVAL = 1.0
-DEFAULT_MAX_QUEUE_SIZE = 10_000
+# The sender's limits grow over about three answer times (see _adaptive); what
+# arrives meanwhile waits here. Two and a half times the most the default limits
+# put in flight (16 x 1,000) holds that ramp for an app producing as many hits per
+# answer time as those limits carry. About 750 bytes a hit: 30 MB when full.
+DEFAULT_MAX_QUEUE_SIZE = 40_000
 DEFAULT_MAX_CONCURRENT_BATCHES = 16
 DEFAULT_RETRY_DEADLINE = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -251,6 +255,8 @@ class BatchSender:
             replayed=c.replayed,
             batches=c.batches,
             token_rejected=self._tokens.rejected,
+            concurrency=self._controller.concurrency,
+            batch_size=self._controller.batch,
         )
 
     # -- request path ---------------------------------------------------------------
