@@ -20,7 +20,7 @@ import pytest
 
 from asgi_matomo._hit import Hit
 from asgi_matomo._sender import BatchSender
-from asgi_matomo._token import RECONSIDER_FIRST, RECONSIDER_JITTER
+from asgi_matomo._token import RECONSIDER_AFTER, RECONSIDER_JITTER
 from tests.threaded_server import read_body, serve_in_thread
 
 TOKEN = "the-token"
@@ -112,7 +112,7 @@ def test_a_token_fixed_in_matomo_is_used_again_without_a_restart(
             assert app.tokens == [True, False, False]
             # Due: the next batch carries the token again, is taken whole, and so
             # are the following ones.
-            clock.ahead = RECONSIDER_FIRST * (1 + RECONSIDER_JITTER)
+            clock.ahead = RECONSIDER_AFTER * (1 + RECONSIDER_JITTER)
             await deliver(10)
             assert not rejected()
             await deliver(15)
@@ -147,7 +147,7 @@ def test_a_token_still_refused_at_its_retry_costs_one_failed_login(
     async def main() -> None:
         async with sender.running_in_background():
             for round_ in range(3):
-                clock.ahead = round_ * 3600.0 * 2  # every retry due (they are at most hourly)
+                clock.ahead = round_ * RECONSIDER_AFTER * 2  # each round: a retry is due
                 for hit in visitor_hits(5 * round_, 5):
                     sender.submit(hit)
                 assert await sender.aflush(DEADLINE)

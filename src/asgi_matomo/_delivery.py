@@ -388,7 +388,7 @@ class Delivery:
             return
         minutes = max(0.0, (tokens.reconsider_at or 0.0) - self._clock()) / 60
         if tokens.refusals > 1:
-            # A reconsidered token still refused: said at INFO, at most every 10 minutes.
+            # A token tried again and still refused: said at INFO, once an hour at most.
             logger.info(
                 "asgi_matomo: Matomo still rejects the access_token (%s); "
                 "trying it again in %.0f minutes",
@@ -396,13 +396,13 @@ class Delivery:
                 minutes,
             )
             return
-        # Said again only if the token was accepted meanwhile (at most every 10 minutes).
+        # Said again only if the token was accepted meanwhile (once an hour at most).
         logger.error(
             "asgi_matomo: Matomo rejected the access_token (%s). Tracking continues "
             "without it: visitor IPs (cip) are not sent and hits older than 24 h are "
             "dropped. Fix: use the token_auth of a Matomo user with write access to the "
             "site (Administration > Personal > Security > Auth tokens). The token is "
-            "tried again in %.0f minutes, then less often (at most hourly), without a restart.",
+            "tried again in %.0f minutes, and every hour while refused, without a restart.",
             why,
             minutes,
         )

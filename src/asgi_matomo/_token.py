@@ -4,8 +4,8 @@ Matomo counts every request that carries a wrong token as a failed login and,
 after about 20, blocks the sender's IP for all authenticated tracking (MATOMO.md).
 So the token goes only with the batches that need it, is proven on a few of them
 before it is used freely, and is doubted again when Matomo's answers suggest it
-was revoked. A rejected token is tried again now and then, less and less often
-(an admin may have fixed its permission): each try is one failed login at most.
+was revoked. A rejected token is tried again every hour (an admin may have fixed its
+permission meanwhile): each try is one failed login at most.
 The sender asks this policy and does the sending and the logging.
 """
 
@@ -30,11 +30,14 @@ LOCKOUT_PROBE_INTERVAL = 60.0
 # cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
 TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
 # A rejected token goes again with one batch (a probe) this many seconds after it was
-# rejected, then twice as long after each refusal, up to RECONSIDER_MAX. Matomo blocks
-# an IP after 20 failed logins within 60 minutes (its defaults): this schedule adds at
-# most 2 per process in any hour (10 and 30 minutes after the rejection), then 1 an hour.
-RECONSIDER_FIRST = 600.0
-RECONSIDER_MAX = 3600.0
+# rejected, and again after as long each time Matomo still refuses it (an admin may
+# have fixed its permission meanwhile). Each try is one failed login; Matomo blocks an
+# IP after 20 within 60 minutes (its defaults). An hour apart, no two tries of a
+# process, nor a try and the rejection it follows, fall within the same 60 minutes:
+# the failed logins of any hour stay what the rejection itself costs, whatever the
+# number of workers sharing the IP. Sooner would add up: a try 10 minutes after a
+# rejection doubles the failed logins of that hour.
+RECONSIDER_AFTER = 3600.0
 # Each wait is lengthened by up to this share: processes that found the token rejected
 # together do not all probe in the same instant.
 RECONSIDER_JITTER = 0.1
@@ -175,8 +178,7 @@ class TokenPolicy:
     def reject(self, now: float) -> bool:
         """Matomo refused the token (`now`: a monotonic reading); False when it already was.
 
-        The token is tried again RECONSIDER_FIRST seconds later, then twice as long
-        after each refusal in a row, at most RECONSIDER_MAX, plus up to
+        The token is tried again RECONSIDER_AFTER seconds later, plus up to
         RECONSIDER_JITTER more.
         """
         if self.state is TokenState.REJECTED:
@@ -184,8 +186,7 @@ class TokenPolicy:
             return False
         self.state = TokenState.REJECTED
         self.refusals += 1
-        wait = min(RECONSIDER_MAX, RECONSIDER_FIRST * 2.0 ** min(self.refusals - 1, 32))
-        self.reconsider_at = now + wait * (1.0 + RECONSIDER_JITTER * self._rand())
+        self.reconsider_at = now + RECONSIDER_AFTER * (1.0 + RECONSIDER_JITTER * self._rand())
         return True
 
     def reconsider(self, now: float) -> bool:
