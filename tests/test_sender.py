@@ -1988,6 +1988,33 @@ async def test_sqlite_spool_carries_hits_to_the_next_process(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
+async def test_a_retry_after_to_a_replay_holds_the_spool_back_that_long() -> None:
+    clock = FakeClock()
+    spool = FakeSpool([hit(0)])
+    replay_answers = [httpx.Response(503, headers={"Retry-After": "40"})]
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if numbers(body["requests"]) == [0] and replay_answers:
+            return replay_answers.pop(0)
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, clock=clock, sleep=clock.sleep)
+        await sender.send_now([hit(5)])  # Matomo answers: replay, 503 Retry-After: 40
+        assert spool.calls == ["count", "claim", "release"]
+        # Later requests are sent, but the spool is not, before 40 s (and their jitter).
+        clock.now += 39.9
+        await sender.send_now([hit(6)])
+        assert spool.calls == ["count", "claim", "release"]
+        clock.now += 40 * RETRY_AFTER_JITTER
+        await sender.send_now([hit(7)])
+    assert matomo.hits == [5, 0, 6, 7, 0]
+    assert spool.rows == {}
+    assert (sender.stats.replayed, sender.stats.sent) == (1, 4)
+
+
+@pytest.mark.anyio
 async def test_replay_releases_on_failure_and_acks_refusals() -> None:
     spool = FakeSpool([hit(0), hit(1)])
     spool_answers = [503, 400]

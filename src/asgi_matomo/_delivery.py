@@ -31,12 +31,14 @@ logger = logging.getLogger("asgi_matomo")
 class Batch:
     """Hits being delivered; `hits` shrinks to what is still undelivered."""
 
-    __slots__ = ("first_seq", "hits", "tracked", "worker")
+    __slots__ = ("first_seq", "hits", "retry_after", "tracked", "worker")
 
     def __init__(self, hits: list[Hit], first_seq: int, *, worker: bool) -> None:
         self.hits = hits
         self.first_seq = first_seq
         self.tracked = 0
+        # The Retry-After (seconds) of the answer the batch was given up on, if any.
+        self.retry_after: float | None = None
         # Batches of the background worker are spooled by aclose() when cancelled;
         # direct-mode batches belong to their request's task.
         self.worker = worker
@@ -219,6 +221,8 @@ class Delivery:
             if self.shutdown_deadline is not None:
                 limit = min(limit, self.shutdown_deadline)
             if (attempts is not None and attempt >= attempts) or self._clock() + delay > limit:
+                # What comes next for these hits (the spool's replay) waits as asked too.
+                batch.retry_after = answer.retry_after
                 self._reporter.warn(
                     "gave_up",
                     "asgi_matomo: Matomo unavailable (%s): giving up on a batch%s",

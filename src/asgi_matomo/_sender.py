@@ -211,6 +211,7 @@ class BatchSender:
             reporter=self._reporter,
             deliver=self._deliver_replayed,
             limits=self._controller,
+            clock=self._clock,
         )
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
