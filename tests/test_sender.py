@@ -1658,6 +1658,88 @@ async def test_send_now_replays_one_spooled_batch_per_call() -> None:
     assert (sender.stats.replayed, sender.stats.sent) == (3, 6)
 
 
+async def burst(sender: BatchSender, first: int, n: int) -> None:
+    """`n` requests that end at once, each sending one hit in direct mode."""
+    async with anyio.create_task_group() as tg:
+        for i in range(first, first + n):
+            tg.start_soon(sender.send_now, [hit(i)])
+
+
+@pytest.mark.anyio
+async def test_direct_mode_sends_at_most_the_limit_at_once_and_batches_the_rest() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(2)
+            # The requests that found both slots taken left their hit in the queue and
+            # returned: nothing of theirs waits for Matomo.
+            await until(lambda: sender.stats.queued == 8)
+            assert sender.stats.in_flight == 2
+            assert len(matomo.bodies) == 2
+            matomo.gate.set()
+    assert matomo.max_active == 2
+    assert sorted(matomo.hits) == list(range(10))
+    # The two sending took the waiting hits in batches before they finished.
+    assert len(matomo.bodies) < 10
+    assert sender.stats.sent == 10
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_direct_mode_bounds_what_waits_then_spools_or_drops(with_spool: bool) -> None:
+    spool = FakeSpool() if with_spool else None
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, max_queue_size=3, spool=spool)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(1)
+            # 1 sending, 3 in the queue, 3 more on their way to the spool (or dropped
+            # without one), the last 3 dropped.
+            await until(lambda: sender.stats.submitted == 10)
+            stats = sender.stats
+            assert (stats.in_flight, stats.queued) == (1, 6 if with_spool else 3)
+            assert stats.dropped == (3 if with_spool else 6)
+            matomo.gate.set()
+    stats = sender.stats
+    if spool is None:
+        assert (stats.sent, stats.spooled, stats.dropped) == (4, 0, 6)
+        check_books(stats)
+    else:
+        # The spooled hits came back once Matomo took a batch: counted again in sent.
+        assert (stats.sent, stats.spooled, stats.replayed, stats.dropped) == (7, 3, 3, 3)
+        assert spool.rows == {}
+    # Which hits waited depends on the order the tasks ran in (trio shuffles it).
+    assert len(set(matomo.hits)) == len(matomo.hits) == (7 if with_spool else 4)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_direct_request_counts_its_hits_as_dropped() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            tg.cancel_scope.cancel()  # the server cancels the request sending
+        stats = sender.stats
+        assert (stats.dropped, stats.queued, stats.in_flight) == (1, 2, 0)
+        # The next request sends its own hit and takes the ones that waited.
+        matomo.gate.set()
+        await sender.send_now([hit(3)])
+    assert sender.stats.sent == 3
+    # The cancelled request's hit had reached Matomo, which never answered it.
+    assert sorted(matomo.hits) == [0, 1, 2, 3]
+    check_books(sender.stats)
+
+
 @pytest.mark.anyio
 async def test_send_now_survives_a_broken_hit(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
