@@ -1719,6 +1719,36 @@ async def test_direct_mode_bounds_what_waits_then_spools_or_drops(with_spool: bo
 
 
 @pytest.mark.anyio
+async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> None:
+    clock = FakeClock()
+    down = True
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(503) if down else success(body)
+
+    matomo = Matomo(answer)
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, clock=clock, sleep=clock.sleep)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            matomo.gate.set()
+        # The request sending gave up on its own hit and did not take the others:
+        # a request's task does not retry batch after batch through an outage.
+        assert (sender.stats.dropped, sender.stats.queued) == (1, 2)
+        assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
+        down = False
+        await sender.send_now([hit(3)])
+    assert sender.stats.sent == 3
+    assert sorted(matomo.hits[_retry.DIRECT_ATTEMPTS :]) == sorted(
+        set(range(4)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
+    )
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_direct_request_counts_its_hits_as_dropped() -> None:
     matomo = Matomo()
     matomo.gate = anyio.Event()

@@ -475,8 +475,8 @@ class BatchSender:
         self._direct_busy += 1
         try:
             self._queue.seq += 1
-            await self._send_direct(hits, self._queue.seq)
-            await self._drain_direct()
+            delivered = await self._send_direct(hits, self._queue.seq)
+            await self._drain_direct(delivered)
         finally:
             self._direct_busy -= 1
 
@@ -493,8 +493,14 @@ class BatchSender:
             else:
                 self._reporter.drop(1, "queue_full", WHY["queue_full"])
 
-    async def _drain_direct(self) -> None:
-        """Send what waits in the queue, batch by batch, while this request may send."""
+    async def _drain_direct(self, delivered: bool) -> None:
+        """Send what waits in the queue, batch by batch, while this request may send.
+
+        `delivered`: whether Matomo took this request's last batch. After a batch it
+        did not take, what waits is left to the next request: a request's task
+        must not spend an outage retrying batch after batch (the server waits for
+        it at shutdown).
+        """
         queue = self._queue
         while self._state is _State.IDLE:
             if queue.overflow:
@@ -503,12 +509,17 @@ class BatchSender:
                 continue
             # Above the limit (it fell after a push-back), this request leaves the
             # rest to the others sending: there is at least one.
-            if not queue.entries or self._direct_busy > self._controller.concurrency:
+            if (
+                not delivered
+                or not queue.entries
+                or self._direct_busy > self._controller.concurrency
+            ):
                 return
             hits, first_seq = queue.take()
-            await self._send_direct(hits, first_seq)
+            delivered = await self._send_direct(hits, first_seq)
 
-    async def _send_direct(self, hits: list[Hit], first_seq: int) -> None:
+    async def _send_direct(self, hits: list[Hit], first_seq: int) -> bool:
+        """Deliver one batch; False when Matomo did not take it (spooled or dropped)."""
         batch = self._track(hits, first_seq, worker=False)
         try:
             try:
@@ -533,10 +544,13 @@ class BatchSender:
             # hold up aflush() forever.
             self._untrack(batch)
             self._notify_progress()
-        if not left and self._spool is not None:
+        if left:
+            return False
+        if self._spool is not None:
             # One spooled batch per batch sent at most: direct mode runs on the
             # request's task, it must not turn into a long replay.
             await self._spooler.replay(max_batches=1)
+        return True
 
     # -- the worker's batches ---------------------------------------------------------
 
