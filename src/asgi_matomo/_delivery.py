@@ -114,7 +114,8 @@ class Delivery:
     async def deliver(self, batch: Batch, *, span: float, attempts: int | None = None) -> list[Hit]:
         """Deliver `batch.hits`, retrying; returns the hits that could not be delivered."""
         tokens = self._tokens
-        if tokens.rejected and tokens.reconsider(self._clock()):
+        # A rejected token goes again, when due, with the next batch that needs it.
+        if tokens.rejected and self._needs_token(batch.hits) and tokens.reconsider(self._clock()):
             logger.debug("asgi_matomo: trying the rejected access_token again")
         # Until Matomo has confirmed the token, batches that need it go one at a
         # time (in direct mode too: a burst of requests must not send it side by

@@ -14,12 +14,12 @@ limits. At most as many requests send at once as the controller allows (never
 more than `max_concurrent_batches`); the hits of a request that finds them all
 busy wait in the queue (then the spool, then the counters, as in the background
 mode), and the requests that are sending take them, in batches, before they
-finish. A sender task started on the first request would be the other way, but
-nothing would stop it: without a lifespan no one tells the app that the server
-stops, so what it held would be lost uncounted when the loop ends; trio has no
-task to start without a nursery; and test clients that run each request on an
-event loop of its own would leave it behind on a closed loop. The requests'
-tasks are awaited by the server at shutdown.
+finish. The requests' tasks are awaited by the server at shutdown. A sender
+task started by the first request was the other way, not taken: nothing would
+stop it (without a lifespan no one tells the app that the server stops, so what
+it held would be lost uncounted when the loop ends), trio has no task to start
+without a nursery, and test clients that run each request on an event loop of
+its own would leave it behind on a closed loop.
 """
 
 from __future__ import annotations
