@@ -2196,6 +2196,25 @@ async def test_spool_failures_are_survived(caplog: pytest.LogCaptureFixture) -> 
 
 
 @pytest.mark.anyio
+async def test_a_spool_that_cannot_be_read_is_tried_again_after_a_backoff() -> None:
+    spool = FakeSpool([hit(0)])
+    spool.fail = {"claim"}
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool)
+        async with sender.running_in_background():
+            await until(lambda: "claim" in spool.calls)
+            # The shortest backoff is half a second: the window is what is measured.
+            await anyio.sleep(0.3)
+            assert spool.calls.count("claim") == 1
+            spool.fail = set()
+            with anyio.fail_after(DEADLINE):
+                while sender.stats.replayed < 1:
+                    await anyio.sleep(0.01)
+    assert matomo.hits == [0]
+
+
+@pytest.mark.anyio
 async def test_failed_spool_write_drops() -> None:
     clock = FakeClock()
     spool = FakeSpool()
