@@ -66,3 +66,24 @@ def test_replay_delay_is_half_fixed_half_jitter() -> None:
     assert replay_delay(3, rand=lambda: 1.0) == 8 * RETRY_BASE
     assert replay_delay(99, rand=lambda: 1.0) == RETRY_CAP
     assert replay_delay(99, rand=lambda: 0.0) == RETRY_CAP / 2
+
+
+@pytest.mark.parametrize("retry_after", [None, 0.0, -5.0, math.nan, 0.1])
+@pytest.mark.parametrize("failures", [1, 3, 99])
+@pytest.mark.parametrize("r", [0.0, 0.5, 0.999])
+def test_a_short_retry_after_leaves_the_replay_to_its_own_backoff(
+    retry_after: float | None, failures: int, r: float
+) -> None:
+    own = replay_delay(failures, rand=lambda: r)
+    assert replay_delay(failures, retry_after, lambda: r) == own
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "base"),
+    [(45.0, 45.0), (RETRY_AFTER_CAP + 1, RETRY_AFTER_CAP), (math.inf, RETRY_AFTER_CAP)],
+)
+def test_the_replay_waits_a_long_retry_after_capped_with_jitter(
+    retry_after: float, base: float
+) -> None:
+    assert replay_delay(1, retry_after, lambda: 0.0) == base
+    assert replay_delay(1, retry_after, lambda: 1.0) == base * (1 + RETRY_AFTER_JITTER)

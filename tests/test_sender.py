@@ -1497,12 +1497,16 @@ async def test_direct_mode_sends_an_unconfirmed_token_one_request_at_a_time() ->
             for n in range(5):
                 tg.start_soon(sender.send_now, [hit(n, cip="203.0.113.7")])
             await matomo.wait_for(1)
-            await until(lambda: sender.stats.in_flight == 5)
+            # As many requests send as the limit allows; the last one's hit waits for them.
+            await until(lambda: sender.stats.in_flight == 4)
+            assert sender.stats.queued == 1
             assert len(matomo.bodies) == 1
             matomo.gate.set()
     # One request with the wrong token, the resend without it, then no token at all.
     assert [("token_auth" in b) for b in matomo.bodies] == [True] + [False] * 5
-    assert matomo.max_active == 1
+    # The requests that waited for the verdict go one at a time; the hit that waited
+    # in the queue goes beside them, without the token.
+    assert matomo.max_active <= 2
     assert sender.stats.sent == 5
     assert sender.stats.token_rejected
 
@@ -1655,6 +1659,118 @@ async def test_send_now_replays_one_spooled_batch_per_call() -> None:
     assert matomo.hits == [0, 10, 11, 1, 12, 2]
     assert spool.rows == {}
     assert (sender.stats.replayed, sender.stats.sent) == (3, 6)
+
+
+async def burst(sender: BatchSender, first: int, n: int) -> None:
+    """`n` requests that end at once, each sending one hit in direct mode."""
+    async with anyio.create_task_group() as tg:
+        for i in range(first, first + n):
+            tg.start_soon(sender.send_now, [hit(i)])
+
+
+@pytest.mark.anyio
+async def test_direct_mode_sends_at_most_the_limit_at_once_and_batches_the_rest() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(2)
+            # The requests that found both slots taken left their hit in the queue and
+            # returned: nothing of theirs waits for Matomo.
+            await until(lambda: sender.stats.queued == 8)
+            assert sender.stats.in_flight == 2
+            assert len(matomo.bodies) == 2
+            matomo.gate.set()
+    assert matomo.max_active == 2
+    assert sorted(matomo.hits) == list(range(10))
+    # The two sending took the waiting hits in batches before they finished.
+    assert len(matomo.bodies) < 10
+    assert sender.stats.sent == 10
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_spool", [True, False])
+async def test_direct_mode_bounds_what_waits_then_spools_or_drops(with_spool: bool) -> None:
+    spool = FakeSpool() if with_spool else None
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, max_queue_size=3, spool=spool)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(1)
+            # 1 sending, 3 in the queue, 3 more on their way to the spool (or dropped
+            # without one), the last 3 dropped.
+            await until(lambda: sender.stats.submitted == 10)
+            stats = sender.stats
+            assert (stats.in_flight, stats.queued) == (1, 6 if with_spool else 3)
+            assert stats.dropped == (3 if with_spool else 6)
+            matomo.gate.set()
+    stats = sender.stats
+    if spool is None:
+        assert (stats.sent, stats.spooled, stats.dropped) == (4, 0, 6)
+        check_books(stats)
+    else:
+        # The spooled hits came back once Matomo took a batch: counted again in sent.
+        assert (stats.sent, stats.spooled, stats.replayed, stats.dropped) == (7, 3, 3, 3)
+        assert spool.rows == {}
+    # Which hits waited depends on the order the tasks ran in (trio shuffles it).
+    assert len(set(matomo.hits)) == len(matomo.hits) == (7 if with_spool else 4)
+
+
+@pytest.mark.anyio
+async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> None:
+    clock = FakeClock()
+    down = True
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(503) if down else success(body)
+
+    matomo = Matomo(answer)
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, clock=clock, sleep=clock.sleep)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            matomo.gate.set()
+        # The request sending gave up on its own hit and did not take the others:
+        # a request's task does not retry batch after batch through an outage.
+        assert (sender.stats.dropped, sender.stats.queued) == (1, 2)
+        assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
+        down = False
+        await sender.send_now([hit(3)])
+    assert sender.stats.sent == 3
+    assert sorted(matomo.hits[_retry.DIRECT_ATTEMPTS :]) == sorted(
+        set(range(4)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
+    )
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_direct_request_counts_its_hits_as_dropped() -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            tg.cancel_scope.cancel()  # the server cancels the request sending
+        stats = sender.stats
+        assert (stats.dropped, stats.queued, stats.in_flight) == (1, 2, 0)
+        # The next request sends its own hit and takes the ones that waited.
+        matomo.gate.set()
+        await sender.send_now([hit(3)])
+    assert sender.stats.sent == 3
+    # The cancelled request's hit had reached Matomo, which never answered it.
+    assert sorted(matomo.hits) == [0, 1, 2, 3]
+    check_books(sender.stats)
 
 
 @pytest.mark.anyio
@@ -1991,6 +2107,33 @@ async def test_sqlite_spool_carries_hits_to_the_next_process(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
+async def test_a_retry_after_to_a_replay_holds_the_spool_back_that_long() -> None:
+    clock = FakeClock()
+    spool = FakeSpool([hit(0)])
+    replay_answers = [httpx.Response(503, headers={"Retry-After": "40"})]
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        if numbers(body["requests"]) == [0] and replay_answers:
+            return replay_answers.pop(0)
+        return success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool, clock=clock, sleep=clock.sleep)
+        await sender.send_now([hit(5)])  # Matomo answers: replay, 503 Retry-After: 40
+        assert spool.calls == ["count", "claim", "release"]
+        # Later requests are sent, but the spool is not, before 40 s (and their jitter).
+        clock.now += 39.9
+        await sender.send_now([hit(6)])
+        assert spool.calls == ["count", "claim", "release"]
+        clock.now += 40 * RETRY_AFTER_JITTER + 0.1
+        await sender.send_now([hit(7)])
+    assert matomo.hits == [5, 0, 6, 7, 0]
+    assert spool.rows == {}
+    assert (sender.stats.replayed, sender.stats.sent) == (1, 4)
+
+
+@pytest.mark.anyio
 async def test_replay_releases_on_failure_and_acks_refusals() -> None:
     spool = FakeSpool([hit(0), hit(1)])
     spool_answers = [503, 400]
@@ -2053,6 +2196,25 @@ async def test_spool_failures_are_survived(caplog: pytest.LogCaptureFixture) -> 
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "reading the spool failed" in messages
     assert "closing the spool failed" in messages
+
+
+@pytest.mark.anyio
+async def test_a_spool_that_cannot_be_read_is_tried_again_after_a_backoff() -> None:
+    spool = FakeSpool([hit(0)])
+    spool.fail = {"claim"}
+    matomo = Matomo()
+    async with matomo.client() as client:
+        sender = sender_for(client, spool=spool)
+        async with sender.running_in_background():
+            await until(lambda: "claim" in spool.calls)
+            # The shortest backoff is half a second: the window is what is measured.
+            await anyio.sleep(0.3)
+            assert spool.calls.count("claim") == 1
+            spool.fail = set()
+            with anyio.fail_after(DEADLINE):
+                while sender.stats.replayed < 1:
+                    await anyio.sleep(0.01)
+    assert matomo.hits == [0]
 
 
 @pytest.mark.anyio

@@ -8,6 +8,8 @@ from asgi_matomo._hit import Hit
 from asgi_matomo._token import (
     LOCKOUT_PROBE_AFTER,
     LOCKOUT_PROBE_INTERVAL,
+    RECONSIDER_AFTER,
+    RECONSIDER_JITTER,
     TOKEN_AGE,
     TOKEN_PROBES,
     TokenPolicy,
@@ -64,7 +66,7 @@ def test_a_token_that_worked_is_doubted_again_outside_the_probe_budget() -> None
     assert policy.probes_left == TOKEN_PROBES
     # A batch that left while the token was still trusted, answered after it was
     # rejected: its cip hits go again without the token.
-    policy.reject()
+    policy.reject(NOW)
     assert policy.doubts(VERIFIED, carrying=2, invalid=2)
     assert (policy.rejected, policy.in_use, policy.probing(VERIFIED)) == (True, False, False)
 
@@ -123,5 +125,81 @@ def test_a_refusal_of_a_batch_with_the_token_is_probed_like_invalid_hits() -> No
     assert verified.probing(VERIFIED)
     assert verified.probes_left == TOKEN_PROBES  # outside the budget, as for invalid hits
     rejected = TokenPolicy(configured=True)
-    rejected.reject()
+    rejected.reject(NOW)
     assert not rejected.doubts_refusal(UNKNOWN)
+
+
+def refused_until(policy: TokenPolicy, now: float) -> float:
+    """Reject the token at `now`; returns when it is tried again (and checks it is not before)."""
+    assert policy.reject(now)
+    due = policy.reconsider_at
+    assert due is not None
+    assert not policy.reconsider(due - 0.001)
+    assert policy.rejected
+    return due
+
+
+def test_a_rejected_token_is_tried_again_every_hour_while_refused() -> None:
+    policy = TokenPolicy(configured=True, rand=lambda: 0.0)
+    now, waits = 0.0, []
+    for _ in range(6):
+        due = refused_until(policy, now)
+        waits.append(due - now)
+        assert policy.reconsider(due)
+        # Tried again as a token not yet confirmed: one batch at a time, one probe.
+        assert (policy.state, policy.in_use, policy.unproven) == (UNKNOWN, True, True)
+        assert policy.probes_left == 1
+        assert policy.doubts(UNKNOWN, carrying=2, invalid=2)  # still refused: the probe
+        assert policy.probing(UNKNOWN)
+        assert not policy.doubts(UNKNOWN, carrying=2, invalid=2)  # no second probe
+        now = due
+    assert waits == [3600.0] * 6
+
+
+def test_a_reconsidered_token_accepted_is_back_to_normal_once() -> None:
+    policy = TokenPolicy(configured=True, rand=lambda: 0.0)
+    assert not policy.reconsider(NOW)  # not rejected: nothing to reconsider
+    due = refused_until(policy, NOW)
+    assert policy.reconsider(due)
+    assert not policy.reconsider(due + 1)  # once per rejection
+    assert not policy.doubts(UNKNOWN, carrying=3, invalid=0)
+    assert (policy.state, policy.recovered, policy.refusals) == (VERIFIED, True, 0)
+    assert policy.reconsider_at is None
+    # Revoked later: rejected anew.
+    policy.recovered = False
+    assert refused_until(policy, NOW + 5000) == NOW + 5000 + RECONSIDER_AFTER
+    # A token accepted at its first use was never rejected: nothing to announce.
+    fresh = TokenPolicy(configured=True)
+    fresh.doubts(UNKNOWN, carrying=1, invalid=0)
+    assert not fresh.recovered
+
+
+def test_batches_coming_back_after_the_verdict_do_not_push_the_retry_back() -> None:
+    policy = TokenPolicy(configured=True, rand=lambda: 0.0)
+    due = refused_until(policy, NOW)
+    assert not policy.reject(NOW + 60)
+    assert (policy.reconsider_at, policy.refusals) == (due, 1)
+
+
+def test_the_retry_of_a_rejected_token_has_jitter_that_only_lengthens_it() -> None:
+    late = TokenPolicy(configured=True, rand=lambda: 1.0)
+    assert refused_until(late, NOW) == NOW + RECONSIDER_AFTER * (1 + RECONSIDER_JITTER)
+    for _ in range(20):
+        policy = TokenPolicy(configured=True)
+        wait = refused_until(policy, NOW) - NOW
+        assert RECONSIDER_AFTER <= wait <= RECONSIDER_AFTER * (1 + RECONSIDER_JITTER)
+
+
+def test_retrying_a_refused_token_never_adds_to_the_failed_logins_of_an_hour() -> None:
+    # Each try of a token Matomo still refuses is one failed login, as is the
+    # rejection. Matomo blocks an IP after 20 failed logins within 60 minutes
+    # (Login plugin defaults): any 60 minutes hold one of them per process.
+    for r in (0.0, 0.5, 1.0):
+        policy = TokenPolicy(configured=True, rand=lambda r=r: r)  # type: ignore[misc]
+        now, failed_logins = 0.0, [0.0]  # the rejection
+        while now < 24 * 3600:
+            now = refused_until(policy, now)
+            assert policy.reconsider(now)
+            failed_logins.append(now)
+        per_hour = [sum(1 for t in failed_logins if s <= t < s + 3600) for s in failed_logins]
+        assert max(per_hour) == 1

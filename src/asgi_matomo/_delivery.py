@@ -25,16 +25,20 @@ from ._transport import Transport
 
 __all__ = ["Batch", "Delivery", "Slots"]
 
+logger = logging.getLogger("asgi_matomo")
+
 
 class Batch:
     """Hits being delivered; `hits` shrinks to what is still undelivered."""
 
-    __slots__ = ("first_seq", "hits", "tracked", "worker")
+    __slots__ = ("first_seq", "hits", "retry_after", "tracked", "worker")
 
     def __init__(self, hits: list[Hit], first_seq: int, *, worker: bool) -> None:
         self.hits = hits
         self.first_seq = first_seq
         self.tracked = 0
+        # The Retry-After (seconds) of the answer the batch was given up on, if any.
+        self.retry_after: float | None = None
         # Batches of the background worker are spooled by aclose() when cancelled;
         # direct-mode batches belong to their request's task.
         self.worker = worker
@@ -109,11 +113,15 @@ class Delivery:
 
     async def deliver(self, batch: Batch, *, span: float, attempts: int | None = None) -> list[Hit]:
         """Deliver `batch.hits`, retrying; returns the hits that could not be delivered."""
+        tokens = self._tokens
+        # A rejected token goes again, when due, with the next batch that needs it.
+        if tokens.rejected and self._needs_token(batch.hits) and tokens.reconsider(self._clock()):
+            logger.debug("asgi_matomo: trying the rejected access_token again")
         # Until Matomo has confirmed the token, batches that need it go one at a
         # time (in direct mode too: a burst of requests must not send it side by
         # side): a wrong token then costs a couple of failed logins, not dozens,
         # and Matomo blocks the IP after about 20.
-        if self._tokens.unproven and self._needs_token(batch.hits):
+        if tokens.unproven and self._needs_token(batch.hits):
             async with self._token_lock_here():
                 return await self._deliver_unlocked(batch, span, attempts, locked=True)
         return await self._deliver_unlocked(batch, span, attempts, locked=False)
@@ -214,6 +222,8 @@ class Delivery:
             if self.shutdown_deadline is not None:
                 limit = min(limit, self.shutdown_deadline)
             if (attempts is not None and attempt >= attempts) or self._clock() + delay > limit:
+                # What comes next for these hits (the spool's replay) waits as asked too.
+                batch.retry_after = answer.retry_after
                 self._reporter.warn(
                     "gave_up",
                     "asgi_matomo: Matomo unavailable (%s): giving up on a batch%s",
@@ -344,8 +354,15 @@ class Delivery:
         counters = self._reporter.counters
         counters.sent += answer.tracked
         carrying = auth_hits(hits)
-        if self._tokens.doubts(sent_as, len(carrying), answer.invalid):
+        tokens = self._tokens
+        if tokens.doubts(sent_as, len(carrying), answer.invalid):
             return carrying
+        if tokens.recovered:
+            tokens.recovered = False
+            logger.info(
+                "asgi_matomo: Matomo accepts the access_token again: visitor IPs (cip) "
+                "are sent again"
+            )
         counters.invalid += answer.invalid
         if probing:
             self._conclude_probe(answer, len(hits))
@@ -371,15 +388,28 @@ class Delivery:
             )
 
     def _reject_token(self, why: str) -> None:
-        self._tokens.reject()
-        self._reporter.log_once(
-            "token",
-            logging.ERROR,
+        tokens = self._tokens
+        if not tokens.reject(self._clock()):
+            return
+        minutes = max(0.0, (tokens.reconsider_at or 0.0) - self._clock()) / 60
+        if tokens.refusals > 1:
+            # A token tried again and still refused: said at INFO, once an hour at most.
+            logger.info(
+                "asgi_matomo: Matomo still rejects the access_token (%s); "
+                "trying it again in %.0f minutes",
+                why,
+                minutes,
+            )
+            return
+        # Said again only if the token was accepted meanwhile (once an hour at most).
+        logger.error(
             "asgi_matomo: Matomo rejected the access_token (%s). Tracking continues "
             "without it: visitor IPs (cip) are not sent and hits older than 24 h are "
             "dropped. Fix: use the token_auth of a Matomo user with write access to the "
-            "site (Administration > Personal > Security > Auth tokens).",
+            "site (Administration > Personal > Security > Auth tokens). The token is "
+            "tried again in %.0f minutes, and every hour while refused, without a restart.",
             why,
+            minutes,
         )
 
     def _refused(self, hits: list[Hit], answer: Answer) -> None:

@@ -4,11 +4,15 @@ What the queue cannot hold, what Matomo did not take before the retry deadline,
 and what is left at shutdown is written to the spool (`SpoolProtocol`, blocking
 methods run in a worker thread). A background task sends it back, oldest first,
 when Matomo answers again, and also without traffic, backing off while Matomo
-stays down.
+stays down. A `Retry-After` in Matomo's answer to a replayed batch is honoured
+as the live sender does (`_retry`): nothing is replayed before it has passed,
+whatever else says that Matomo is back.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -70,11 +74,18 @@ class Spooler:
         reporter: Reporter,
         deliver: Callable[[Batch], Awaitable[list[Hit]]],
         limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
         self._reporter = reporter
         self._deliver = deliver
         self._limits = limits
+        self._clock = clock
+        # Replays that failed in a row, and when (clock) the replayer tries again.
+        self._failures = 0
+        self._retry_at = -math.inf
+        # Until when Matomo asked (Retry-After) not to be sent the spool: binding.
+        self._held_until = -math.inf
         self._look_interval = look_interval(getattr(spool, "lease_seconds", None))
         # Whether the spool holds hits; None: not checked yet in this process.
         self.pending: bool | None = None
@@ -145,16 +156,17 @@ class Spooler:
         # the spool is looked at once more: no "Matomo is back" is ever lost.
         assert self.wanted is not None
         self.wanted.set()  # hits left by a previous process
-        failures = 0
         while self.running:
             # Hits still waiting after a replay means Matomo did not take them: try
             # again later, also without traffic (nothing else would notice Matomo is
-            # back), backing off up to RETRY_CAP.
+            # back), backing off up to RETRY_CAP, or as long as Matomo asked.
             if self.pending:
-                failures += 1
-                delay = replay_delay(failures)
+                now = self._clock()
+                if self._retry_at <= now:
+                    # No failed batch set the time (reading the spool failed): back off.
+                    self._failed(None)
+                delay = self._retry_at - now
             else:
-                failures = 0
                 delay = self._look_interval
             with anyio.move_on_after(delay) as timer:
                 await self.wanted.wait()
@@ -165,13 +177,25 @@ class Spooler:
 
     def want_replay(self) -> None:
         """Matomo answers again: time to bring back what was spooled."""
-        if self.pending:
+        if self.pending and not self._held():
             _set(self.wanted)
+
+    def _held(self) -> bool:
+        """Whether Matomo's Retry-After still holds the replay back."""
+        return self._held_until != -math.inf and self._clock() < self._held_until
+
+    def _failed(self, retry_after: float | None) -> None:
+        """A replay failed: when to try again (as asked, if Matomo asked)."""
+        self._failures += 1
+        self._retry_at = self._clock() + replay_delay(self._failures, retry_after)
+        # Without a Retry-After the backoff is the sender's own: a live batch that
+        # Matomo takes ends it early. With one, Matomo asked for the pause.
+        self._held_until = self._retry_at if retry_after is not None else -math.inf
 
     async def replay(self, max_batches: int | None = None) -> None:
         """Send spooled hits, oldest first, while Matomo accepts them."""
         spool = self.spool
-        if spool is None or self._replaying:
+        if spool is None or self._replaying or self._held():
             return
         self._replaying = True
         try:
@@ -221,8 +245,11 @@ class Spooler:
                 await anyio.to_thread.run_sync(spool.ack, done_ids)
             self._reporter.counters.replayed += batch.tracked
             if left_ids:
+                self._failed(batch.retry_after)
                 await anyio.to_thread.run_sync(spool.release, sorted(left_ids))
                 return False
+            self._failures = 0
+            self._retry_at = -math.inf
             return True
         finally:
             if slots is not None:

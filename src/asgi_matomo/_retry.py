@@ -8,7 +8,7 @@ lengthen that wait (Matomo, or a proxy, asking for a pause), never shorten it:
 "0", a negative value or a date in the past wait the own backoff, and a huge
 value waits at most RETRY_AFTER_CAP. A wait asked for gets up to
 RETRY_AFTER_JITTER more, so the processes told the same date do not come back
-in the same instant.
+in the same instant. The spool's replay follows the same rule (`replay_delay`).
 """
 
 from __future__ import annotations
@@ -56,14 +56,21 @@ def retry_delay(
     return min(retry_after, RETRY_AFTER_CAP) * (1.0 + RETRY_AFTER_JITTER * r)
 
 
-def replay_delay(failures: int, rand: Callable[[], float] = random.random) -> float:
+def replay_delay(
+    failures: int, retry_after: float | None = None, rand: Callable[[], float] = random.random
+) -> float:
     """Seconds before the spool is tried again after `failures` replays in a row failed.
 
     Half fixed, half jitter, so that workers sharing a spool spread their attempts
-    and a Matomo that is back is noticed within RETRY_CAP seconds.
+    and a Matomo that is back is noticed within RETRY_CAP seconds. The last
+    answer's Retry-After lengthens it by the rule of `retry_delay`.
     """
+    r = rand()
     ceiling = min(RETRY_CAP, 2 * RETRY_BASE * 2.0 ** min(failures - 1, 32))
-    return ceiling * (0.5 + 0.5 * rand())
+    own = ceiling * (0.5 + 0.5 * r)
+    if retry_after is None or not retry_after > own:
+        return own
+    return min(retry_after, RETRY_AFTER_CAP) * (1.0 + RETRY_AFTER_JITTER * r)
 
 
 def retries_within(window: float) -> int:

@@ -6,9 +6,20 @@ one background task cuts batches and sends each in its own task, as many and
 as large as `_adaptive` finds Matomo takes, within `max_concurrent_batches` and
 `batch_size`. Each batch is delivered by `_delivery`
 (retries, the token, 413 splits) over `_transport`; what cannot be delivered
-goes to the spool and comes back from it through `_replay`. Without a lifespan
-there is no place for the background task, and `BatchSender.send_now` sends
-right away.
+goes to the spool and comes back from it through `_replay`.
+
+Without a lifespan there is no place for the background task: the request's own
+task sends its hits after its response (`BatchSender.send_now`), within the same
+limits. At most as many requests send at once as the controller allows (never
+more than `max_concurrent_batches`); the hits of a request that finds them all
+busy wait in the queue (then the spool, then the counters, as in the background
+mode), and the requests that are sending take them, in batches, before they
+finish. The requests' tasks are awaited by the server at shutdown. A sender
+task started by the first request was the other way, not taken: nothing would
+stop it (without a lifespan no one tells the app that the server stops, so what
+it held would be lost uncounted when the loop ends), trio has no task to start
+without a nursery, and test clients that run each request on an event loop of
+its own would leave it behind on a closed loop.
 """
 
 from __future__ import annotations
@@ -200,6 +211,8 @@ class BatchSender:
             clock=self._clock,
         )
         self._in_flight: dict[int, Batch] = {}
+        # Requests sending their hits in direct mode (no lifespan), now.
+        self._direct_busy = 0
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -215,6 +228,7 @@ class BatchSender:
             reporter=self._reporter,
             deliver=self._deliver_replayed,
             limits=self._controller,
+            clock=self._clock,
         )
         # anyio primitives belong to one event loop: created when the worker starts.
         self._wake: anyio.Event | None = None
@@ -446,10 +460,13 @@ class BatchSender:
     # -- direct mode ------------------------------------------------------------------
 
     async def send_now(self, hits: Sequence[Hit]) -> None:
-        """Send hits in one bulk request right away, without the worker. Never raises.
+        """Send hits in a bulk request right away, without the worker. Never raises.
 
         For servers that never run the ASGI lifespan: a failed request is retried
-        a few times within about `http_timeout`, then the hits are spooled or dropped.
+        a few times within about `http_timeout`, then the hits are spooled or
+        dropped. When the most requests allowed are sending already, the hits
+        wait in the queue for one of them (see the module's docstring) and this
+        returns at once.
         """
         hits = list(hits)
         if not hits:
@@ -458,8 +475,58 @@ class BatchSender:
         if self._state is _State.CLOSED:
             self._reporter.drop(len(hits), "not_running", "the sender is closed")
             return
-        self._queue.seq += 1
-        batch = self._track(hits, self._queue.seq, worker=False)
+        if self._state is _State.IDLE and self._direct_busy >= self._controller.concurrency:
+            self._hold(hits)
+            return
+        self._direct_busy += 1
+        try:
+            self._queue.seq += 1
+            delivered = await self._send_direct(hits, self._queue.seq)
+            await self._drain_direct(delivered)
+        finally:
+            self._direct_busy -= 1
+
+    def _hold(self, hits: list[Hit]) -> None:
+        """Queue a request's hits for the requests sending now; never waits."""
+        # The limits hold these hits back: the controller may raise them.
+        self._controller.backlog()
+        queue = self._queue
+        for hit in hits:
+            if len(queue.entries) < queue.max_size:
+                queue.append(hit)
+            elif self._spool is not None and len(queue.overflow) < queue.max_size:
+                queue.overflow.append(hit)
+            else:
+                self._reporter.drop(1, "queue_full", WHY["queue_full"])
+
+    async def _drain_direct(self, delivered: bool) -> None:
+        """Send what waits in the queue, batch by batch, while this request may send.
+
+        `delivered`: whether Matomo took this request's last batch. After a batch it
+        did not take, what waits is left to the next request: a request's task
+        must not spend an outage retrying batch after batch (the server waits for
+        it at shutdown).
+        """
+        queue = self._queue
+        while self._state is _State.IDLE:
+            if queue.overflow:
+                overflow, queue.overflow = queue.overflow, []
+                await self._spooler.put_or_drop(overflow, "queue_full")
+                continue
+            # Above the limit (it fell after a push-back), this request leaves the
+            # rest to the others sending: there is at least one.
+            if (
+                not delivered
+                or not queue.entries
+                or self._direct_busy > self._controller.concurrency
+            ):
+                return
+            hits, first_seq = queue.take()
+            delivered = await self._send_direct(hits, first_seq)
+
+    async def _send_direct(self, hits: list[Hit], first_seq: int) -> bool:
+        """Deliver one batch; False when Matomo did not take it (spooled or dropped)."""
+        batch = self._track(hits, first_seq, worker=False)
         try:
             try:
                 left = await self._delivery.deliver(
@@ -468,6 +535,14 @@ class BatchSender:
             except Exception as exc:
                 left = batch.hits
                 logger.error("asgi_matomo: sending hits failed unexpectedly: %r", exc)
+            except BaseException:
+                # The request's task was cancelled (the server stopped it): what it
+                # had not delivered yet is lost, and counted.
+                if batch.hits:
+                    self._reporter.drop(
+                        len(batch.hits), "cancelled", "the request sending them was cancelled"
+                    )
+                raise
             if left:
                 await self._spooler.put_or_drop(left, "retry_deadline")
         finally:
@@ -475,10 +550,13 @@ class BatchSender:
             # hold up aflush() forever.
             self._untrack(batch)
             self._notify_progress()
-        if not left and self._spool is not None:
-            # One spooled batch per request at most: direct mode runs on the
+        if left:
+            return False
+        if self._spool is not None:
+            # One spooled batch per batch sent at most: direct mode runs on the
             # request's task, it must not turn into a long replay.
             await self._spooler.replay(max_batches=1)
+        return True
 
     # -- the worker's batches ---------------------------------------------------------
 

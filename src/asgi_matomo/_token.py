@@ -4,12 +4,15 @@ Matomo counts every request that carries a wrong token as a failed login and,
 after about 20, blocks the sender's IP for all authenticated tracking (MATOMO.md).
 So the token goes only with the batches that need it, is proven on a few of them
 before it is used freely, and is doubted again when Matomo's answers suggest it
-was revoked. The sender asks this policy and does the sending and the logging.
+was revoked. A rejected token is tried again every hour (an admin may have fixed its
+permission meanwhile): each try is one failed login at most.
+The sender asks this policy and does the sending and the logging.
 """
 
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Callable, Sequence
 
 from ._hit import UNAUTHENTICATED_MAX_AGE, Hit
@@ -26,6 +29,18 @@ LOCKOUT_PROBE_INTERVAL = 60.0
 # A hit this old (seconds) goes with the token, when there is one: Matomo wants it for a
 # cdt older than 24 h. The hour of margin covers retries and clock skew with Matomo.
 TOKEN_AGE = UNAUTHENTICATED_MAX_AGE - 3600.0
+# A rejected token goes again with one batch (a probe) this many seconds after it was
+# rejected, and again after as long each time Matomo still refuses it (an admin may
+# have fixed its permission meanwhile). Each try is one failed login; Matomo blocks an
+# IP after 20 within 60 minutes (its defaults). An hour apart, no two tries of a
+# process, nor a try and the rejection it follows, fall within the same 60 minutes:
+# the failed logins of any hour stay what the rejection itself costs, whatever the
+# number of workers sharing the IP. Sooner would add up: a try 10 minutes after a
+# rejection doubles the failed logins of that hour.
+RECONSIDER_AFTER = 3600.0
+# Each wait is lengthened by up to this share: processes that found the token rejected
+# together do not all probe in the same instant.
+RECONSIDER_JITTER = 0.1
 
 
 class TokenState(enum.Enum):
@@ -43,12 +58,27 @@ def auth_hits(hits: Sequence[Hit]) -> list[Hit]:
 class TokenPolicy:
     """The token's state, and what each answer of Matomo says about it."""
 
-    __slots__ = ("lockout_probed_at", "probes_left", "state")
+    __slots__ = (
+        "_rand",
+        "lockout_probed_at",
+        "probes_left",
+        "reconsider_at",
+        "recovered",
+        "refusals",
+        "state",
+    )
 
-    def __init__(self, configured: bool) -> None:
+    def __init__(self, configured: bool, rand: Callable[[], float] = random.random) -> None:
         self.state = TokenState.UNKNOWN if configured else TokenState.NONE
         self.probes_left = TOKEN_PROBES
         self.lockout_probed_at: float | None = None
+        self._rand = rand
+        # Rejections in a row, the last one's included; 0 once Matomo accepts the token.
+        self.refusals = 0
+        # When (monotonic) a rejected token is tried again.
+        self.reconsider_at: float | None = None
+        # Set when a token rejected before was accepted: the sender says so, once.
+        self.recovered = False
 
     @property
     def in_use(self) -> bool:
@@ -100,6 +130,9 @@ class TokenPolicy:
         suspect = invalid == carrying
         if self.state is TokenState.UNKNOWN and invalid == 0:
             self.state = TokenState.VERIFIED
+            self.recovered = self.refusals > 0
+            self.refusals = 0
+            self.reconsider_at = None
             return False
         if suspect and (sent_as is TokenState.VERIFIED or self.state is TokenState.REJECTED):
             # A token that worked before may have been revoked or rotated: find out
@@ -142,5 +175,31 @@ class TokenPolicy:
             self.probes_left -= 1
         return True
 
-    def reject(self) -> None:
+    def reject(self, now: float) -> bool:
+        """Matomo refused the token (`now`: a monotonic reading); False when it already was.
+
+        The token is tried again RECONSIDER_AFTER seconds later, plus up to
+        RECONSIDER_JITTER more.
+        """
+        if self.state is TokenState.REJECTED:
+            # Batches that left with the token before the verdict come back: one rejection.
+            return False
         self.state = TokenState.REJECTED
+        self.refusals += 1
+        self.reconsider_at = now + RECONSIDER_AFTER * (1.0 + RECONSIDER_JITTER * self._rand())
+        return True
+
+    def reconsider(self, now: float) -> bool:
+        """Whether a rejected token is due to be tried again; if so, it is, from now on.
+
+        The next batch that needs the token carries it, as a token not yet
+        confirmed: alone, with one probe without it (the cip pattern, a 4xx, the
+        500 lockout check) to tell whether it is still refused.
+        """
+        if self.state is not TokenState.REJECTED or self.reconsider_at is None:
+            return False
+        if now < self.reconsider_at:
+            return False
+        self.state = TokenState.UNKNOWN
+        self.probes_left = 1
+        return True
