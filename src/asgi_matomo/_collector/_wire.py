@@ -98,6 +98,7 @@ class Server(ThreadingHTTPServer):
             "internal",
             f"a request failed inside the stand-in ({type(error).__name__}: {str(error)[:200]});"
             " the sender got no answer (the traceback is logged at DEBUG level)",
+            type(error).__name__,
         )
 
 
