@@ -253,14 +253,15 @@ def _collector_main(conn: Connection, cpus: Sequence[int] | None) -> None:
                 collector.set_fault(delay=arg)
             elif command == "clear":
                 collector.clear_fault()
-            requests = collector.requests
+            # Exact, however many hits and requests the collector still keeps.
+            totals = collector.totals()
             conn.send(
                 {
-                    "requests": len(requests),
-                    "elements": sum(r.elements for r in requests),
-                    "tracked": sum(r.tracked for r in requests),
-                    "invalid": sum(r.invalid for r in requests),
-                    "errors": sum(1 for r in requests if r.status not in (200, 204)),
+                    "requests": totals.requests,
+                    "elements": totals.elements,
+                    "tracked": totals.tracked,
+                    "invalid": totals.invalid,
+                    "errors": totals.errors,
                 }
             )
     conn.send(None)
