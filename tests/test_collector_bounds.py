@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -252,3 +255,33 @@ def test_the_page_says_how_many_hits_are_not_kept(evicted: int, said: str | None
         assert "not kept" not in summary
     else:
         assert said in summary
+
+
+def test_open_connections_are_bounded(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("asgi_matomo._collector._wire.MAX_CONNECTIONS", 2)
+    caplog.set_level(logging.WARNING, logger="asgi_matomo")
+    with Collector() as collector:
+        port = int(collector.base_url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            # Closed at once: the read ends (or fails) instead of waiting.
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as third,
+                contextlib.suppress(ConnectionResetError),
+            ):
+                assert third.recv(1) == b""
+            idle.pop().close()
+            server = collector._server
+            assert server is not None
+            deadline = time.monotonic() + 10
+            while len(server._open) >= 2:
+                assert time.monotonic() < deadline, "the closed connection was not released"
+                time.sleep(0.01)
+            assert client.get(collector.tracking_url, params={"idsite": "1"}).status_code == 200
+        finally:
+            for connection in idle:
+                connection.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "asgi_matomo"]
+    assert any("2 connections are open already" in line for line in said)
