@@ -278,20 +278,7 @@ class Collector:
     def totals(self) -> Totals:
         """Exact counts of the hits stored and the requests answered since the start."""
         with self._cond:
-            store, requests = self._hit_store, self._requests
-            return Totals(
-                hits_stored=store.count,
-                hits_kept=store.kept,
-                hits_evicted=store.evicted,
-                max_hits=store.max_hits,
-                sites=dict(store.sites),
-                other_sites=store.other_sites,
-                requests=requests.count,
-                elements=requests.elements,
-                tracked=requests.tracked,
-                invalid=requests.invalid,
-                errors=requests.errors,
-            )
+            return Totals.of(self._hit_store, self._requests)
 
     def set_fault(
         self,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from asgi_matomo._collector._model import ReceivedRequest
+if TYPE_CHECKING:
+    from asgi_matomo._collector._model import ReceivedRequest
+    from asgi_matomo._collector._store import HitStore
 
 __all__ = ["MAX_REQUESTS_KEPT", "RequestLog", "Totals"]
 
@@ -43,6 +45,23 @@ class Totals:
     tracked: int = 0
     invalid: int = 0
     errors: int = 0
+
+    @classmethod
+    def of(cls, store: HitStore, requests: RequestLog) -> Totals:
+        """The totals now (the caller holds the collector's lock)."""
+        return cls(
+            hits_stored=store.count,
+            hits_kept=store.kept,
+            hits_evicted=store.evicted,
+            max_hits=store.max_hits,
+            sites=dict(store.sites),
+            other_sites=store.other_sites,
+            requests=requests.count,
+            elements=requests.elements,
+            tracked=requests.tracked,
+            invalid=requests.invalid,
+            errors=requests.errors,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The totals as a JSON-ready dict (site ids become strings, as JSON keys)."""
