@@ -8,10 +8,10 @@ left unsaid meanwhile. So a second mistake (site 7 after site 3, a wrong token
 after a wrong idsite) is said as soon as it happens, not hidden behind the first.
 
 Senders choose the reasons (any idsite, any peer address): at most
-`MAX_REASONS` are followed. A reason that comes when the table is full, and
-no followed reason can be forgotten without losing a count, shares its kind's
-overflow line ("... and N more like it"), so the console stays readable and
-the bookkeeping bounded whatever the senders do.
+`MAX_REASONS` are followed. When the table is full, the reasons whose line is
+old and that have no count left unsaid are forgotten; a new reason that still
+finds no room shares its kind's overflow line ("... and N more like it"), so
+the console stays readable and the bookkeeping bounded whatever the senders do.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ WARN_INTERVAL = 10.0
 # More different mistakes than anyone reads on a console, few enough that the
 # table costs nothing (about 200 bytes a reason).
 MAX_REASONS = 256
+# A full table is looked through for reasons to forget at most this often, so
+# a flood of new reasons costs no scan per refusal.
 SWEEP_INTERVAL = 1.0
-# The reason of a kind's overflow line: no real reason is empty and a kind.
+# The reason of a kind's overflow line: no reason a caller gives starts with NUL.
 _OVERFLOW = "\0overflow"
 
 
@@ -97,7 +99,6 @@ class RefusalLog:
             return key
         # Full: forget the reasons whose line is old and that have nothing left
         # unsaid (a repeat would be said at once anyway), then look again.
-        # At most once a second: a flood of new reasons costs no scan per refusal.
         if now - self._swept_at >= SWEEP_INTERVAL:
             self._swept_at = now
             stale = [
