@@ -202,9 +202,12 @@ def test_sites_counted_one_by_one_are_bounded(
         for site in (1, 2, 3, 4, 1):
             bulk(client, collector.tracking_url, page_hits(0, 3, idsite=site))
         totals = collector.totals()
+        answered = client.get(collector.base_url + "/api/totals").json()
     assert totals.sites == {1: 6, 2: 3}
     assert totals.other_sites == 6
     assert totals.hits_stored == 15
+    assert answered == totals.to_json()
+    assert answered["sites"] == {"1": 6, "2": 3}
 
 
 def test_refusal_reasons_are_bounded(
