@@ -42,6 +42,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_matomo import MatomoMiddleware
+from asgi_matomo._shutdown_report import ReportOnShutdown, stats_report
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -173,36 +174,6 @@ class Floor:
         self.kept.append((scope, status, started_at, time.perf_counter() - start))
 
 
-class _Report:
-    """Writes what the app served (and the sender's stats) when the server stops."""
-
-    def __init__(self, app: ASGIApp, path: str, middleware: MatomoMiddleware | None) -> None:
-        self.app = app
-        self.path = path
-        self.middleware = middleware
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_and_report(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
-                # The middleware flushed its queue before sending this.
-                stats = self.middleware.stats if self.middleware is not None else None
-                report = {
-                    "served": _served,
-                    "gc": _gc,
-                    "stats": None
-                    if stats is None
-                    else {k: getattr(stats, k) for k in stats.__dataclass_fields__},
-                }
-                Path(self.path).write_text(json.dumps(report))
-            await send(message)
-
-        await self.app(scope, receive, send_and_report)
-
-
 def create_app() -> ASGIApp:
     """The app uvicorn serves: `BENCH_VARIANT` is bare, matomo, naive, floor or passthrough.
 
@@ -227,7 +198,12 @@ def create_app() -> ASGIApp:
         raise ValueError(
             f"BENCH_VARIANT: bare, matomo, naive, floor or passthrough, got {variant!r}"
         )
-    return _Report(app, os.environ.get("BENCH_REPORT", os.devnull), middleware)
+
+    def report() -> dict[str, object]:
+        stats = None if middleware is None else stats_report(middleware.stats)
+        return {"served": _served, "gc": _gc, "stats": stats}
+
+    return ReportOnShutdown(app, os.environ.get("BENCH_REPORT", os.devnull), report)
 
 
 # -- helper processes -----------------------------------------------------------------
@@ -253,14 +229,15 @@ def _collector_main(conn: Connection, cpus: Sequence[int] | None) -> None:
                 collector.set_fault(delay=arg)
             elif command == "clear":
                 collector.clear_fault()
-            requests = collector.requests
+            # Exact, however many hits and requests the collector still keeps.
+            totals = collector.totals()
             conn.send(
                 {
-                    "requests": len(requests),
-                    "elements": sum(r.elements for r in requests),
-                    "tracked": sum(r.tracked for r in requests),
-                    "invalid": sum(r.invalid for r in requests),
-                    "errors": sum(1 for r in requests if r.status not in (200, 204)),
+                    "requests": totals.requests,
+                    "elements": totals.elements,
+                    "tracked": totals.tracked,
+                    "invalid": totals.invalid,
+                    "errors": totals.errors,
                 }
             )
     conn.send(None)

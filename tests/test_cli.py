@@ -397,9 +397,8 @@ def test_collector_command_prints_the_address(
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     assert main(["collector", "--port", "0", "--db", "h.sqlite", "--sites", "1,2,"]) == 0
-    assert calls == [
-        ("127.0.0.1", 0, "h.sqlite", None, [1, 2], {"queued_tracking": False, "dimensions": {}})
-    ]
+    options = {"queued_tracking": False, "dimensions": {}, "max_hits": 200_000}
+    assert calls == [("127.0.0.1", 0, "h.sqlite", None, [1, 2], options)]
     out = capsys.readouterr().out
     assert "asgi-matomo collector: open http://127.0.0.1:" in out
     assert "/matomo.php" in out
@@ -414,9 +413,22 @@ def test_collector_command_dimension_names(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(cli, "serve", fake_serve)
     argv = ["collector", "--dimension", "3=http_status_code", "--dimension", " 4 = http_method "]
     assert main(argv) == 0
-    assert options == [
-        {"queued_tracking": False, "dimensions": {3: "http_status_code", 4: "http_method"}}
-    ]
+    dimensions = {3: "http_status_code", 4: "http_method"}
+    assert options == [{"queued_tracking": False, "dimensions": dimensions, "max_hits": 200_000}]
+
+
+@pytest.mark.parametrize(("given", "max_hits"), [("50", 50), ("0", None)])
+def test_collector_command_max_hits(
+    monkeypatch: pytest.MonkeyPatch, given: str, max_hits: int | None
+) -> None:
+    options: list[dict[str, Any]] = []
+
+    def fake_serve(*args: Any, ready: Callable[[Collector], None], **given: Any) -> None:
+        options.append(given)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    assert main(["collector", "--max-hits", given]) == 0
+    assert options[0]["max_hits"] == max_hits
 
 
 def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
@@ -438,6 +450,8 @@ def test_collector_command_port_in_use(capsys: pytest.CaptureFixture[str]) -> No
         ["collector", "--dimension", "three=status"],
         ["collector", "--dimension", "0=status"],
         ["collector", "--dimension", "3= "],
+        ["collector", "--max-hits", "-1"],
+        ["collector", "--max-hits", "many"],
         ["check", "--matomo-url", "https://m.test", "--idsite", "0"],
         ["check", "--matomo-url", "https://m.test", "--idsite", "x"],
         ["check", "--idsite", "1"],

@@ -197,12 +197,21 @@ def test_refusals_are_rate_limited(
     collector: Collector, client: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="asgi_matomo")
-    for _ in range(30):
-        client.get(collector.tracking_url, params={"idsite": "7", "rec": "1"})
+    for site in ("7", "3", "7"):
+        for _ in range(10):
+            client.get(collector.tracking_url, params={"idsite": site, "rec": "1"})
     client.get(collector.tracking_url, params={"rec": "1"})
-    assert len(collector.requests) == 31
-    # One line per kind within the interval, however many hits.
-    assert len(warnings_of(caplog)) == 1
+    client.get(collector.tracking_url, params={"idsite": "1", "rec": "1", "cip": "1.2.3.4"})
+    client.get(collector.tracking_url, params={"idsite": "1", "rec": "1", "cip": "1.2.3.4"})
+    assert len(collector.requests) == 33
+    # One line per reason within the interval, however many hits: a second
+    # site, a missing site and a cip without token each have theirs.
+    said = warnings_of(caplog)
+    assert len(said) == 4, said
+    assert "idsite 7 is not served" in said[0]
+    assert "idsite 3 is not served" in said[1]
+    assert "a hit without idsite" in said[2]
+    assert "cip with no token_auth" in said[3]
 
 
 def test_bulk_refusals_are_said(

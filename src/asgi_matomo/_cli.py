@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from asgi_matomo import __version__
 from asgi_matomo._check import check
 from asgi_matomo._collector import serve
+from asgi_matomo._collector._store import DEFAULT_MAX_HITS
 
 if TYPE_CHECKING:
     from asgi_matomo._collector import Collector
@@ -56,6 +57,18 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+def _max_hits(value: str) -> int | None:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of hits (0: keep every hit), got {value!r}"
+        )
+    return number or None
 
 
 def _port(value: str) -> int:
@@ -107,6 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ID=NAME",
         help="name a custom dimension on the page, e.g. 3=http_status_code (repeatable)",
+    )
+    collector.add_argument(
+        "--max-hits",
+        type=_max_hits,
+        default=DEFAULT_MAX_HITS,
+        help=f"the most hits kept, in memory or in --db; the oldest go first, still"
+        f" counted (default: {DEFAULT_MAX_HITS:,}; 0: keep every hit)",
     )
     collector.set_defaults(handler=_run_collector)
 
@@ -181,6 +201,7 @@ def _run_collector(args: argparse.Namespace) -> int:
             queued_tracking=args.queued_tracking,
             ready=ready,
             dimensions=dict(args.dimension),
+            max_hits=args.max_hits,
         )
     except sqlite3.Error as exc:
         # A --db that is a directory, or in a folder that does not exist.

@@ -9,15 +9,15 @@ route and a 404.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from asgi_matomo._shutdown_report import ReportOnShutdown, stats_report
 
 if TYPE_CHECKING:
-    from asgi_matomo._types import ASGIApp, Message, Receive, Scope, Send
+    from asgi_matomo._types import ASGIApp
 
 __all__ = [
     "ENV_IDSITE",
@@ -211,28 +211,4 @@ def create_app() -> ASGIApp:
     stats_path = os.environ.get(ENV_STATS)
     if stats_path is None:
         return tracked
-    return _ReportStats(tracked, Path(stats_path))
-
-
-class _ReportStats:
-    """Writes the sender's final counters to a file once the app has shut down."""
-
-    def __init__(self, app: Any, path: Path) -> None:
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_and_report(message: Message) -> None:
-            # The middleware closes its sender (flushing every hit) before it
-            # passes shutdown.complete on: the counters are final here.
-            if message["type"] == "lifespan.shutdown.complete":
-                stats = self.app.stats
-                data = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
-                self.path.write_text(json.dumps(data))
-            await send(message)
-
-        await self.app(scope, receive, send_and_report)
+    return ReportOnShutdown(tracked, stats_path, lambda: stats_report(tracked.stats))

@@ -16,6 +16,7 @@ from asgi_matomo._collector._server import (
     Collector,
     ReceivedRequest,
     StoredHit,
+    Totals,
 )
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "Collector",
     "ReceivedRequest",
     "StoredHit",
+    "Totals",
     "serve",
 ]

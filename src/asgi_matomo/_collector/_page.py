@@ -288,7 +288,8 @@ def render_visits(
     *,
     q: str = "",
     dimension_names: Mapping[int, str] | None = None,
-    hits_stored: int = 0,
+    hits_kept: int = 0,
+    hits_evicted: int = 0,
     hits_limit: int = 0,
     visits_limit: int | None = None,
 ) -> str:
@@ -298,12 +299,18 @@ def render_visits(
     summary = f"{_plural(len(visits), 'visit')}, {_plural(actions, 'action')}"
     if q:
         summary += f" matching “{_text(q)}”"
-    if hits_limit and hits_stored > hits_limit:
+    if hits_limit and hits_kept > hits_limit:
         summary += f" in the last {hits_limit} hits received"
     summary += ", newest visit first"
     shown = visits[:visits_limit]
     if len(shown) < len(visits):
         summary += f" (the {len(shown)} most recent shown)"
+    if hits_evicted:
+        # The oldest visits may have lost their first actions too.
+        summary += (
+            f". {hits_evicted:,} older {'hit' if hits_evicted == 1 else 'hits'} not kept:"
+            f" the collector keeps the latest {hits_kept:,} (--max-hits)"
+        )
     parts = [f'<p class="summary" id="summary">{summary}</p>']
     if not visits:
         hint = (
@@ -323,7 +330,8 @@ def render_page(
     q: str = "",
     version: str = "",
     dimension_names: Mapping[int, str] | None = None,
-    hits_stored: int = 0,
+    hits_kept: int = 0,
+    hits_evicted: int = 0,
     hits_limit: int = 0,
     visits_limit: int | None = None,
 ) -> str:
@@ -336,7 +344,8 @@ def render_page(
         list(visits),
         q=q,
         dimension_names=dimension_names,
-        hits_stored=hits_stored,
+        hits_kept=hits_kept,
+        hits_evicted=hits_evicted,
         hits_limit=hits_limit,
         visits_limit=visits_limit,
     )

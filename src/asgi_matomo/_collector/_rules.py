@@ -79,13 +79,15 @@ _DIMENSION = re.compile(r"dimension([0-9]{1,18})")
 class InvalidHitError(Exception):
     """Matomo refuses the hit: 400 for a single hit, counted `invalid` in a bulk.
 
-    `kind` names the rule (one of a few fixed names: the console's rate limit is
-    per kind); the message says what was wrong and how to fix it.
+    `kind` names the rule (one of a few fixed names); `reason` tells apart the
+    mistakes of one kind (which site, which token state): the console's rate
+    limit is per (kind, reason). The message says what was wrong and how to fix it.
     """
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+        self.reason = reason
 
 
 def _truncate(value: str | None, limit: int) -> str | None:
@@ -291,10 +293,13 @@ def site_id(params: Mapping[str, str], sites: frozenset[int] | None) -> int:
             "idsite",
             "a hit without idsite (Matomo answers 400, Invalid idSite): send the"
             " site id, e.g. idsite=1 (the middleware's idsite=)",
+            "missing",
         )
     if not DIGITS.fullmatch(idsite) or int(idsite) < 1:
         raise InvalidHitError(
-            "idsite", f"idsite {idsite[:20]!r} is not a site id: send a positive integer"
+            "idsite",
+            f"idsite {idsite[:20]!r} is not a site id: send a positive integer",
+            f"not a site id {idsite[:20]!r}",
         )
     site = int(idsite)
     if sites is not None and site not in sites:
@@ -305,6 +310,7 @@ def site_id(params: Mapping[str, str], sites: frozenset[int] | None) -> int:
             "idsite",
             f"idsite {site} is not served (sites: {served}): drop --sites to serve"
             f" every site, or add {site} to it",
+            f"not served {site}",
         )
     return site
 
@@ -336,6 +342,7 @@ def hit_row(
                     "cdt",
                     f"cdt {cdt[:30]!r} is older than 24 hours and the hit has"
                     f" {_token_state(token)}: {token_fix}",
+                    _token_state(token),
                 )
             hit_time = stamp
     cid = params.get("cid", "")
@@ -346,7 +353,8 @@ def hit_row(
         )
     cip = params.get("cip", "")
     if cip and not authorized:
-        raise InvalidHitError("cip", f"cip with {_token_state(token)}: {token_fix}, or send no cip")
+        state = _token_state(token)
+        raise InvalidHitError("cip", f"cip with {state}: {token_fix}, or send no cip", state)
     hit_type = _hit_type(params)
     if hit_type == "event" and not params.get("e_a", "").strip():
         raise InvalidHitError(

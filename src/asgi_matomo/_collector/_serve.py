@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from asgi_matomo._collector._server import Collector
+from asgi_matomo._collector._store import DEFAULT_MAX_HITS
 
 if TYPE_CHECKING:
     import os
@@ -47,6 +48,7 @@ def serve(
     queued_tracking: bool = False,
     ready: Callable[[Collector], None] | None = None,
     dimensions: Mapping[int, str] | None = None,
+    max_hits: int | None = DEFAULT_MAX_HITS,
 ) -> None:
     """Run a collector until Ctrl-C or SIGTERM.
 
@@ -64,6 +66,7 @@ def serve(
         sites=sites,
         queued_tracking=queued_tracking,
         dimensions=dimensions,
+        max_hits=max_hits,
     )
     # Never set: serve() returns only on Ctrl-C or SIGTERM.
     forever = threading.Event()

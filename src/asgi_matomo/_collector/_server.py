@@ -29,13 +29,15 @@ from asgi_matomo._collector._rules import (
     hit_row,
     site_id,
 )
-from asgi_matomo._collector._store import HitStore
+from asgi_matomo._collector._store import DEFAULT_MAX_HITS, HitStore
+from asgi_matomo._collector._totals import MAX_REQUESTS_KEPT, RequestLog, Totals
 from asgi_matomo._collector._tracking import Auth, Fault, tracking
 from asgi_matomo._collector._views import (
     DEFAULT_API_LIMIT,
     PAGE_HITS,
     PAGE_VISITS,
     api_hits,
+    api_totals,
     api_visits,
     page,
     visits_fragment,
@@ -62,6 +64,7 @@ __all__ = [
     "Collector",
     "ReceivedRequest",
     "StoredHit",
+    "Totals",
 ]
 
 LOGGER = logging.getLogger("asgi_matomo")
@@ -70,6 +73,8 @@ LOGGER = logging.getLogger("asgi_matomo")
 POLL_INTERVAL = 0.01
 # Sites the reporting API lists when every site is served (see _remember_site).
 MAX_SEEN_SITES = 1000
+# Peers whose failed logins are counted: more than a test or a demo ever has.
+MAX_PEERS = 1000
 
 
 class Collector:
@@ -93,6 +98,8 @@ class Collector:
             refuse nothing but a `cip` without the right token.
         dimensions: names of custom dimension ids, for the page (e.g. the
             middleware's `custom_dimensions` turned around: `{3: "http_status_code"}`).
+        max_hits: the most hits kept, in memory or in the file; the oldest go
+            first (`totals()` still counts them). None: keep every hit.
     """
 
     def __init__(
@@ -105,7 +112,12 @@ class Collector:
         sites: Iterable[int] | None = None,
         queued_tracking: bool = False,
         dimensions: Mapping[int, str] | None = None,
+        max_hits: int | None = DEFAULT_MAX_HITS,
     ) -> None:
+        if max_hits is not None and (
+            isinstance(max_hits, bool) or not isinstance(max_hits, int) or max_hits < 1
+        ):
+            raise ValueError(f"max_hits: a positive number of hits or None, got {max_hits!r}")
         self._host = host
         self._port = port
         self._token = token
@@ -120,8 +132,8 @@ class Collector:
         # Tells this collector's page versions from another's (a restart on the same file).
         self._page_epoch = secrets.token_hex(4)
         self._cond = threading.Condition()
-        self._hit_store = HitStore(db_path, self._cond)
-        self._requests: list[ReceivedRequest] = []
+        self._hit_store = HitStore(db_path, self._cond, max_hits)
+        self._requests = RequestLog(MAX_REQUESTS_KEPT)
         self._failed_logins: dict[str, int] = {}
         self._fault: Fault | None = None
         self._server: Server | None = None
@@ -223,39 +235,50 @@ class Collector:
     # -- what tests look at --------------------------------------------------
 
     def hits(self) -> list[StoredHit]:
-        """Every stored hit, oldest first."""
+        """Every hit kept (the latest `max_hits` stored), oldest first."""
         return self._select("SELECT * FROM hits ORDER BY id", ())
 
     def wait_for_hits(self, count: int, timeout: float = 10.0) -> list[StoredHit]:
-        """Block until at least `count` hits are stored; TimeoutError after `timeout`."""
+        """Block until at least `count` hits are stored; TimeoutError after `timeout`.
+
+        Returns the hits kept (the latest `max_hits` of them).
+        """
         with self._cond:
             if not self._cond.wait_for(lambda: self._hit_store.count >= count, timeout):
                 recent = ", ".join(
                     f"{r.kind} {r.status} tracked={r.tracked} invalid={r.invalid}"
-                    for r in self._requests[-5:]
+                    for r in list(self._requests.latest)[-5:]
                 )
                 raise TimeoutError(
                     f"expected at least {count} stored hits within {timeout}s, got"
-                    f" {self._hit_store.count} from {len(self._requests)} tracking requests"
+                    f" {self._hit_store.count} from {self._requests.count} tracking requests"
                     f" (last ones: {recent or 'none'})"
                 )
         return self.hits()
 
     @property
     def requests(self) -> list[ReceivedRequest]:
-        """Every HTTP request received at the tracking endpoint, oldest first."""
+        """The HTTP requests received at the tracking endpoint, oldest first.
+
+        The latest `MAX_REQUESTS_KEPT` (10,000) only: `totals()` counts them all.
+        """
         with self._cond:
-            return list(self._requests)
+            return list(self._requests.latest)
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[ReceivedRequest]:
-        """Block until at least `count` tracking requests were answered."""
+        """Block until at least `count` tracking requests were answered (see `requests`)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._requests) >= count, timeout):
+            if not self._cond.wait_for(lambda: self._requests.count >= count, timeout):
                 raise TimeoutError(
                     f"expected at least {count} tracking requests within {timeout}s,"
-                    f" got {len(self._requests)}"
+                    f" got {self._requests.count}"
                 )
-            return list(self._requests)
+            return list(self._requests.latest)
+
+    def totals(self) -> Totals:
+        """Exact counts of the hits stored and the requests answered since the start."""
+        with self._cond:
+            return Totals.of(self._hit_store, self._requests)
 
     def set_fault(
         self,
@@ -323,7 +346,7 @@ class Collector:
 
     def _record(self, request: ReceivedRequest) -> None:
         with self._cond:
-            self._requests.append(request)
+            self._requests.add(request)
             self._cond.notify_all()
 
     # -- connections ---------------------------------------------------------
@@ -364,6 +387,8 @@ class Collector:
             answer = api_visits(self, split.query)
         elif path == "/api/hits" and handler.command == "GET":
             answer = api_hits(self, split.query)
+        elif path == "/api/totals" and handler.command == "GET":
+            answer = api_totals(self)
         else:
             answer = Answer(404, b"Not found\n", "text/plain; charset=utf-8")
         if answer is None:
@@ -381,12 +406,17 @@ class Collector:
         with self._cond:
             blocked = self._failed_logins.get(peer, 0) >= BRUTE_FORCE_LIMIT
             if not blocked and any(not self._token_is_right(t) for t in tokens):
-                failed = self._failed_logins[peer] = self._failed_logins.get(peer, 0) + 1
+                failed = self._failed_logins.pop(peer, 0) + 1
+                if len(self._failed_logins) >= MAX_PEERS:
+                    # Bounded whatever the peers: the peer heard of longest ago goes.
+                    del self._failed_logins[next(iter(self._failed_logins))]
+                self._failed_logins[peer] = failed
         if failed:
             self._refusals.refused(
                 "token",
                 f"a wrong token_auth from {peer}, failed login {failed} of"
                 f" {BRUTE_FORCE_LIMIT} before it is blocked: {self._token_fix()}",
+                peer,
             )
         return Auth(token=tokens[0] if tokens else None, blocked=blocked and bool(tokens))
 

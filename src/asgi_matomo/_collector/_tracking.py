@@ -134,7 +134,8 @@ def _single(collector: Collector, handler: Handler, query: str, body: bytes) -> 
     tracked = invalid = 0
     try:
         if auth.blocked:
-            raise InvalidHitError("blocked", blocked_message(handler.client_address[0]))
+            peer = handler.client_address[0]
+            raise InvalidHitError("blocked", blocked_message(peer), peer)
         # Matomo checks the site of every request, also of one that records
         # nothing: `?send_image=0` alone is a 400 (MATOMO.md, probes).
         collector._check_site(params)
@@ -143,7 +144,7 @@ def _single(collector: Collector, handler: Handler, query: str, body: bytes) -> 
             collector._store([row])
             tracked = 1
     except InvalidHitError as exc:
-        collector._refusals.refused(exc.kind, f"refused a hit (400): {exc}")
+        collector._refusals.refused(exc.kind, f"refused a hit (400): {exc}", exc.reason)
         invalid = 1
     status = 400 if invalid else 204 if params.get("send_image") == "0" else 200
     collector._record(
@@ -199,9 +200,9 @@ def _bulk(collector: Collector, handler: Handler, query: str, body: bytes) -> An
     if queued:
         return _enqueue(collector, handler, "bulk", hits, auth, send_image, len(requests))
     if auth.blocked:
+        peer = handler.client_address[0]
         collector._refusals.refused(
-            "blocked",
-            f"answered a bulk request 500: {blocked_message(handler.client_address[0])}",
+            "blocked", f"answered a bulk request 500: {blocked_message(peer)}", peer
         )
         collector._record(ReceivedRequest("bulk", 500, 0, 0, len(requests), has_token))
         return json_answer(500, {"status": "error", "message": BLOCKED_MESSAGE})
@@ -218,7 +219,9 @@ def _bulk(collector: Collector, handler: Handler, query: str, body: bytes) -> An
                 continue
             rows.append(collector._validate(params, token, handler, now))
         except InvalidHitError as exc:
-            collector._refusals.refused(exc.kind, f"counted bulk element {index} invalid: {exc}")
+            collector._refusals.refused(
+                exc.kind, f"counted bulk element {index} invalid: {exc}", exc.reason
+            )
             invalid_indices.append(index)
         else:
             tracked += 1
@@ -255,11 +258,13 @@ def _enqueue(
     handler.close_connection = True
     peer = handler.client_address[0]
     refusal: str | None = None
+    reason = f"blocked {peer}"
     if auth.blocked:
         refusal = blocked_message(peer)
     elif any(
         params.get("cip") and not collector._token_is_right(token) for _, params, token in hits
     ):
+        reason = "cip"
         refusal = (
             "a hit carries cip without the right token_auth, and the plugin checks"
             " it when it queues the request: give the tracker the collector's"
@@ -267,7 +272,7 @@ def _enqueue(
         )
     if refusal is not None:
         collector._refusals.refused(
-            "queued", f"refused a whole {kind} request (400, nothing queued): {refusal}"
+            "queued", f"refused a whole {kind} request (400, nothing queued): {refusal}", reason
         )
         collector._record(
             ReceivedRequest(kind, 400, 0, len(hits), elements, auth.token is not None)
@@ -286,6 +291,7 @@ def _enqueue(
             collector._refusals.refused(
                 exc.kind,
                 f"dropped a queued hit, after answering success (the tracker cannot know): {exc}",
+                exc.reason,
             )
     collector._store(rows)
     status = 204 if send_image in (0, "0") else 200

@@ -18,6 +18,7 @@ __all__ = [
     "PAGE_HITS",
     "PAGE_VISITS",
     "api_hits",
+    "api_totals",
     "api_visits",
     "page",
     "visits_fragment",
@@ -47,7 +48,8 @@ def page(collector: Collector, query: str) -> Answer:
         q=q,
         version=version,
         dimension_names=collector._dimensions,
-        hits_stored=collector._hit_store.count,
+        hits_kept=collector._hit_store.kept,
+        hits_evicted=collector._hit_store.evicted,
         hits_limit=PAGE_HITS,
         visits_limit=PAGE_VISITS,
     )
@@ -75,7 +77,8 @@ def visits_fragment(collector: Collector, handler: Handler, query: str) -> Answe
         collector.visits(q=q, last_hits=PAGE_HITS),
         q=q,
         dimension_names=collector._dimensions,
-        hits_stored=collector._hit_store.count,
+        hits_kept=collector._hit_store.kept,
+        hits_evicted=collector._hit_store.evicted,
         hits_limit=PAGE_HITS,
         visits_limit=PAGE_VISITS,
     )
@@ -104,6 +107,11 @@ def api_hits(collector: Collector, query: str) -> Answer:
         limit=max(1, min(limit, MAX_API_LIMIT)), q=params.get("q", ""), since_id=since_id
     )
     return json_answer(200, [hit.to_json() for hit in hits])
+
+
+def api_totals(collector: Collector) -> Answer:
+    """`/api/totals`: exact counts of everything stored and answered (see `Totals`)."""
+    return json_answer(200, collector.totals().to_json())
 
 
 def _int_param(value: str | None, default: int) -> int | None:

@@ -9,6 +9,7 @@ import logging
 import select
 import socket
 import sys
+import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,9 @@ __all__ = [
 LOGGER = logging.getLogger("asgi_matomo")
 
 MAX_BODY = 32 * 1024 * 1024
+# One thread per open connection: a client that opens connections without end
+# would otherwise get a thread each. Far more than a sender's pool.
+MAX_CONNECTIONS = 256
 # A safety net for idle keep-alive connections; stop() closes them anyway.
 CONNECTION_TIMEOUT = 60.0
 
@@ -85,7 +89,28 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], collector: Collector) -> None:
         self.collector = collector
+        self._open: set[Any] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, Handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # Every request verified here ends in shutdown_request(), whatever happens.
+        with self._open_lock:
+            full = len(self._open) >= MAX_CONNECTIONS
+            if not full:
+                self._open.add(request)
+        if full:
+            self.collector._refusals.refused(
+                "connections",
+                f"closed a new connection at once: {MAX_CONNECTIONS} connections are open"
+                " already (a client that opens connections without closing them?)",
+            )
+        return not full
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
@@ -98,6 +123,7 @@ class Server(ThreadingHTTPServer):
             "internal",
             f"a request failed inside the stand-in ({type(error).__name__}: {str(error)[:200]});"
             " the sender got no answer (the traceback is logged at DEBUG level)",
+            type(error).__name__,
         )
 
 
