@@ -19,7 +19,7 @@ from asgiref.sync import iscoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from quart import Quart, request
 
-from asgi_matomo._core import route_template
+from asgi_matomo._routes import route_template
 from asgi_matomo.contrib.django import MatomoRouteMiddleware
 from asgi_matomo.contrib.quart import add_route_templates
 

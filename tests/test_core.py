@@ -13,19 +13,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_matomo._core import (
+from asgi_matomo._core import build_hits
+from asgi_matomo._encoding import encode_query, quote_value
+from asgi_matomo._overrides import (
     MAX_ACTION_NAME_LENGTH,
     MAX_TEXT_LENGTH,
     MAX_URL_LENGTH,
-    RequestInfo,
-    TrackingConfig,
-    build_hits,
-    encode_query,
-    inspect_request,
-    quote_value,
-    route_template,
+    param_value,
+    performance_value,
 )
-from asgi_matomo._overrides import param_value, performance_value
+from asgi_matomo._request import RequestInfo, TrackingConfig, inspect_request
+from asgi_matomo._routes import route_template
 from tests.helpers import config, http_scope, params_of
 
 STARTED = 1_700_000_000.75

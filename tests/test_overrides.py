@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from asgi_matomo import MatomoMiddleware, _overrides
 from asgi_matomo._collector import Collector
-from asgi_matomo._core import RequestInfo, TrackingConfig, build_hits, inspect_request
+from asgi_matomo._core import build_hits
 from asgi_matomo._overrides import (
     MAX_CDT_AGE,
     MAX_OVERRIDE_PARAMETERS,
@@ -40,6 +40,7 @@ from asgi_matomo._overrides import (
     warn_once,
 )
 from asgi_matomo._proxy import parse_ip
+from asgi_matomo._request import RequestInfo, TrackingConfig, inspect_request
 from asgi_matomo._types import Message, Receive, Scope, Send
 from tests.helpers import BulkRecorder, call_app, config, http_scope, params_of
 from tests.overrides_app import CASES

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo._core import MAX_TEXT_LENGTH, inspect_request
+from asgi_matomo._overrides import MAX_TEXT_LENGTH
 from asgi_matomo._proxy import _forwarded_elements, parse_trusted_proxies, resolve_forwarded
+from asgi_matomo._request import inspect_request
 from tests.helpers import config, http_scope
 
 PROXY = ("10.0.0.2", 443)

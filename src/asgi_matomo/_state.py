@@ -15,8 +15,10 @@ from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
-from asgi_matomo._core import STATE_KEY
 from asgi_matomo._types import Scope
+
+# Where the request's own Matomo parameters live: `scope["state"][STATE_KEY]`.
+STATE_KEY = "asgi_matomo"
 
 # The state (not the dict under STATE_KEY): a handler may replace that dict, and
 # what is written later must land in the one the middleware reads.
