@@ -37,23 +37,29 @@ def decode(value: object) -> str:
 _header_texts: dict[bytes, str] = {}
 
 
+# The names are looked up in the dict `read_headers` returns by these very objects
+# (`headers.get(HOST)`): a dict compares keys by identity first, and an equal
+# bytes object from another module's constants costs a comparison of the bytes.
+HOST, USER_AGENT, ACCEPT_LANGUAGE, REFERER = b"host", b"user-agent", b"accept-language", b"referer"
+FORWARDED, X_FORWARDED_FOR = b"forwarded", b"x-forwarded-for"
+X_FORWARDED_PROTO, X_FORWARDED_HOST = b"x-forwarded-proto", b"x-forwarded-host"
 _WANTED_HEADERS = frozenset(
     {
-        b"host",
-        b"user-agent",
-        b"accept-language",
-        b"referer",
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
+        HOST,
+        USER_AGENT,
+        ACCEPT_LANGUAGE,
+        REFERER,
+        FORWARDED,
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
     }
 )
 WANTED_ORDER = tuple(sorted(_WANTED_HEADERS))
 # Without a trusted proxy the forwarding headers are never read: half the lookups.
-DIRECT_ORDER = tuple(sorted({b"host", b"user-agent", b"accept-language", b"referer"}))
+DIRECT_ORDER = tuple(sorted({HOST, USER_AGENT, ACCEPT_LANGUAGE, REFERER}))
 # Headers a proxy chain may legitimately repeat; their values are joined in order.
-_LIST_HEADERS = frozenset({b"forwarded", b"x-forwarded-for"})
+_LIST_HEADERS = frozenset({FORWARDED, X_FORWARDED_FOR})
 # Under this name `read_headers` returns the visitor id of the JS tracker's cookie, not
 # the Cookie header: cookies are long, differ per visitor and never go into a hit,
 # so they are neither decoded nor cached.

@@ -15,9 +15,17 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from asgi_matomo._headers import (
+    ACCEPT_LANGUAGE,
     COOKIE_VISITOR,
     DIRECT_ORDER,
+    FORWARDED,
+    HOST,
+    REFERER,
+    USER_AGENT,
     WANTED_ORDER,
+    X_FORWARDED_FOR,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
     decode,
     read_headers,
 )
@@ -176,7 +184,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         WANTED_ORDER if proxied else DIRECT_ORDER,
         visitor.cookie if visitor is not None else None,
     )
-    user_agent = headers.get(b"user-agent") or None
+    user_agent = headers.get(USER_AGENT) or None
     if (
         user_agent
         and config.ignored_user_agents
@@ -196,7 +204,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         # visitor sent it, and would let anyone pick the address Matomo records.
         if config.forwarded_header == "forwarded":
             forwarded = resolve_forwarded(
-                forwarded=headers.get(b"forwarded") or "",
+                forwarded=headers.get(FORWARDED) or "",
                 x_forwarded_for=None,
                 x_forwarded_proto=None,
                 x_forwarded_host=None,
@@ -205,9 +213,9 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         else:
             forwarded = resolve_forwarded(
                 forwarded=None,
-                x_forwarded_for=headers.get(b"x-forwarded-for"),
-                x_forwarded_proto=headers.get(b"x-forwarded-proto"),
-                x_forwarded_host=headers.get(b"x-forwarded-host"),
+                x_forwarded_for=headers.get(X_FORWARDED_FOR),
+                x_forwarded_proto=headers.get(X_FORWARDED_PROTO),
+                x_forwarded_host=headers.get(X_FORWARDED_HOST),
                 networks=config.trusted_proxies,
             )
         visitor_ip = forwarded.client or peer
@@ -222,7 +230,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         scheme = "https" if scope_scheme in ("https", "wss") else "http"
     host = (
         (forwarded_host is not None and _valid_host(forwarded_host))
-        or _valid_host(headers.get(b"host"))
+        or _valid_host(headers.get(HOST))
         or _server_host(scope)
         or "localhost"
     )
@@ -253,8 +261,8 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
         app_path,
         url if len(url) <= MAX_URL_LENGTH else _clip_url(url, MAX_URL_LENGTH),
         user_agent,
-        headers.get(b"accept-language") or None,
-        headers.get(b"referer") or None,
+        headers.get(ACCEPT_LANGUAGE) or None,
+        headers.get(REFERER) or None,
         visitor_ip if config.track_visitor_ip else None,
         started_at,
         visitor_id,
