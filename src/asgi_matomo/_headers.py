@@ -58,8 +58,14 @@ _WANTED_HEADERS = frozenset(
 WANTED_ORDER = tuple(sorted(_WANTED_HEADERS))
 # Without a trusted proxy the forwarding headers are never read: half the lookups.
 DIRECT_ORDER = tuple(sorted({HOST, USER_AGENT, ACCEPT_LANGUAGE, REFERER}))
+# The same and the two headers that name the visitor, until `_request` has seen them.
+WATCH_ORDER = (*DIRECT_ORDER, FORWARDED, X_FORWARDED_FOR)
 # Headers a proxy chain may legitimately repeat; their values are joined in order.
 _LIST_HEADERS = frozenset({FORWARDED, X_FORWARDED_FOR})
+# Field lines of `Forwarded` stay apart: a quote cannot span two of them, so a line
+# a proxy added is read whatever the visitor's line before it holds (see _proxy).
+# Servers refuse a newline inside a header value, so it cannot come from a client.
+_LINE_SEPARATORS = {FORWARDED: "\n", X_FORWARDED_FOR: ", "}
 # Under this name `read_headers` returns the visitor id of the JS tracker's cookie, not
 # the Cookie header: cookies are long, differ per visitor and never go into a hit,
 # so they are neither decoded nor cached.
@@ -152,7 +158,7 @@ def read_headers_by_loop(raw: object, cookie: re.Pattern[bytes] | None = None) -
         text = _header_value(value, key in _LIST_HEADERS)
         if key in found:
             if key in _LIST_HEADERS:
-                found[key] = _clip_start(f"{found[key]}, {text}")
+                found[key] = _clip_start(f"{found[key]}{_LINE_SEPARATORS[key]}{text}")
             continue
         found[key] = text
     if cookie is not None and cookies:

@@ -23,6 +23,7 @@ from asgi_matomo._headers import (
     REFERER,
     USER_AGENT,
     WANTED_ORDER,
+    WATCH_ORDER,
     X_FORWARDED_FOR,
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
@@ -34,8 +35,10 @@ from asgi_matomo._overrides import clip_url as _clip_url
 from asgi_matomo._proxy import (
     IPNetwork,
     anonymize_ip,
+    hint_untrusted_peer,
     is_trusted,
     parse_ip,
+    plain_peer,
     resolve_forwarded,
 )
 from asgi_matomo._types import Scope
@@ -90,6 +93,12 @@ class RequestInfo(NamedTuple):
 
 
 _SEQUENCE_TYPES = (list, tuple)
+
+# The headers read without a trusted proxy. Until a request has come with a
+# forwarding header, those are looked up too, to tell the user once when they
+# come from a peer outside `trusted_proxies` (`hint_untrusted_peer`); after that
+# first request, whatever it said, only the four headers a hit needs.
+_unproxied_order = WATCH_ORDER
 
 
 def _within(path: str, prefix: str) -> bool:
@@ -164,6 +173,14 @@ def _path_excluded(config: TrackingConfig, full: str, app_path: str) -> bool:
     )
 
 
+def _stop_watching(config: TrackingConfig, peer: str | None, headers: dict[bytes, str]) -> None:
+    global _unproxied_order
+    _unproxied_order = DIRECT_ORDER
+    hint_untrusted_peer(
+        peer, headers.get(X_FORWARDED_FOR), headers.get(FORWARDED), config.forwarded_header
+    )
+
+
 def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> RequestInfo | None:
     """Capture what the hit needs at request start; None when the request is not tracked."""
     if scope.get("type") != "http":
@@ -181,7 +198,7 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     visitor = config.visitor
     headers = read_headers(
         scope,
-        WANTED_ORDER if proxied else DIRECT_ORDER,
+        WANTED_ORDER if proxied else _unproxied_order,
         visitor.cookie if visitor is not None else None,
     )
     user_agent = headers.get(USER_AGENT) or None
@@ -195,6 +212,10 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     client = scope.get("client")
     peer = client[0] if isinstance(client, _SEQUENCE_TYPES) and client else None
     peer = peer if isinstance(peer, str) and peer else None
+    if peer is not None and ":" in peer:
+        # IPv6, or IPv4 as a dual-stack socket gives it (`::ffff:192.0.2.1`): unmapped,
+        # so that trusted_proxies, `cip` and the visitor id see one address.
+        peer = plain_peer(peer)
     visitor_ip = peer
     forwarded_proto = forwarded_host = None
     if (peer is None and config.trust_unix_socket) or (
@@ -220,6 +241,8 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
             )
         visitor_ip = forwarded.client or peer
         forwarded_proto, forwarded_host = forwarded.proto, forwarded.host
+    elif _unproxied_order is WATCH_ORDER and (X_FORWARDED_FOR in headers or FORWARDED in headers):
+        _stop_watching(config, peer, headers)
 
     if config.assume_https:
         scheme = "https"
