@@ -307,7 +307,9 @@ def test_names_that_are_no_matomo_parameter_names_are_left_out_with_a_warning(
     assert "letters, digits and _" in warning
 
 
-@pytest.mark.parametrize("key", ["dimension12", "search_cat", "_id", "ma_id", "pf_srv", "a[b]", "a[]"])
+@pytest.mark.parametrize(
+    "key", ["dimension12", "search_cat", "_id", "ma_id", "pf_srv", "a[b]", "a[]"]
+)
 def test_matomo_parameter_names_are_kept(key: str) -> None:
     value = "0123456789abcdef" if key == "_id" else "12"
     assert page_view({key: value})[key] == value
