@@ -101,12 +101,14 @@ def _said_misuse(kind: str) -> None:
 
 def _said_too_late(params: object, more: Mapping[str, Any]) -> None:
     names = [*(params if isinstance(params, Mapping) else ()), *more]
+    listed = ", ".join(shown(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+    # Once per call site (as told by the names it sets), within the budget of the kind.
     warn_once(
-        "too-late",
+        f"too-late:{listed}",
         "asgi_matomo: set_tracking_params(%s) was called after the request's hit was built"
         " (the response had ended): the values are not sent. Set them before the response"
         " ends, or return them from the request_details function",
-        ", ".join(shown(name) for name in names[:5]) + (", ..." if len(names) > 5 else ""),
+        listed,
     )
 
 
