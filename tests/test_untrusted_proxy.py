@@ -8,6 +8,7 @@ which peer, never an address from the headers, and what to set.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ import pytest
 
 from asgi_matomo import _request
 from asgi_matomo._collector import Collector
-from asgi_matomo._headers import WATCH_ORDER
 from asgi_matomo._request import inspect_request
 from tests.helpers import config, http_scope
 from tests.servers import serve
@@ -28,18 +28,20 @@ VISITOR = "198.51.100.7"
 @pytest.fixture(autouse=True)
 def watching(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts as a fresh process: nothing said yet."""
-    monkeypatch.setattr(_request, "_unproxied_order", WATCH_ORDER)
+    monkeypatch.setattr(_request, "_next_watch", 0.0)
 
 
 def warnings_for(
     caplog: pytest.LogCaptureFixture,
     scopes: list[dict[str, Any]],
+    start: float = 0.0,
     **options: Any,
 ) -> list[str]:
     cfg = config(track_visitor_ip=True, **options)
     with caplog.at_level(logging.DEBUG, logger="asgi_matomo"):
-        for scope in scopes:
-            info = inspect_request(cfg, scope, 0.0)
+        for second, scope in enumerate(scopes):
+            # A second apart: one request a second is looked at.
+            info = inspect_request(cfg, scope, start + second)
             assert info is not None
             believed = info.visitor_ip == VISITOR
             assert believed == (options.get("trusted_proxies") == ["10.0.0.2"])
@@ -112,17 +114,35 @@ def test_nothing_said_when_the_server_already_resolved_the_client(
 def test_nothing_said_for_a_trusted_peer(caplog: pytest.LogCaptureFixture) -> None:
     assert warnings_for(caplog, [from_proxy(client=PROXY)], trusted_proxies=["10.0.0.2"]) == []
     # And it still watches for an untrusted one.
-    assert _request._unproxied_order is WATCH_ORDER
+    assert _request._next_watch == 0.0
 
 
 def test_requests_without_forwarding_headers_say_nothing_and_keep_watching(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    assert warnings_for(caplog, [http_scope("/", client=PROXY)]) == []
-    assert _request._unproxied_order is WATCH_ORDER
-    warnings_for(caplog, [from_proxy(client=PROXY)])
-    # Once a forwarding header was seen, only the headers a hit needs are read.
-    assert _request._unproxied_order is not WATCH_ORDER
+    assert warnings_for(caplog, [http_scope("/", client=PROXY)] * 3) == []
+    assert _request._next_watch == 3.0  # the next second is looked at again
+    assert len(warnings_for(caplog, [from_proxy(client=PROXY)], start=3.0)) == 1
+    # Once a forwarding header was seen, never again: only the headers a hit needs.
+    assert _request._next_watch == math.inf
+
+
+def test_one_request_a_second_is_looked_at(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config()
+    with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
+        inspect_request(cfg, http_scope("/", client=PROXY), 100.0)
+        inspect_request(cfg, from_proxy(client=PROXY), 100.5)  # not looked at
+        assert caplog.records == []
+        inspect_request(cfg, from_proxy(client=PROXY), 101.0)
+    (warning,) = caplog.records
+    assert 'trusted_proxies=["10.0.0.2"]' in warning.getMessage()
+
+
+def test_repeated_header_names_are_read_too(caplog: pytest.LogCaptureFixture) -> None:
+    """Servers may pass a header twice: the careful loop reads the forwarding headers too."""
+    headers = [(b"accept", b"a"), (b"accept", b"b"), (b"x-forwarded-for", VISITOR.encode())]
+    (warning,) = warnings_for(caplog, [http_scope("/", headers=headers, client=PROXY)])
+    assert 'trusted_proxies=["10.0.0.2"]' in warning
 
 
 @pytest.mark.slow

@@ -58,8 +58,6 @@ _WANTED_HEADERS = frozenset(
 WANTED_ORDER = tuple(sorted(_WANTED_HEADERS))
 # Without a trusted proxy the forwarding headers are never read: half the lookups.
 DIRECT_ORDER = tuple(sorted({HOST, USER_AGENT, ACCEPT_LANGUAGE, REFERER}))
-# The same and the two headers that name the visitor, until `_request` has seen them.
-WATCH_ORDER = (*DIRECT_ORDER, FORWARDED, X_FORWARDED_FOR)
 # Headers a proxy chain may legitimately repeat; their values are joined in order.
 _LIST_HEADERS = frozenset({FORWARDED, X_FORWARDED_FOR})
 # Field lines of `Forwarded` stay apart: a quote cannot span two of them, so a line

@@ -7,6 +7,7 @@ Pure: the scope and the time in, a `RequestInfo` (or None: not tracked) out.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from asgi_matomo._headers import (
     REFERER,
     USER_AGENT,
     WANTED_ORDER,
-    WATCH_ORDER,
     X_FORWARDED_FOR,
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
@@ -94,11 +94,12 @@ class RequestInfo(NamedTuple):
 
 _SEQUENCE_TYPES = (list, tuple)
 
-# The headers read without a trusted proxy. Until a request has come with a
-# forwarding header, those are looked up too, to tell the user once when they
-# come from a peer outside `trusted_proxies` (`hint_untrusted_peer`); after that
-# first request, whatever it said, only the four headers a hit needs.
-_unproxied_order = WATCH_ORDER
+# Forwarding headers from a peer outside `trusted_proxies` are said once
+# (`hint_untrusted_peer`). Without a trusted proxy they are not otherwise read:
+# one request a second at most is looked at for them (two more header lookups),
+# until the first that has them (then never again, whatever it said).
+WATCH_INTERVAL = 1.0
+_next_watch = 0.0
 
 
 def _within(path: str, prefix: str) -> bool:
@@ -173,9 +174,15 @@ def _path_excluded(config: TrackingConfig, full: str, app_path: str) -> bool:
     )
 
 
-def _stop_watching(config: TrackingConfig, peer: str | None, headers: dict[bytes, str]) -> None:
-    global _unproxied_order
-    _unproxied_order = DIRECT_ORDER
+def _watch(
+    config: TrackingConfig, peer: str | None, headers: dict[bytes, str], started_at: float
+) -> None:
+    """A request from a peer outside `trusted_proxies`, looked at for forwarding headers."""
+    global _next_watch
+    if X_FORWARDED_FOR not in headers and FORWARDED not in headers:
+        _next_watch = started_at + WATCH_INTERVAL
+        return
+    _next_watch = math.inf
     hint_untrusted_peer(
         peer, headers.get(X_FORWARDED_FOR), headers.get(FORWARDED), config.forwarded_header
     )
@@ -195,10 +202,11 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     if (config.exclude_paths or config.exclude_patterns) and _path_excluded(config, full, app_path):
         return None
     proxied = config.trusted_proxies or config.trust_unix_socket
+    watch = started_at >= _next_watch
     visitor = config.visitor
     headers = read_headers(
         scope,
-        WANTED_ORDER if proxied else _unproxied_order,
+        WANTED_ORDER if proxied or watch else DIRECT_ORDER,
         visitor.cookie if visitor is not None else None,
     )
     user_agent = headers.get(USER_AGENT) or None
@@ -241,8 +249,8 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
             )
         visitor_ip = forwarded.client or peer
         forwarded_proto, forwarded_host = forwarded.proto, forwarded.host
-    elif _unproxied_order is WATCH_ORDER and (X_FORWARDED_FOR in headers or FORWARDED in headers):
-        _stop_watching(config, peer, headers)
+    elif watch:
+        _watch(config, peer, headers, started_at)
 
     if config.assume_https:
         scheme = "https"
