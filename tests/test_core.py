@@ -758,3 +758,17 @@ def test_route_details_keys_match_with_or_without_converters(key: str, template:
     cfg = config(route_details={key: {"action_name": "Users"}})
     (hit,) = hits_for(http_scope("/users/5"), cfg=cfg, template=template)
     assert hit["action_name"] == "Users"
+
+
+@pytest.mark.parametrize(
+    ("method", "reported"),
+    [("GET", "GET"), ("get", "GET"), ("Patch", "PATCH"), ("PROPFIND", "PROPFIND"), ("", "GET")],
+)
+def test_the_method_is_reported_in_uppercase(method: str, reported: str) -> None:
+    assert info_of(http_scope("/", method=method)).method == reported
+
+
+def test_a_method_that_is_no_text_is_a_get() -> None:
+    scope = http_scope("/")
+    scope["method"] = ["GET"]  # unhashable: never looked up in the table of methods
+    assert info_of(scope).method == "GET"

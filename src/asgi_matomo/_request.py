@@ -93,6 +93,8 @@ class RequestInfo(NamedTuple):
 
 
 _SEQUENCE_TYPES = (list, tuple)
+# The methods servers send, as they send them: no new uppercase string per request.
+_UPPER_METHODS = {method: method for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")}
 
 # Forwarding headers from a peer outside `trusted_proxies` are said once
 # (`hint_untrusted_peer`). Without a trusted proxy they are not otherwise read:
@@ -193,7 +195,8 @@ def inspect_request(config: TrackingConfig, scope: Scope, started_at: float) -> 
     if scope.get("type") != "http":
         return None
     method = scope.get("method")
-    method = method.upper() if isinstance(method, str) and method else "GET"
+    upper = _UPPER_METHODS.get(method) if method.__class__ is str else None
+    method = upper or (method.upper() if isinstance(method, str) and method else "GET")
     if (config.allowed_methods is not None or config.ignored_methods) and not _method_allowed(
         config, method
     ):

@@ -147,11 +147,12 @@ def read_overrides(
     """
     if state is not None:
         state[HIT_BUILT_KEY] = True
-    if scope.get("state") is state and state is not None:
-        # The common case: the request's own state dict, still in place.
-        own: Any = state.get(STATE_KEY)
-        if own.__class__ is dict:
-            return own
+        in_scope: object = scope.get("state")
+        if in_scope is state:
+            # The common case: the request's own state dict, still in place.
+            own: Any = state.get(STATE_KEY)
+            if own.__class__ is dict:
+                return own
     for candidate in (scope.get("state"), state):
         if candidate is not None and (
             candidate.__class__ is dict or isinstance(candidate, Mapping)
