@@ -155,13 +155,10 @@ def _run_step(mode: str, calls: int) -> None:
 
     from asgi_matomo import MatomoMiddleware
     from asgi_matomo._bulk import bulk_body
-    from asgi_matomo._core import (
-        _DIRECT_ORDER,
-        _headers,
-        build_hits,
-        inspect_request,
-        route_template,
-    )
+    from asgi_matomo._core import build_hits
+    from asgi_matomo._headers import DIRECT_ORDER, read_headers
+    from asgi_matomo._request import inspect_request
+    from asgi_matomo._routes import route_template
 
     # A sender that never sends on its own: the queue is emptied every 100 calls
     # instead, as a running sender would, without counting a POST.
@@ -189,7 +186,7 @@ def _run_step(mode: str, calls: int) -> None:
     if mode == "headers":
         for scope in scopes:
             # What inspect_request reads without a trusted proxy, as configured here.
-            _headers(scope, _DIRECT_ORDER)
+            read_headers(scope, DIRECT_ORDER)
     elif mode == "inspect":
         for scope in scopes:
             inspect_request(config, scope, now)

@@ -53,14 +53,11 @@ from asgi_lifespan import LifespanManager
 
 from asgi_matomo import MatomoMiddleware
 from asgi_matomo._bulk import bulk_body
-from asgi_matomo._core import (
-    _DIRECT_ORDER,
-    _headers,
-    build_hits,
-    inspect_request,
-    route_template,
-)
+from asgi_matomo._core import build_hits
+from asgi_matomo._headers import DIRECT_ORDER, read_headers
 from asgi_matomo._hit import Hit
+from asgi_matomo._request import inspect_request
+from asgi_matomo._routes import route_template
 from asgi_matomo._sender import DEFAULT_MAX_QUEUE_SIZE, BatchSender
 from asgi_matomo._types import Message, Scope
 
@@ -166,7 +163,7 @@ def breakdown(calls: int) -> dict[str, float]:
     # garbage collector too.)
     # What inspect_request reads without a trusted proxy, as configured here.
     result["  of which reading the headers"] = timed(
-        lambda: deque((_headers(s, _DIRECT_ORDER) for s in scopes), maxlen=0)
+        lambda: deque((read_headers(s, DIRECT_ORDER) for s in scopes), maxlen=0)
     )
     hits: list[list[Hit]] = []
     result["build_hits"] = timed(

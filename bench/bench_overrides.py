@@ -52,7 +52,8 @@ def overrides_of(case: str) -> dict[str, Any] | None:
 def run(case: str, calls: int) -> None:
     """The counted program: build `calls` inputs, then (unless `setup`) the hits of each."""
     from asgi_matomo._config import build_config
-    from asgi_matomo._core import build_hits, inspect_request
+    from asgi_matomo._core import build_hits
+    from asgi_matomo._request import inspect_request
 
     details = {"/report": {"e_c": "Reports", "e_a": "View"}} if case == "route-details" else None
     config = build_config(

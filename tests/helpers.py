@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl
 import httpx
 
 from asgi_matomo._config import DEFAULT_IGNORED_METHODS, build_config
-from asgi_matomo._core import TrackingConfig
 from asgi_matomo._hit import Hit
+from asgi_matomo._request import TrackingConfig
 from asgi_matomo._types import Message
 
 

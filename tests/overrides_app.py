@@ -29,6 +29,8 @@ CASES: dict[str, dict[str, Any]] = {
     "bad-cid": {"cid": "not a visitor id", "action_name": "kept"},
     "many-cvars": {"cvar": {f"v{i}": i for i in range(1000)}},
     "big-int": {"uid": 10**5000, "action_name": "kept"},
+    # PHP would read ` idsite` as `idsite`; `a&b=c` would add a parameter `b`.
+    "bad-names": {" idsite": 9, "a&b=c": "x", "url\n": "/evil", "dimension2": "kept"},
 }
 
 

@@ -8,6 +8,8 @@ Starlette runs in a thread pool.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -40,10 +42,34 @@ async def plain(request: Request) -> Response:
     return JSONResponse({"path": request.url.path})
 
 
+# /late starts a task that sets a parameter once /release lets it: after the
+# response of /late has ended and its hit was built.
+_late: list[tuple[asyncio.Task[bool], asyncio.Event]] = []
+
+
+async def late(request: Request) -> Response:
+    released = asyncio.Event()
+
+    async def set_later() -> bool:
+        await released.wait()
+        return set_tracking_params(dimension2="too late")
+
+    _late.append((asyncio.create_task(set_later()), released))
+    return JSONResponse({"found": set_tracking_params(dimension1="in time")})
+
+
+async def release(request: Request) -> Response:
+    task, released = _late.pop()
+    released.set()
+    return JSONResponse({"found": await task})
+
+
 app = Starlette(
     routes=[
         Route("/sync", sync),
         Route("/plain", plain),
+        Route("/late", late),
+        Route("/release", release),
         Route("/{path:path}", mutate, methods=METHODS),
     ],
     middleware=[

@@ -10,18 +10,22 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import anyio
+import httpx
 import pytest
 from asgiref.sync import iscoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from quart import Quart, request
 
-from asgi_matomo._core import route_template
+from asgi_matomo._collector import Collector
+from asgi_matomo._routes import route_template
 from asgi_matomo.contrib.django import MatomoRouteMiddleware
 from asgi_matomo.contrib.quart import add_route_templates
+from tests.servers import serve
 
 
 def test_importing_the_library_imports_no_framework() -> None:
@@ -109,3 +113,45 @@ def test_quart_adapter_stores_the_rule_of_each_request() -> None:
         return await found.get_data(as_text=True), missing.status_code
 
     assert anyio.run(main) == ("/users/<int:user_id>", 404)
+
+
+def test_quart_hook_runs_before_the_apps_own_hooks() -> None:
+    app = Quart(__name__)
+
+    @app.before_request
+    async def earlier() -> None:
+        pass
+
+    add_route_templates(app)
+
+    @app.before_request
+    async def later() -> None:
+        pass
+
+    hooks = app.before_request_funcs[None]
+    assert [hook.__name__ for hook in hooks] == ["_store_route", "earlier", "later"]
+    add_route_templates(app)  # again: still once, still first
+    assert [hook.__name__ for hook in hooks] == ["_store_route", "earlier", "later"]
+
+
+@pytest.mark.slow
+def test_quart_hooks_that_answer_early_keep_the_route_template(tmp_path: Path) -> None:
+    """Under uvicorn: a before_request hook returns a response before the handler runs."""
+    checks = {
+        "/closed/today": (503, "/closed/<name>"),  # an app hook registered before
+        "/shop/items/3": (401, "/shop/items/<int:item_id>"),  # a blueprint's hook
+        "/open/late": (409, "/open/<name>"),  # an app hook registered after
+        "/open/door": (200, "/open/<name>"),
+    }
+    options = {"action_name_from_route": True}
+    with (
+        Collector() as collector,
+        serve(
+            "tests.quart_hooks_app:app", collector.tracking_url, tmp_path, options=options
+        ) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        for path, (status, _) in checks.items():
+            assert client.get(path).status_code == status, path
+        hits = {httpx.URL(hit.url or "").path: hit for hit in collector.wait_for_hits(len(checks))}
+    assert {path: (hit.http_status, hit.action_name) for path, hit in hits.items()} == checks

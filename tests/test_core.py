@@ -13,19 +13,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_matomo._core import (
+from asgi_matomo._core import build_hits
+from asgi_matomo._encoding import encode_query, quote_value
+from asgi_matomo._overrides import (
     MAX_ACTION_NAME_LENGTH,
     MAX_TEXT_LENGTH,
     MAX_URL_LENGTH,
-    RequestInfo,
-    TrackingConfig,
-    build_hits,
-    encode_query,
-    inspect_request,
-    quote_value,
-    route_template,
+    param_value,
+    performance_value,
 )
-from asgi_matomo._overrides import param_value, performance_value
+from asgi_matomo._request import RequestInfo, TrackingConfig, inspect_request
+from asgi_matomo._routes import route_template
 from tests.helpers import config, http_scope, params_of
 
 STARTED = 1_700_000_000.75
@@ -760,3 +758,17 @@ def test_route_details_keys_match_with_or_without_converters(key: str, template:
     cfg = config(route_details={key: {"action_name": "Users"}})
     (hit,) = hits_for(http_scope("/users/5"), cfg=cfg, template=template)
     assert hit["action_name"] == "Users"
+
+
+@pytest.mark.parametrize(
+    ("method", "reported"),
+    [("GET", "GET"), ("get", "GET"), ("Patch", "PATCH"), ("PROPFIND", "PROPFIND"), ("", "GET")],
+)
+def test_the_method_is_reported_in_uppercase(method: str, reported: str) -> None:
+    assert info_of(http_scope("/", method=method)).method == reported
+
+
+def test_a_method_that_is_no_text_is_a_get() -> None:
+    scope = http_scope("/")
+    scope["method"] = ["GET"]  # unhashable: never looked up in the table of methods
+    assert info_of(scope).method == "GET"

@@ -24,9 +24,9 @@ from asgi_lifespan import LifespanManager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo import MatomoMiddleware, _overrides
+from asgi_matomo import MatomoMiddleware, _overrides, set_tracking_params
 from asgi_matomo._collector import Collector
-from asgi_matomo._core import RequestInfo, TrackingConfig, build_hits, inspect_request
+from asgi_matomo._core import build_hits
 from asgi_matomo._overrides import (
     MAX_CDT_AGE,
     MAX_OVERRIDE_PARAMETERS,
@@ -40,9 +40,11 @@ from asgi_matomo._overrides import (
     warn_once,
 )
 from asgi_matomo._proxy import parse_ip
+from asgi_matomo._request import RequestInfo, TrackingConfig, inspect_request
 from asgi_matomo._types import Message, Receive, Scope, Send
+from asgi_matomo.testing import MatomoRecorder
 from tests.helpers import BulkRecorder, call_app, config, http_scope, params_of
-from tests.overrides_app import CASES
+from tests.overrides_app import CASES, handler
 from tests.servers import serve
 
 STARTED = 1_700_000_000.75
@@ -286,6 +288,75 @@ def test_keys_that_name_no_parameter_are_left_out(key: object) -> None:
     hit = page_view({key: "v", "uid": "u"})
     assert hit["uid"] == "u"
     assert "v" not in hit.values()
+
+
+BAD_NAMES = [" idsite", "idsite ", "a&b=c", "url\n", "a.b", "a b", "é", "a[b", "a]", "a[b]c", "%41"]
+
+
+@pytest.mark.parametrize("key", BAD_NAMES)
+def test_names_that_are_no_matomo_parameter_names_are_left_out_with_a_warning(
+    key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
+        hit = page_view({key: "v", "dimension1": "kept"})
+    assert hit["dimension1"] == "kept"
+    assert "v" not in hit.values()
+    assert hit["idsite"] == "1"
+    (warning,) = warnings_of(caplog)
+    assert repr(key) in warning
+    assert "letters, digits and _" in warning
+
+
+@pytest.mark.parametrize(
+    "key", ["dimension12", "search_cat", "_id", "ma_id", "pf_srv", "a[b]", "a[]"]
+)
+def test_matomo_parameter_names_are_kept(key: str) -> None:
+    value = "0123456789abcdef" if key == "_id" else "12"
+    assert page_view({key: value})[key] == value
+
+
+def test_bad_names_are_warned_about_within_the_budget(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="asgi_matomo"):
+        page_view({f"bad name {i}": i for i in range(50)})
+        page_view({"bad name 0": 0})
+    warned = [r for r in caplog.records if "no Matomo parameter has such a name" in r.getMessage()]
+    assert sum(r.levelno == logging.WARNING for r in warned) == WARNINGS_PER_KIND
+    assert len(warned) == 51  # the others at DEBUG level
+
+
+@pytest.mark.parametrize("key", BAD_NAMES)
+def test_route_details_with_a_name_that_is_no_parameter_name_are_refused(key: str) -> None:
+    with pytest.raises(ValueError, match=r"route_details\['/x'\]\[.*no Matomo parameter"):
+        MatomoMiddleware(
+            handler, matomo_url="https://m.example", idsite=1, route_details={"/x": {key: "v"}}
+        )
+
+
+@pytest.mark.anyio
+async def test_names_set_by_the_app_or_its_functions_are_checked_alike(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    matomo = MatomoRecorder()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        set_tracking_params({"a&b=c": "x", "dimension1": "kept"})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = MatomoMiddleware(
+        app,
+        matomo_url="https://m.example",
+        idsite=1,
+        client=matomo.client,
+        request_details=lambda scope, status: {" uid": "u", "dimension2": "kept"},
+    )
+    with caplog.at_level(logging.WARNING, logger="asgi_matomo"):
+        await call_app(middleware, http_scope("/"))
+    await matomo.aclose()
+    (hit,) = matomo.hits
+    assert (hit["dimension1"], hit["dimension2"]) == ("kept", "kept")
+    assert not {"a", "b", " uid", "uid"} & set(hit)
+    assert len(warnings_of(caplog)) == 2
 
 
 def test_reserved_parameters_are_never_taken() -> None:
@@ -591,6 +662,10 @@ def test_awkward_overrides_under_a_real_server_keep_every_hit(tmp_path: Path) ->
     assert len(long.params["dimension1"]) == 250
     assert hits["many-cvars"].cvar is not None
     assert len(hits["many-cvars"].cvar) == 5
+    bad_names = hits["bad-names"]
+    assert (bad_names.idsite, bad_names.params["dimension2"]) == (1, "kept")
+    assert bad_names.url == f"https://{server.url.removeprefix('http://')}/bad-names"
+    assert not {"b", "a", " idsite", "url\n"} & set(bad_names.params)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo import MatomoMiddleware, _core
+from asgi_matomo import MatomoMiddleware, _core, _headers, _request
 from asgi_matomo._bulk import bulk_body
 from asgi_matomo._types import Receive, Scope, Send
 from tests.helpers import BulkRecorder, call_app
@@ -127,12 +127,14 @@ def test_the_fast_header_table_reads_what_the_careful_loop_reads(
 ) -> None:
     # Servers send lowercase names once each: those take a dict built in C. Any
     # list (repeated names, mixed case, empty names) must read the same as the loop.
-    assert _core._headers({"headers": headers}) == _core._headers_by_loop(headers)
-    assert _core._headers({"headers": tuple(headers)}) == _core._headers_by_loop(headers)
+    assert _headers.read_headers({"headers": headers}) == _headers.read_headers_by_loop(headers)
+    assert _headers.read_headers({"headers": tuple(headers)}) == _headers.read_headers_by_loop(
+        headers
+    )
     # Without a trusted proxy only four are looked up: the same values for those.
-    wanted = _core._DIRECT_ORDER
-    direct = _core._headers({"headers": headers}, wanted)
-    expected = _core._headers_by_loop(headers)
+    wanted = _headers.DIRECT_ORDER
+    direct = _headers.read_headers({"headers": headers}, wanted)
+    expected = _headers.read_headers_by_loop(headers)
     assert {k: direct[k] for k in wanted if k in direct} == {
         k: expected[k] for k in wanted if k in expected
     }
@@ -166,7 +168,7 @@ def test_the_plain_hit_is_the_general_hit(
         trusted_proxies=["10.0.0.0/8", "::1"] if proxies else None,
         anonymize_ip_bytes=1 if proxies else 0,
     )
-    info = _core.inspect_request(config, scope, 1_700_000_000.5)
+    info = _request.inspect_request(config, scope, 1_700_000_000.5)
     if info is None:
         return
     common: dict[str, Any] = {"status": status, "elapsed_ms": elapsed_ms, "template": template}
@@ -180,7 +182,7 @@ def test_the_plain_hit_is_the_general_hit(
 @settings(max_examples=1000, deadline=None)
 @given(scope=scopes)
 def test_the_common_paths_shortcut_is_the_general_rule(scope: dict[str, Any]) -> None:
-    assert _core._paths(scope) == _core._paths_general(
+    assert _request._paths(scope) == _request._paths_general(
         scope.get("root_path"), scope.get("path"), scope.get("raw_path")
     )
 

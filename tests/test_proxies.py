@@ -41,7 +41,8 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"}
     | {"upgrade", "host", "content-length", "content-encoding"}
 )
-Style = Literal["x-forwarded", "forwarded"]
+# "forwarded-line": RFC 7239 too, each proxy adding a field line of its own.
+Style = Literal["x-forwarded", "forwarded", "forwarded-line"]
 # The middleware's forwarded_header for each style of proxy.
 HEADER_OF = {"x-forwarded": "x-forwarded-for", "forwarded": "forwarded"}
 
@@ -95,9 +96,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             # RFC 7239: each proxy appends one element about the request it received.
             node = f'"[{peer}]"' if ":" in peer else peer
             element = f'for={node};proto={proxy.proto};host="{original_host}"'
-            chain = self.headers.get("Forwarded")
-            headers = [(k, v) for k, v in headers if k.lower() != "forwarded"]
-            headers.append(("Forwarded", f"{chain}, {element}" if chain else element))
+            if proxy.style == "forwarded-line":
+                headers.append(("Forwarded", element))  # the lines received are passed on
+            else:
+                chain = self.headers.get("Forwarded")
+                headers = [(k, v) for k, v in headers if k.lower() != "forwarded"]
+                headers.append(("Forwarded", f"{chain}, {element}" if chain else element))
         upstream = proxy.client.get(proxy.upstream + self.path, headers=headers)
         self.send_response(upstream.status_code)
         for name, value in upstream.headers.multi_items():
@@ -256,6 +260,23 @@ def test_forwarded_proto_and_host_from_the_visitor_are_ignored(
     assert hit.url == "https://www.example.org/?rid=spoof"  # not http://evil.example/
 
 
+def test_a_malformed_forwarded_line_of_the_visitor_keeps_the_lines_the_proxies_added(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """The visitor's own Forwarded line opens a quote; each proxy adds a line after it."""
+    opts = options(trusted_proxies=[EDGE, INNER], forwarded_header="forwarded")
+    garbage = {"host": "www.example.org", "forwarded": 'for="6.6.6.6;host=evil.example'}
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=opts) as server,
+        two_proxies(server, "forwarded-line") as edge,
+        client_from(VISITOR) as client,
+    ):
+        client.get(edge.url + "/?rid=garbage", headers=garbage).raise_for_status()
+        hit = only_hit(collector)
+    assert hit.visitor_ip == VISITOR
+    assert hit.url == "https://www.example.org/?rid=garbage"
+
+
 def test_uvicorn_proxy_headers_rewrite_the_client(collector: Collector, tmp_path: Path) -> None:
     """uvicorn's own --proxy-headers handling: the app, and so the middleware, see the visitor."""
     extra = ("--proxy-headers", "--forwarded-allow-ips", f"{EDGE},{INNER}")
@@ -301,6 +322,25 @@ def test_ipv6_clients(collector: Collector, tmp_path: Path) -> None:
     assert hits["v6"].url == f"http://[::1]:{server.port}/?rid=v6"
     assert hits["v6-proxied"].visitor_ip == "2001:db8::7"
     assert hits["v6-proxied"].url == "https://[2001:db8::1]:8443/?rid=v6-proxied"
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv4_clients_of_a_dual_stack_server(collector: Collector, tmp_path: Path) -> None:
+    """hypercorn on [::] sees IPv4 peers as `::ffff:a.b.c.d`: matched and reported as IPv4."""
+    opts = options(trusted_proxies=[INNER])
+    with serve(
+        APP, collector.tracking_url, tmp_path, kind="hypercorn", options=opts, host="::"
+    ) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        with client_from(VISITOR) as client:
+            response = client.get(url + "/?rid=direct")
+            assert response.text.split()[0] == f"::ffff:{VISITOR}"  # what the app sees
+        with client_from(INNER) as client:
+            forwarded = {"x-forwarded-for": "::ffff:198.51.100.7"}
+            client.get(url + "/?rid=proxied", headers=forwarded).raise_for_status()
+        hits = {httpx.URL(h.url or "").params["rid"]: h for h in collector.wait_for_hits(2)}
+    assert hits["direct"].visitor_ip == VISITOR
+    assert hits["proxied"].visitor_ip == "198.51.100.7"
 
 
 @pytest.mark.parametrize(
@@ -412,6 +452,31 @@ def test_behind_nginx(collector: Collector, tmp_path: Path) -> None:
         hit = only_hit(collector)
     assert hit.visitor_ip == VISITOR
     assert hit.url == "http://www.example.org/?rid=nginx"  # no TLS at this nginx
+
+
+# Appending to what the visitor sent, on the same line (no quotes in what nginx adds).
+NGINX_FORWARDED_APPENDED = """
+            proxy_set_header Forwarded "$http_forwarded, for=$remote_addr;proto=$scheme";
+"""
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+@pytest.mark.parametrize("garbage", ['for="6.6.6.6', "for=6.6.6.6;for=6.6.6.7", "for=6.6.6.6 x"])
+def test_behind_nginx_appending_to_a_malformed_forwarded_header(
+    garbage: str, collector: Collector, tmp_path: Path
+) -> None:
+    """The visitor's malformed start of the line does not hide the element nginx appended."""
+    opts = options(trusted_proxies=[INNER], forwarded_header="forwarded")
+    with (
+        serve(APP, collector.tracking_url, tmp_path, options=opts) as server,
+        nginx(tmp_path, server.url, NGINX_FORWARDED_APPENDED) as url,
+        client_from(VISITOR) as client,
+    ):
+        headers = {"host": "www.example.org", "forwarded": garbage}
+        client.get(url + "/?rid=appended", headers=headers).raise_for_status()
+        hit = only_hit(collector)
+    assert hit.visitor_ip == VISITOR
+    assert hit.url == "http://www.example.org/?rid=appended"
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")

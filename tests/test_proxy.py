@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_matomo._core import MAX_TEXT_LENGTH, inspect_request
-from asgi_matomo._proxy import _forwarded_elements, parse_trusted_proxies, resolve_forwarded
+from asgi_matomo._core import build_hits
+from asgi_matomo._headers import read_headers_by_loop
+from asgi_matomo._overrides import MAX_TEXT_LENGTH
+from asgi_matomo._proxy import (
+    Forwarded,
+    _forwarded_elements,
+    parse_ip,
+    parse_trusted_proxies,
+    resolve_forwarded,
+)
+from asgi_matomo._request import inspect_request
 from tests.helpers import config, http_scope
 
 PROXY = ("10.0.0.2", 443)
@@ -47,19 +58,118 @@ def test_forwarded_elements_follow_rfc7239(header: str, elements: list[dict[str,
 
 
 @pytest.mark.parametrize(
-    "header",
+    ("header", "client"),
     [
-        'for="2.2.2.2',  # a quote left open
-        'for="2.2.2.2"x, for=3.3.3.3',  # text after a closing quote
-        'for=2.2"2.2',  # a quote inside a token
-        "for=1.1.1.1 2.2.2.2",  # two tokens
-        "for=1.1.1.1;for=6.6.6.6",  # a parameter twice in one element
-        '"for"=1.1.1.1',
+        ('for="2.2.2.2', None),  # a quote left open
+        ('for=2.2"2.2', None),  # a quote inside a token
+        ("for=1.1.1.1 2.2.2.2", None),  # two tokens
+        ("for=1.1.1.1;for=6.6.6.6", None),  # a parameter twice in one element
+        ('"for"=1.1.1.1', None),
+        # Text after a closing quote; the element after the next comma is whole.
+        ('for="2.2.2.2"x, for=3.3.3.3', "3.3.3.3"),
     ],
 )
-def test_a_malformed_forwarded_header_gives_no_element(header: str) -> None:
+def test_a_malformed_forwarded_line_gives_no_element(header: str, client: str | None) -> None:
     assert _forwarded_elements(header) == []
-    assert client_of(header) is None
+    assert client_of(header) == client
+
+
+VISITOR_LINES = [
+    'for="6.6.6.6',  # a quote left open
+    "for=6.6.6.6;for=7.7.7.7",  # a parameter twice
+    'for=6.6.6.6;host="a"b',  # text after a closing quote
+    "for=6.6.6.6 7.7.7.7",  # two tokens
+    '"',
+]
+
+
+@pytest.mark.parametrize("garbage", VISITOR_LINES)
+def test_a_malformed_line_of_the_visitor_keeps_the_lines_the_proxies_added(garbage: str) -> None:
+    """Each proxy adding its own field line: the visitor's line cannot hide them."""
+    one_proxy = f'{garbage}\nfor=198.51.100.7;proto=https;host="www.example.org"'
+    forwarded = resolve_forwarded(
+        forwarded=one_proxy,
+        x_forwarded_for=None,
+        x_forwarded_proto=None,
+        x_forwarded_host=None,
+        networks=NETWORKS,
+    )
+    assert forwarded == Forwarded("198.51.100.7", "https", "www.example.org")
+    # Behind two trusted proxies, each with its line: the walk goes on past the inner one.
+    assert client_of(f"{garbage}\nfor=198.51.100.7\nfor=10.0.0.3") == "198.51.100.7"
+
+
+@pytest.mark.parametrize("garbage", VISITOR_LINES)
+def test_a_malformed_start_of_a_line_keeps_the_elements_a_proxy_appended(garbage: str) -> None:
+    """nginx's `$http_forwarded, for=$remote_addr`: one line, the visitor's text first."""
+    assert client_of(f"{garbage}, for=198.51.100.7") == "198.51.100.7"
+    assert client_of(f"{garbage}, for=198.51.100.7, for=10.0.0.3;proto=https") == "198.51.100.7"
+
+
+def test_a_malformed_line_stops_the_walk_from_the_right() -> None:
+    """What a broken line hides is unknown: the hop next to it is the client, never further."""
+    assert client_of("for=6.6.6.6\nfor=1.1.1.1;for=2.2.2.2\nfor=10.0.0.5") == "10.0.0.5"
+    assert client_of('for=6.6.6.6, for="1.1.1.1, for=10.0.0.5') == "10.0.0.5"
+
+
+def test_elements_before_the_last_quote_of_a_malformed_line_are_never_read() -> None:
+    """A proxy that puts the visitor's Host in quotes unescaped; only the left is the visitor's.
+
+    Read from the right, `for=6.6.6.6;host="evil"` would look like an element of its own.
+    """
+    line = 'for=198.51.100.7;host="x, for=6.6.6.6;host="evil"'
+    assert _forwarded_elements(line) == []
+    assert client_of(line) is None
+
+
+def test_forwarded_lines_stay_apart_and_x_forwarded_for_lines_are_joined() -> None:
+    headers = [
+        (b"forwarded", b'for="6.6.6.6'),
+        (b"x-forwarded-for", b"6.6.6.6"),
+        (b"forwarded", b"for=198.51.100.7"),
+        (b"x-forwarded-for", b"198.51.100.7"),
+    ]
+    found = read_headers_by_loop(headers)
+    assert found[b"forwarded"] == 'for="6.6.6.6\nfor=198.51.100.7'
+    assert found[b"x-forwarded-for"] == "6.6.6.6, 198.51.100.7"
+
+
+def test_a_request_with_a_malformed_forwarded_line_before_the_proxys_line() -> None:
+    cfg = config(
+        trusted_proxies=["10.0.0.0/8"], forwarded_header="forwarded", track_visitor_ip=True
+    )
+    headers = [
+        (b"host", b"app"),
+        (b"forwarded", b'for="6.6.6.6;proto=http;host=evil.example'),
+        (b"forwarded", b"for=198.51.100.7;proto=https;host=www.example.org"),
+    ]
+    info = inspect_request(cfg, http_scope("/", headers=headers, client=PROXY), 0.0)
+    assert info is not None
+    assert info.visitor_ip == "198.51.100.7"
+    assert info.url == "https://www.example.org/"
+
+
+PROXIED = "198.51.100.7"
+visitor_text = st.text(alphabet='for=1.2.3.4,; "\\ab', max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(garbage=visitor_text, separate_line=st.booleans())
+def test_whatever_the_visitor_writes_first_the_proxys_element_is_read(
+    garbage: str, separate_line: bool
+) -> None:
+    appended = f"for={PROXIED}"
+    header = f"{garbage}\n{appended}" if separate_line else f"{garbage}, {appended}"
+    assert client_of(header) == PROXIED
+
+
+@settings(max_examples=1000, deadline=None)
+@given(host=st.text(alphabet="for=6.7,; \\ab", max_size=40), garbage=visitor_text)
+def test_a_host_the_proxy_quoted_never_chooses_the_address(host: str, garbage: str) -> None:
+    """The proxy quotes the visitor's Host without escaping (nginx's `host=\\"$host\\"`)."""
+    line = f'for={PROXIED};host="{host}"'
+    assert client_of(line) in (PROXIED, None)
+    assert client_of(f"{garbage}\n{line}") in (PROXIED, None)
 
 
 def test_a_comma_in_a_quoted_host_does_not_split_the_element() -> None:
@@ -141,3 +251,74 @@ def test_any_forwarded_header_parses_or_gives_nothing(header: str) -> None:
     parsed = _forwarded_elements(header)
     assert all(isinstance(element, dict) for element in parsed)
     client_of(header)  # never raises
+
+
+# --- IPv4-mapped IPv6 addresses: one visitor, one address -------------------------------
+
+
+@pytest.mark.parametrize(
+    "token", ["::ffff:192.0.2.1", "[::ffff:192.0.2.1]:4711", '"[::FFFF:c000:201]"']
+)
+def test_an_ipv4_mapped_address_is_read_as_ipv4(token: str) -> None:
+    assert parse_ip(token) == ipaddress.IPv4Address("192.0.2.1")
+
+
+def test_an_ipv4_mapped_trusted_network_matches_ipv4_peers() -> None:
+    assert parse_trusted_proxies(["::ffff:10.0.0.0/104", "::ffff:10.1.2.3"]) == (
+        ipaddress.IPv4Network("10.0.0.0/8"),
+        ipaddress.IPv4Network("10.1.2.3/32"),
+    )
+    # Not mapped: left alone.
+    assert parse_trusted_proxies(["::/0"]) == (ipaddress.IPv6Network("::/0"),)
+
+
+def test_a_dual_stack_peer_is_unmapped_for_cip_and_the_visitor_id() -> None:
+    cfg = config(track_visitor_ip=True, visitor_ids=True, visitor_key="k" * 32)
+    mapped = inspect_request(cfg, http_scope("/", client=("::ffff:192.0.2.1", 5000)), 0.0)
+    plain = inspect_request(cfg, http_scope("/", client=("192.0.2.1", 5000)), 0.0)
+    assert mapped is not None
+    assert plain is not None
+    assert mapped.visitor_ip == "192.0.2.1"
+    assert mapped.visitor_id == plain.visitor_id is not None
+
+
+def test_a_dual_stack_proxy_is_trusted_and_the_forwarded_visitor_unmapped() -> None:
+    for header, value in [
+        ("x-forwarded-for", b"::ffff:198.51.100.7, ::ffff:10.0.0.3"),
+        ("forwarded", b'for="[::ffff:198.51.100.7]:4711", for=10.0.0.3'),
+    ]:
+        cfg = config(trusted_proxies=["10.0.0.0/8"], forwarded_header=header, track_visitor_ip=True)
+        scope = http_scope("/", headers=[(header.encode(), value)], client=("::ffff:10.0.0.2", 443))
+        info = inspect_request(cfg, scope, 0.0)
+        assert info is not None
+        assert info.visitor_ip == "198.51.100.7"
+
+
+def test_a_dual_stack_peer_is_anonymized_as_ipv4() -> None:
+    cfg = config(track_visitor_ip=True, anonymize_ip_bytes=2)
+    info = inspect_request(cfg, http_scope("/", client=("::ffff:192.0.2.1", 5000)), 0.0)
+    assert info is not None
+    assert info.visitor_ip == "192.0.0.0"
+
+
+@pytest.mark.parametrize("peer", ["2001:db8::1", "::1", "not:an:address"])
+def test_other_peers_with_a_colon_are_kept_as_given(peer: str) -> None:
+    info = inspect_request(config(track_visitor_ip=True), http_scope("/", client=(peer, 1)), 0.0)
+    assert info is not None
+    assert info.visitor_ip == peer
+
+
+def test_an_ipv4_mapped_cip_override_is_sent_as_ipv4() -> None:
+    cfg = config(track_visitor_ip=True)
+    info = inspect_request(cfg, http_scope("/"), 0.0)
+    assert info is not None
+    (hit,) = build_hits(
+        cfg,
+        info,
+        status=200,
+        elapsed_ms=None,
+        template=None,
+        overrides={"cip": "::ffff:192.0.2.1"},
+        rand=lambda: 1,
+    )
+    assert hit.cip == "192.0.2.1"

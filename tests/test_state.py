@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -16,11 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from asgi_matomo import MatomoMiddleware, set_tracking_params
+from asgi_matomo import MatomoMiddleware, _overrides, set_tracking_params
+from asgi_matomo._collector import Collector
 from asgi_matomo._types import ASGIApp, Receive, Scope, Send
 from asgi_matomo._visitor import VisitorIds
 from asgi_matomo.testing import MatomoRecorder
 from tests.helpers import call_app, http_scope
+from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -223,6 +227,80 @@ async def test_set_tracking_params_from_async_code_and_from_a_thread_pool(
         ("async-user", "deep"),
         ("sync-user", "deep"),
     ]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_set_tracking_params_after_the_hit_was_built_answers_false(
+    recorder: MatomoRecorder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task the handler started, still running after the response: its values reach no hit."""
+    monkeypatch.setattr(_overrides, "_warned", {})
+    answers: list[bool] = []
+    released = anyio.Event()
+
+    async def set_later() -> None:
+        await released.wait()
+        answers.append(set_tracking_params(dimension2="too late"))
+        answers.append(set_tracking_params({"uid": "later"}))
+        answers.append(set_tracking_params(dimension2="again"))
+
+    async with anyio.create_task_group() as tasks:
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            tasks.start_soon(set_later)  # with a copy of the request's context
+            answers.append(set_tracking_params(dimension1="in time"))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        with caplog.at_level(logging.DEBUG, logger="asgi_matomo"):
+            await call_app(tracked(app, recorder), http_scope("/"))
+            released.set()
+    assert answers == [True, False, False, False]
+    (hit,) = recorder.hits
+    assert hit["dimension1"] == "in time"
+    assert "dimension2" not in hit
+    assert "uid" not in hit
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # once per call site: the same names again at DEBUG only
+    assert "set_tracking_params('dimension2') was called after the request's hit" in warnings[0]
+    assert "set_tracking_params('uid') was called after" in warnings[1]
+    assert "too late" not in caplog.text  # names only, never values
+
+
+async def test_a_server_that_reuses_the_state_dict_does_not_mark_the_next_request(
+    recorder: MatomoRecorder,
+) -> None:
+    """The mark of one request's hit is not inherited by the next one's."""
+    found: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        found.append(set_tracking_params(dimension1=scope["path"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = tracked(app, recorder)
+    shared: dict[str, Any] = {}
+    for path in ("/a", "/b"):
+        await call_app(middleware, {**http_scope(path), "state": shared})
+    assert found == [True, True]
+    assert [hit["dimension1"] for hit in recorder.hits] == ["/a", "/b"]
+
+
+@pytest.mark.slow
+def test_set_tracking_params_too_late_under_a_real_server(tmp_path: Path) -> None:
+    """uvicorn: a task of the handler sets a value after the response; the log says so."""
+    with (
+        Collector() as collector,
+        serve("tests.state_app:app", collector.tracking_url, tmp_path) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert client.get("/late").json() == {"found": True}
+        assert client.get("/release").json() == {"found": False}
+        hits = {httpx.URL(h.url or "").path: h for h in collector.wait_for_hits(2)}
+    hit = hits["/late"]
+    assert hit.params.get("dimension1") == "in time"
+    assert "dimension2" not in hit.params
+    assert "set_tracking_params('dimension2') was called after" in server.log()
 
 
 # -- the app's functions ------------------------------------------------------------------

@@ -16,13 +16,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from asgi_matomo import _visitor, _visitor_key
-from asgi_matomo._core import (
-    COOKIE_VISITOR,
-    _headers,
-    _headers_by_loop,
-    build_hits,
-    inspect_request,
-)
+from asgi_matomo._core import build_hits
+from asgi_matomo._headers import COOKIE_VISITOR, read_headers, read_headers_by_loop
+from asgi_matomo._request import inspect_request
 from asgi_matomo._visitor import VisitorIds, cookie_pattern, cookie_visitor_id
 from tests.helpers import config, http_scope, params_of
 
@@ -97,10 +93,10 @@ def test_cookies_split_over_several_fields_are_read() -> None:
     # HTTP/2 lets a client send each cookie in a field of its own.
     pattern = cookie_pattern(1)
     headers = [(b"cookie", b"a=b"), (b"cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]
-    assert _headers({"headers": headers}, cookie=pattern)[COOKIE_VISITOR] == "0123456789abcdef"
+    assert read_headers({"headers": headers}, cookie=pattern)[COOKIE_VISITOR] == "0123456789abcdef"
     # A non-bytes value is no cookie.
-    assert COOKIE_VISITOR not in _headers({"headers": [(b"cookie", "text")]}, cookie=pattern)
-    assert COOKIE_VISITOR not in _headers_by_loop([(b"Cookie", "text")], pattern)
+    assert COOKIE_VISITOR not in read_headers({"headers": [(b"cookie", "text")]}, cookie=pattern)
+    assert COOKIE_VISITOR not in read_headers_by_loop([(b"Cookie", "text")], pattern)
 
 
 cookie_headers = st.lists(
@@ -123,13 +119,15 @@ def test_the_fast_header_table_reads_the_cookie_as_the_careful_loop(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     pattern = cookie_pattern(1)
-    assert _headers({"headers": headers}, cookie=pattern) == _headers_by_loop(headers, pattern)
+    assert read_headers({"headers": headers}, cookie=pattern) == read_headers_by_loop(
+        headers, pattern
+    )
 
 
 def test_cookies_are_not_read_when_visitor_ids_are_off() -> None:
     headers = [(b"cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]
-    assert _headers({"headers": headers}) == {}
-    assert _headers_by_loop([(b"Cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]) == {}
+    assert read_headers({"headers": headers}) == {}
+    assert read_headers_by_loop([(b"Cookie", b"_pk_id.1.aaaa=0123456789abcdef.1.")]) == {}
 
 
 # -- the keyed daily hash ---------------------------------------------------------------

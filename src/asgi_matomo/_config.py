@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from asgi_matomo._core import TrackingConfig, template_key
 from asgi_matomo._overrides import check_fixed
 from asgi_matomo._proxy import UNIX_SOCKET, parse_trusted_proxies
+from asgi_matomo._request import TrackingConfig
+from asgi_matomo._routes import template_key
 from asgi_matomo._visitor import VisitorIds
 from asgi_matomo._visitor_key import visitor_key as _visitor_key
 

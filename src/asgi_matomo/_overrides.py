@@ -73,7 +73,13 @@ _DIMENSION = re.compile(r"dimension[0-9]+")
 _VISITOR_ID = re.compile(r"[0-9a-fA-F]{16}")
 _VISITOR_ID_KEYS = frozenset({"_id"})
 _BYTES_TYPES = (bytes, bytearray, memoryview)
-_NAME_LIMIT = MAX_PARAMETER_NAME_LENGTH
+# Matomo's parameter names (`idsite`, `_id`, `e_c`, `dimension3`, `pf_srv`), and PHP's
+# array form `name[key]`. Anything else is a mistake that PHP would not even keep
+# as written: it reads `a.b` and `a b` as `a_b`, and `a&b=c` would add a parameter.
+_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\[[A-Za-z0-9_]*\])*")
+# Names already found valid: a set lookup instead of a match, for each override.
+_valid_names: set[str] = set()
+_VALID_NAMES_KEPT = 1024
 # Who the visitor is stays out of log lines: such values are shown by their type.
 _PERSONAL_KEYS = frozenset({"cip", "uid", "cid", "_id"})
 
@@ -302,16 +308,17 @@ def merge_overrides(
         return
     added = 0
     for key, value in items:
-        if key.__class__ is not str or not key.isascii() or not 0 < len(key) <= _NAME_LIMIT:
+        if key.__class__ is not str or key not in _valid_names:
             # Handlers write this dict freely; a non-string key is not a parameter.
             if not isinstance(key, str):
                 continue
-            key = clean_text(key, _NAME_LIMIT + 1)
-            if len(key) > _NAME_LIMIT or not key:
+            key = str.__str__(key)
+            if not is_parameter_name(key):
                 warn_once(
-                    "parameter-name",
-                    "asgi_matomo: override %s left out: no Matomo parameter has such a name",
+                    f"parameter-name:{shown(key)}",
+                    "asgi_matomo: override %s left out: no Matomo parameter has such a name; %s",
                     shown(key),
+                    NAME_RULE,
                 )
                 continue
         try:
@@ -341,6 +348,23 @@ def merge_overrides(
             _dropped(key, value, exc)
 
 
+NAME_RULE = (
+    "a Matomo parameter name has letters, digits and _ only (e_c, dimension3),"
+    " or PHP's array form name[key]"
+)
+
+
+def is_parameter_name(key: str) -> bool:
+    """Whether `key` may be a Matomo tracking parameter's name (remembered when it is)."""
+    if key in _valid_names:
+        return True
+    if len(key) > MAX_PARAMETER_NAME_LENGTH or not _PARAMETER_NAME.fullmatch(key):
+        return False
+    if len(_valid_names) < _VALID_NAMES_KEPT:
+        _valid_names.add(key)
+    return True
+
+
 def check_fixed(name: str, details: Mapping[str, Any]) -> None:
     """Refuse at start-up the fixed overrides (`route_details`) a request would leave out.
 
@@ -349,8 +373,8 @@ def check_fixed(name: str, details: Mapping[str, Any]) -> None:
     """
     for key, value in details.items():
         where = f"{name}[{key!r}]"
-        if len(key) > MAX_PARAMETER_NAME_LENGTH:
-            raise ValueError(f"{where}: no Matomo parameter has such a name")
+        if not is_parameter_name(key):
+            raise ValueError(f"{where}: no Matomo parameter has such a name; {NAME_RULE}")
         try:
             if key == "cvar" and isinstance(value, Mapping):
                 for variable, item in value.items():

@@ -8,12 +8,16 @@ client can send `X-Forwarded-For: 1.2.3.4` itself.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+logger = logging.getLogger("asgi_matomo")
 
 # Matomo's privacy setting masks 1, 2 or 3 bytes of an IPv4 address. For IPv6 the
 # same setting here masks 64, 80 or 104 bits: at least the whole interface
@@ -50,16 +54,30 @@ def parse_trusted_proxies(value: Iterable[str] | str | None) -> tuple[IPNetwork,
         if item.strip().lower() == UNIX_SOCKET:
             continue
         try:
-            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            network = ipaddress.ip_network(item.strip(), strict=False)
         except ValueError as exc:
             raise ValueError(
                 f"trusted_proxies: {item!r} is not an IP address or network (e.g. '10.0.0.0/8')"
             ) from exc
+        networks.append(_unmapped_network(network))
     return tuple(networks)
 
 
+def _unmapped_network(network: IPNetwork) -> IPNetwork:
+    """`::ffff:10.0.0.0/104` as `10.0.0.0/8`: addresses are matched unmapped."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 def parse_ip(value: str) -> IPAddress | None:
-    """An address from a header token: strips quotes, brackets and ports; None if not an IP."""
+    """An address from a header token: strips quotes, brackets and ports; None if not an IP.
+
+    An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) is the IPv4 address it maps:
+    the same visitor, whether a dual-stack socket or a proxy wrote it that way.
+    """
     token = value.strip().strip('"')
     if token.startswith("["):
         # RFC 7239 quotes IPv6 as "[2001:db8::1]:4711".
@@ -67,16 +85,32 @@ def parse_ip(value: str) -> IPAddress | None:
     elif token.count(":") == 1:
         token = token.split(":", 1)[0]  # IPv4 with a port
     try:
-        return ipaddress.ip_address(token)
+        address = ipaddress.ip_address(token)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@lru_cache(maxsize=1024)
+def plain_peer(peer: str) -> str:
+    """The server's client address with an IPv4-mapped IPv6 one (`::ffff:192.0.2.1`) unmapped.
+
+    A server listening on `::` sees its IPv4 clients so. Only called for text
+    with a colon; anything that is no address is returned as it is.
+    """
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else peer
 
 
 def is_trusted(address: IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
     if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return any(address in network for network in networks)
 
 
@@ -96,10 +130,11 @@ def _forwarded_elements(header: str) -> list[dict[str, str]]:
     """RFC 7239 `Forwarded`: elements by comma, pairs by semicolon, outside quoted-strings.
 
     `for=2.2.2.2;host="a, for=6.6.6.6"` is one element whose host is
-    `a, for=6.6.6.6`. A header that does not parse (a quote left open, text
+    `a, for=6.6.6.6`. A line that does not parse (a quote left open, text
     after a closing quote, a parameter twice in one element) gives no element
     at all: the visitor writes the left of the header, and a malformed left
-    part must not shift how the trusted proxies' elements after it are read.
+    part must not shift how the trusted proxies' elements after it are read
+    (`_forwarded_chain` then reads what can be read safely from the right).
     """
     elements: list[dict[str, str]] = []
     pairs: dict[str, str] = {}
@@ -121,6 +156,55 @@ def _forwarded_elements(header: str) -> list[dict[str, str]]:
                 return elements
             pairs = {}
         index = match.end()
+
+
+# In place of what could not be read: no address, so the walk from the right stops there.
+_BROKEN_HOP = {"for": ""}
+
+
+def _forwarded_chain(header: str) -> list[dict[str, str]]:
+    """The elements of every `Forwarded` field line, in order, for the walk from the right.
+
+    Field lines come separated by a newline (`_headers` joins them so; no server
+    lets one into a header value). A quote cannot span two lines, so a proxy
+    that adds its own line is read whatever the visitor's line holds. A line
+    that does not parse stands for a broken hop, after the elements of its end
+    that can be read safely (`_tail_elements`): the walk stops there, and uses
+    the good elements the trusted proxies appended to its right.
+    """
+    if "\n" not in header:
+        elements = _forwarded_elements(header)
+        return elements if elements else [_BROKEN_HOP, *_tail_elements(header)]
+    chain: list[dict[str, str]] = []
+    for line in header.split("\n"):
+        elements = _forwarded_elements(line)
+        chain += elements if elements else [_BROKEN_HOP, *_tail_elements(line)]
+    return chain
+
+
+def _tail_elements(line: str) -> list[dict[str, str]]:
+    """The elements at the end of a line that does not parse, read from the right.
+
+    Only after the line's last double quote: a comma there cannot be inside a
+    quoted value the proxies wrote, so it separates elements whatever the
+    visitor wrote further left (an open quote, say). Before it, a comma may be
+    inside a `host="..."` holding a `Host` the visitor chose, and reading from
+    the right would let that host choose the address. The text between the
+    last quote and the next comma ends some element: never one of its own.
+    Elements are taken from the right until one does not parse.
+    """
+    quote = line.rfind('"')
+    parts = line[quote + 1 :].split(",")
+    if quote != -1:
+        del parts[0]
+    elements: list[dict[str, str]] = []
+    for part in reversed(parts):
+        parsed = _forwarded_elements(part)
+        if not parsed:
+            break
+        elements += parsed
+    elements.reverse()
+    return elements
 
 
 def _client_hop(chain: Sequence[str], networks: Sequence[IPNetwork]) -> tuple[int, str] | None:
@@ -169,7 +253,7 @@ def resolve_forwarded(
     visitor wrote further left is as untrustworthy as an address it wrote.
     """
     if forwarded is not None:
-        elements = [element for element in _forwarded_elements(forwarded) if "for" in element]
+        elements = [element for element in _forwarded_chain(forwarded) if "for" in element]
         hop = _client_hop([element["for"] for element in elements], networks)
         if hop is None:
             return Forwarded()
@@ -185,6 +269,53 @@ def resolve_forwarded(
     proto = _entry(_items(x_forwarded_proto), index, len(chain)) if x_forwarded_proto else None
     host = _entry(_items(x_forwarded_host), index, len(chain)) if x_forwarded_host else None
     return Forwarded(client=client, proto=proto.lower() if proto else None, host=host)
+
+
+def hint_untrusted_peer(
+    peer: str | None,
+    x_forwarded_for: str | None,
+    forwarded: str | None,
+    forwarded_header: str,
+) -> bool:
+    """Warn that a peer outside `trusted_proxies` sent forwarding headers; True when warned.
+
+    Its headers are rightly ignored, but if the peer is the app's own proxy,
+    every visitor is recorded with the proxy's address, and nothing else would
+    say so. The caller asks once per process. Nothing is said when the server
+    already put an address of the chain in the scope's `client` (uvicorn's
+    `--proxy-headers`): tracking is right then. The address shown is the peer's,
+    never one from the headers, and a public one is not shown at all: a peer
+    sending such headers itself may be a visitor.
+    """
+    if x_forwarded_for is not None:
+        header = "X-Forwarded-For"
+        chain = [parse_ip(item) for item in _items(x_forwarded_for)]
+    else:
+        header = "Forwarded"
+        chain = [parse_ip(e["for"]) for e in _forwarded_chain(forwarded or "") if "for" in e]
+    address = parse_ip(peer) if peer is not None else None
+    if address is not None and address in chain:
+        return False
+    if peer is None:
+        where, setting = "a unix socket", '"unix"'
+    elif address is None or address.is_global:
+        where = "a public address (not shown: it may be a visitor's own)"
+        setting = '"<your proxy\'s address or network>"'
+    else:
+        where = setting = f'"{address}"'
+    family = "forwarded" if header == "Forwarded" else "x-forwarded-for"
+    also = f' and forwarded_header="{family}"' if family != forwarded_header else ""
+    logger.warning(
+        "asgi_matomo: requests come with an %s header from %s, which is not in "
+        "trusted_proxies: the header is ignored, so Matomo records that peer as the "
+        "visitor of every request it passes on. If it is your reverse proxy, set "
+        "trusted_proxies=[%s]%s (said once)",
+        header,
+        where,
+        setting,
+        also,
+    )
+    return True
 
 
 def anonymize_ip(value: str, mask_bytes: int) -> str:

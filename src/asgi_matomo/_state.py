@@ -15,8 +15,15 @@ from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
-from asgi_matomo._core import STATE_KEY
+from asgi_matomo._overrides import shown, warn_once
 from asgi_matomo._types import Scope
+
+# Where the request's own Matomo parameters live: `scope["state"][STATE_KEY]`.
+STATE_KEY = "asgi_matomo"
+# Set in the request's state once its hits are built: what set_tracking_params
+# would write later (a task the handler started, still running) reaches no hit.
+# The dot keeps it clear of the names apps give their state attributes.
+HIT_BUILT_KEY = "asgi_matomo.hit_built"
 
 # The state (not the dict under STATE_KEY): a handler may replace that dict, and
 # what is written later must land in the one the middleware reads.
@@ -35,7 +42,9 @@ def set_tracking_params(params: Mapping[str, Any] | None = None, /, **more: Any)
     Works like `dict.update` on `request.scope["state"]["asgi_matomo"]`, except
     that custom variables (`cvar`) are added to those already set. Outside a
     request (a background job, a test without the middleware) it does nothing
-    and returns False.
+    and returns False; so it does, with a warning, once the request's hit was
+    built (in a task the handler started that is still running when the
+    response has ended).
 
     ```python
     from asgi_matomo import set_tracking_params
@@ -51,10 +60,13 @@ def set_tracking_params(params: Mapping[str, Any] | None = None, /, **more: Any)
         **more: as keyword arguments (`uid="u-42"`).
 
     Returns:
-        True when the parameters were set for a request.
+        True when the parameters were set for a request, in time for its hit.
     """
     state = current_state.get()
     if state is None:
+        return False
+    if state.get(HIT_BUILT_KEY):
+        _said_too_late(params, more)
         return False
     given: object = params  # whatever the hints say, callers pass lists and strings too
     if given is not None and not isinstance(given, Mapping):
@@ -87,6 +99,19 @@ def _said_misuse(kind: str) -> None:
     )
 
 
+def _said_too_late(params: object, more: Mapping[str, Any]) -> None:
+    names = [*(params if isinstance(params, Mapping) else ()), *more]
+    listed = ", ".join(shown(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+    # Once per call site (as told by the names it sets), within the budget of the kind.
+    warn_once(
+        f"too-late:{listed}",
+        "asgi_matomo: set_tracking_params(%s) was called after the request's hit was built"
+        " (the response had ended): the values are not sent. Set them before the response"
+        " ends, or return them from the request_details function",
+        listed,
+    )
+
+
 def fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
     """Give the request its own override dict, so both documented patterns work.
 
@@ -100,13 +125,15 @@ def fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
     elif state.__class__ is not dict and not isinstance(state, MutableMapping):
         return None
     inherited = state.get(STATE_KEY)
+    if inherited is None:
+        state[STATE_KEY] = {}
+        return state
+    # App-wide overrides from the lifespan state, or a server that hands every
+    # request the same state dict: then an earlier request's mark goes too.
+    state.pop(HIT_BUILT_KEY, None)
     # (`__class__ is dict` first: ABC isinstance checks are slow, and this runs per request.)
     state[STATE_KEY] = (
-        {}
-        if inherited is None
-        else dict(inherited)
-        if inherited.__class__ is dict or isinstance(inherited, Mapping)
-        else {}
+        dict(inherited) if inherited.__class__ is dict or isinstance(inherited, Mapping) else {}
     )
     return state
 
@@ -114,12 +141,18 @@ def fresh_state(scope: Scope) -> MutableMapping[str, Any] | None:
 def read_overrides(
     scope: Scope, state: MutableMapping[str, Any] | None
 ) -> Mapping[str, Any] | None:
-    """What the handler set, read when the response ends."""
-    if scope.get("state") is state and state is not None:
-        # The common case: the request's own state dict, still in place.
-        own: Any = state.get(STATE_KEY)
-        if own.__class__ is dict:
-            return own
+    """What the handler set, read when the response ends, to build the request's hits.
+
+    From then on, set_tracking_params answers False for this request.
+    """
+    if state is not None:
+        state[HIT_BUILT_KEY] = True
+        in_scope: object = scope.get("state")
+        if in_scope is state:
+            # The common case: the request's own state dict, still in place.
+            own: Any = state.get(STATE_KEY)
+            if own.__class__ is dict:
+                return own
     for candidate in (scope.get("state"), state):
         if candidate is not None and (
             candidate.__class__ is dict or isinstance(candidate, Mapping)

@@ -2,7 +2,9 @@
 
 Quart keeps the matched rule on the request (`request.url_rule`), not in the
 ASGI scope. `add_route_templates(app)` registers a `before_request` hook that
-hands the rule's template (`/users/<int:user_id>`) to the middleware.
+hands the rule's template (`/users/<int:user_id>`) to the middleware. It runs
+first: a hook that answers early (a maintenance page, a refused login) stops
+the hooks after it, and its page view would lose its template.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def add_route_templates(app: AppT) -> AppT:
     Args:
         app: The Quart application; returned, so that the call can wrap its creation.
     """
-    if _store_route not in app.before_request_funcs.get(None, []):
-        app.before_request(_store_route)
+    hooks = app.before_request_funcs[None]
+    if _store_route in hooks:
+        hooks.remove(_store_route)
+    # App-wide hooks run before the blueprints' ones, in order: first of all.
+    hooks.insert(0, _store_route)
     return app
 
 
