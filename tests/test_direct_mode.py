@@ -9,6 +9,7 @@ were in flight at once.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from urllib.parse import parse_qs
 import anyio
 import pytest
 
+from asgi_matomo._hit import Hit
+from asgi_matomo._sender import BatchSender, Stats
 from tests.servers import serve
 from tests.test_delivery import load, stats, wait_until
 from tests.threaded_server import read_body, serve_in_thread
@@ -102,3 +105,48 @@ def test_a_burst_without_lifespan_keeps_to_the_limit_and_counts_every_hit(
         assert counters["dropped"] == 0
     # The hits of requests that found the limit reached went in batches.
     assert app.requests < REQUESTS
+
+
+def test_a_request_stops_taking_waiting_hits_while_others_keep_coming(
+    matomo: tuple[SlowMatomo, str],
+) -> None:
+    """Under a steady load the queue never empties: the first request must still finish.
+
+    Its task takes what waits for about http_timeout, then leaves it to the next
+    request (a server or an adapter that awaits the app's call would wait as long).
+    """
+    app, url = matomo
+    numbers = iter(range(1_000_000))
+
+    def hits() -> list[Hit]:
+        return [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2F%3Fn%3D{next(numbers)}", time.time())]
+
+    async def main() -> Stats:
+        sender = BatchSender(endpoint=url, max_concurrent_batches=1, http_timeout=0.5)
+        first_done = anyio.Event()
+
+        async def first() -> None:
+            await sender.send_now(hits())
+            first_done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            # Requests keep coming, each leaving its hit to the one sending, until
+            # the first is done (or the deadline says it never would be).
+            with anyio.move_on_after(WAIT):
+                while not first_done.is_set():
+                    tg.start_soon(sender.send_now, hits())
+                    await anyio.sleep(0.002)
+            assert first_done.is_set(), "the first request kept sending as long as hits came"
+        # A last request takes what the others left.
+        while sender.stats.queued:
+            await sender.send_now(hits())
+        return sender.stats
+
+    s = anyio.run(main)
+    submitted = next(numbers)
+    assert s.submitted == submitted
+    assert (s.queued, s.in_flight, s.dropped, s.spooled, s.rejected) == (0, 0, 0, 0, 0)
+    assert s.sent == submitted
+    assert sorted(app.numbers) == list(range(submitted))
+    assert set(app.numbers.values()) == {1}

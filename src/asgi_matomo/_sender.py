@@ -480,9 +480,12 @@ class BatchSender:
             return
         self._direct_busy += 1
         try:
+            # What waits is taken for about http_timeout at most: while requests keep
+            # coming, the next one takes over rather than this task sending forever.
+            until = self._clock() + self._http_timeout
             self._queue.seq += 1
             delivered = await self._send_direct(hits, self._queue.seq)
-            await self._drain_direct(delivered)
+            await self._drain_direct(delivered, until)
         finally:
             self._direct_busy -= 1
 
@@ -499,13 +502,16 @@ class BatchSender:
             else:
                 self._reporter.drop(1, "queue_full", WHY["queue_full"])
 
-    async def _drain_direct(self, delivered: bool) -> None:
+    async def _drain_direct(self, delivered: bool, until: float) -> None:
         """Send what waits in the queue, batch by batch, while this request may send.
 
         `delivered`: whether Matomo took this request's last batch. After a batch it
         did not take, what waits is left to the next request: a request's task
         must not spend an outage retrying batch after batch (the server waits for
-        it at shutdown).
+        it at shutdown). No batch is taken after `until` (clock) either: under a
+        steady load the queue never empties, and a task that took batch after
+        batch would never end (a server, or an adapter such as Mangum, that waits
+        for the app's call would wait as long).
         """
         queue = self._queue
         while self._state is _State.IDLE:
@@ -519,6 +525,7 @@ class BatchSender:
                 not delivered
                 or not queue.entries
                 or self._direct_busy > self._controller.concurrency
+                or self._clock() >= until
             ):
                 return
             hits, first_seq = queue.take()
