@@ -1722,6 +1722,27 @@ async def test_direct_mode_bounds_what_waits_then_spools_or_drops(with_spool: bo
 
 
 @pytest.mark.anyio
+async def test_a_direct_request_past_its_time_takes_what_is_left_once_requests_stop() -> None:
+    clock = FakeClock()
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, batch_size=2, clock=clock)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 9)
+            # Its own batch took longer than http_timeout; no request came since.
+            clock.now += 60.0
+            matomo.gate.set()
+    # Nobody else would take what waits: the request sending took it all, 2 by 2.
+    assert sender.stats.queued == 0
+    assert sorted(matomo.hits) == list(range(10))
+    assert len(matomo.bodies) == 1 + 5
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
 async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> None:
     clock = FakeClock()
     down = True

@@ -508,12 +508,15 @@ class BatchSender:
         `delivered`: whether Matomo took this request's last batch. After a batch it
         did not take, what waits is left to the next request: a request's task
         must not spend an outage retrying batch after batch (the server waits for
-        it at shutdown). No batch is taken after `until` (clock) either: under a
+        it at shutdown). Past `until` (clock), hits that arrived meanwhile show
+        that requests keep coming: this one leaves what waits to them. Under a
         steady load the queue never empties, and a task that took batch after
         batch would never end (a server, or an adapter such as Mangum, that waits
-        for the app's call would wait as long).
+        for the app's call would wait as long). Once requests stop coming, it
+        takes what is left (at most `max_queue_size` hits).
         """
         queue = self._queue
+        seen = queue.seq
         while self._state is _State.IDLE:
             if queue.overflow:
                 overflow, queue.overflow = queue.overflow, []
@@ -525,9 +528,10 @@ class BatchSender:
                 not delivered
                 or not queue.entries
                 or self._direct_busy > self._controller.concurrency
-                or self._clock() >= until
+                or (queue.seq != seen and self._clock() >= until)
             ):
                 return
+            seen = queue.seq
             hits, first_seq = queue.take()
             delivered = await self._send_direct(hits, first_seq)
 
