@@ -17,9 +17,11 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asgi_matomo._hit import Hit
+from asgi_matomo._retry import RETRY_AFTER_CAP
 from asgi_matomo._sender import BatchSender, Stats
 from tests.servers import serve
 from tests.test_delivery import load, stats, wait_until
@@ -150,3 +152,86 @@ def test_a_request_stops_taking_waiting_hits_while_others_keep_coming(
     assert s.sent == submitted
     assert sorted(app.numbers) == list(range(submitted))
     assert set(app.numbers.values()) == {1}
+
+
+@dataclass
+class BusyMatomo:
+    """Answers 503 with `retry_after` while `busy`, then like Matomo; counts requests."""
+
+    retry_after: str | None
+    busy: bool = True
+    requests: int = 0
+    stored: int = 0
+
+    async def __call__(self, scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(receive)
+        assert callable(send)
+        bulk = json.loads(await read_body(receive))
+        self.requests += 1
+        if self.busy:
+            headers = (
+                [] if self.retry_after is None else [(b"retry-after", self.retry_after.encode())]
+            )
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": b"busy"})
+            return
+        self.stored += len(bulk["requests"])
+        answer = {"status": "success", "tracked": len(bulk["requests"]), "invalid": 0}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+
+class FrozenClock:
+    """Monotonic time that moves only when the test moves it; backoffs take no time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "attempts"),
+    [(None, 3), ("0", 3), ("-5", 3), ("Wed, 21 Oct 2015 07:28:00 GMT", 3), ("30", 1)],
+)
+def test_an_outage_without_lifespan_gets_one_requests_attempts_not_one_per_request(
+    retry_after: str | None, attempts: int
+) -> None:
+    """After a request gave up, the requests within the backoff (or Retry-After) leave their hits.
+
+    Without that, every request of the app would try Matomo anew: one POST per
+    request against a Matomo that asked for a pause.
+    """
+    app = BusyMatomo(retry_after)
+    clock = FrozenClock()
+    with serve_in_thread(app, timeout=WAIT) as url:
+        sender = BatchSender(endpoint=url, clock=clock, sleep=clock.sleep)
+
+        async def main() -> None:
+            for n in range(50):
+                await sender.send_now(
+                    [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2F{n}", time.time())]
+                )
+            # The first request's attempts (a Retry-After longer than http_timeout
+            # ends them at once), and nothing more while the pause lasts.
+            assert app.requests == attempts
+            assert (sender.stats.dropped, sender.stats.queued) == (1, 49)
+            # Matomo is back after the longest pause it can ask for.
+            app.busy = False
+            clock.now += RETRY_AFTER_CAP * 2
+            await sender.send_now([Hit("idsite=1&rec=1&url=http%3A%2F%2Fx%2Flast", time.time())])
+
+        anyio.run(main)
+    s = sender.stats
+    assert (s.sent, s.dropped, s.queued, s.in_flight, s.spooled) == (50, 1, 0, 0, 0)
+    assert app.stored == 50

@@ -1764,10 +1764,15 @@ async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> N
         assert (sender.stats.dropped, sender.stats.queued) == (1, 2)
         assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
         down = False
+        # A request within the backoff that follows leaves its hit too.
         await sender.send_now([hit(3)])
-    assert sender.stats.sent == 3
+        assert sender.stats.queued == 3
+        assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
+        clock.now += _retry.RETRY_CAP
+        await sender.send_now([hit(4)])
+    assert sender.stats.sent == 4
     assert sorted(matomo.hits[_retry.DIRECT_ATTEMPTS :]) == sorted(
-        set(range(4)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
+        set(range(5)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
     )
     check_books(sender.stats)
 

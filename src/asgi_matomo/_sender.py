@@ -44,7 +44,7 @@ from ._hit import Hit
 from ._queue import HitQueue
 from ._replay import Spooler, SpoolProtocol
 from ._report import WHY, Counters, Reporter, Stats
-from ._retry import DIRECT_ATTEMPTS
+from ._retry import DIRECT_ATTEMPTS, replay_delay
 from ._token import TokenPolicy
 from ._transport import Transport
 
@@ -213,6 +213,10 @@ class BatchSender:
         self._in_flight: dict[int, Batch] = {}
         # Requests sending their hits in direct mode (no lifespan), now.
         self._direct_busy = 0
+        # Direct mode: batches given up in a row, and until when (clock) no request
+        # sends after the last one: each request would otherwise try Matomo anew.
+        self._direct_failures = 0
+        self._direct_pause = -math.inf
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -475,9 +479,15 @@ class BatchSender:
         if self._state is _State.CLOSED:
             self._reporter.drop(len(hits), "not_running", "the sender is closed")
             return
-        if self._state is _State.IDLE and self._direct_busy >= self._controller.concurrency:
-            self._hold(hits)
-            return
+        if self._state is _State.IDLE:
+            if self._direct_busy >= self._controller.concurrency:
+                # The limits hold these hits back: the controller may raise them.
+                self._controller.backlog()
+                self._hold(hits)
+                return
+            if self._clock() < self._direct_pause:
+                self._hold(hits)
+                return
         self._direct_busy += 1
         try:
             # What waits is taken for about http_timeout at most: while requests keep
@@ -490,9 +500,7 @@ class BatchSender:
             self._direct_busy -= 1
 
     def _hold(self, hits: list[Hit]) -> None:
-        """Queue a request's hits for the requests sending now; never waits."""
-        # The limits hold these hits back: the controller may raise them.
-        self._controller.backlog()
+        """Queue a request's hits for the requests sending (now or later); never waits."""
         queue = self._queue
         for hit in hits:
             if len(queue.entries) < queue.max_size:
@@ -529,6 +537,7 @@ class BatchSender:
                 or not queue.entries
                 or self._direct_busy > self._controller.concurrency
                 or (queue.seq != seen and self._clock() >= until)
+                or self._clock() < self._direct_pause
             ):
                 return
             seen = queue.seq
@@ -562,7 +571,14 @@ class BatchSender:
             self._untrack(batch)
             self._notify_progress()
         if left:
+            # Until the backoff (or Matomo's Retry-After, by the rule of the
+            # spool's replay) has passed, the requests that come leave their hits
+            # in the queue: an outage must not get one request per app request.
+            self._direct_failures += 1
+            pause = replay_delay(self._direct_failures, batch.retry_after)
+            self._direct_pause = max(self._direct_pause, self._clock() + pause)
             return False
+        self._direct_failures = 0
         if self._spool is not None:
             # One spooled batch per batch sent at most: direct mode runs on the
             # request's task, it must not turn into a long replay.
