@@ -23,6 +23,7 @@ import pytest
 from asgi_matomo._hit import Hit
 from asgi_matomo._retry import RETRY_AFTER_CAP
 from asgi_matomo._sender import BatchSender, Stats
+from asgi_matomo._spool import SqliteSpool
 from tests.servers import serve
 from tests.test_delivery import load, stats, wait_until
 from tests.threaded_server import read_body, serve_in_thread
@@ -235,3 +236,47 @@ def test_an_outage_without_lifespan_gets_one_requests_attempts_not_one_per_reque
     s = sender.stats
     assert (s.sent, s.dropped, s.queued, s.in_flight, s.spooled) == (50, 1, 0, 0, 0)
     assert app.stored == 50
+
+
+def test_without_lifespan_leases_of_a_dead_process_are_replayed_by_a_running_one(
+    tmp_path: Path,
+) -> None:
+    """No replayer runs in direct mode: the requests look at the spool again, every half lease."""
+    path = str(tmp_path / "spool.sqlite3")
+    dead = SqliteSpool(path)  # leases for 60 s and never acks: as if it was killed
+    dead.put(
+        [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2Fspooled{n}", time.time()) for n in range(20)]
+    )
+    assert len(dead.claim(20)) == 20
+    dead.close()
+    app = BusyMatomo(None, busy=False)
+    lease_clock = MovableLeaseClock()
+    clock = FrozenClock()
+    with serve_in_thread(app, timeout=WAIT) as url:
+        # A lease of 1 s: this process looks at a spool that seemed empty every 0.5 s.
+        spool = SqliteSpool(path, lease_seconds=1.0, clock=lease_clock)
+        sender = BatchSender(endpoint=url, spool=spool, clock=clock, sleep=clock.sleep)
+
+        async def main() -> None:
+            # The first request finds the spool's hits all leased.
+            await sender.send_now([Hit("idsite=1&rec=1&url=http%3A%2F%2Fx%2F0", time.time())])
+            assert sender.stats.replayed == 0
+            lease_clock.ahead = 3600.0  # the dead process's lease expires
+            clock.now += 1.0
+            await sender.send_now([Hit("idsite=1&rec=1&url=http%3A%2F%2Fx%2F1", time.time())])
+            await sender.aclose()
+
+        anyio.run(main)
+    assert sender.stats.replayed == 20
+    assert app.stored == 22
+    assert SqliteSpool(path).count() == 0
+
+
+class MovableLeaseClock:
+    """Unix time for the spool's leases, until the test moves it on."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
