@@ -280,3 +280,51 @@ class MovableLeaseClock:
 
     def __call__(self) -> float:
         return time.time() + self.ahead
+
+
+@dataclass
+class SpoolRefusingMatomo(BusyMatomo):
+    """Takes live batches, answers 503 to every batch that holds a spooled hit."""
+
+    replays: int = 0
+
+    async def __call__(self, scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(receive)
+        body = await read_body(receive)
+        spooled = b"spooled" in body
+        self.replays += spooled
+        self.busy = spooled
+
+        async def replay() -> dict[str, object]:
+            return {"type": "http.request", "body": body}
+
+        await super().__call__(scope, replay, send)
+
+
+def test_without_lifespan_a_failing_replay_waits_its_backoff(tmp_path: Path) -> None:
+    """Each request Matomo takes must not try a spool Matomo refuses again at once."""
+    path = str(tmp_path / "spool.sqlite3")
+    spool = SqliteSpool(path)
+    spool.put(
+        [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2Fspooled{n}", time.time()) for n in range(5)]
+    )
+    app = SpoolRefusingMatomo(None)
+    clock = FrozenClock()
+    with serve_in_thread(app, timeout=WAIT) as url:
+        sender = BatchSender(endpoint=url, spool=spool, clock=clock, sleep=clock.sleep)
+
+        async def main() -> None:
+            for n in range(10):
+                await sender.send_now(
+                    [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2F{n}", time.time())]
+                )
+            # One replay, answered 503: the others wait for its backoff.
+            assert app.replays == 1
+            clock.now += RETRY_AFTER_CAP * 2
+            await sender.send_now([Hit("idsite=1&rec=1&url=http%3A%2F%2Fx%2Flast", time.time())])
+            assert app.replays == 2
+            await sender.aclose()
+
+        anyio.run(main)
+    assert sender.stats.sent == 11
+    assert SqliteSpool(path).count() == 5

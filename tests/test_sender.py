@@ -2170,12 +2170,14 @@ async def test_replay_releases_on_failure_and_acks_refusals() -> None:
         return success(body)
 
     matomo = Matomo(answer)
+    clock = FakeClock()
     async with matomo.client() as client:
-        sender = sender_for(client, spool=spool, batch_size=1)
+        sender = sender_for(client, spool=spool, batch_size=1, clock=clock)
         await sender.send_now([hit(5)])  # Matomo answers: replay one batch, it fails
         assert spool.calls == ["count", "claim", "release"]
         assert len(spool.rows) == 2
         assert not spool.leased
+        clock.now += _retry.RETRY_CAP  # its backoff has passed
         await sender.send_now([hit(6)])  # replay: refused with 400, not kept
         assert len(spool.rows) == 1
         await sender.send_now([hit(7)])

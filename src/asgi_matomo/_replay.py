@@ -199,6 +199,11 @@ class Spooler:
         spool = self.spool
         if spool is None or self._replaying or self._held():
             return
+        if not self.running and self._clock() < self._retry_at:
+            # Direct mode: every request Matomo takes would try a failing spool
+            # again at once. (The replayer's own trigger, a live batch taken, ends
+            # its backoff early on purpose; it replays once per such batch at most.)
+            return
         self._replaying = True
         try:
             if self.pending is False and not self.running and self._clock() >= self._next_look:
