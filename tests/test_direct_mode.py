@@ -328,3 +328,31 @@ def test_without_lifespan_a_failing_replay_waits_its_backoff(tmp_path: Path) -> 
         anyio.run(main)
     assert sender.stats.sent == 11
     assert SqliteSpool(path).count() == 5
+
+
+def test_an_outage_without_lifespan_keeps_what_waits_in_the_spool(tmp_path: Path) -> None:
+    """Hits left in memory during the pause would be lost if the process ended: spooled."""
+    app = BusyMatomo("30")
+    clock = FrozenClock()
+    path = str(tmp_path / "spool.sqlite3")
+    with serve_in_thread(app, timeout=WAIT) as url:
+        sender = BatchSender(endpoint=url, clock=clock, sleep=clock.sleep, spool=SqliteSpool(path))
+
+        async def main() -> None:
+            for n in range(50):
+                await sender.send_now(
+                    [Hit(f"idsite=1&rec=1&url=http%3A%2F%2Fx%2F{n}", time.time())]
+                )
+            assert app.requests == 1
+            assert (sender.stats.spooled, sender.stats.queued, sender.stats.dropped) == (50, 0, 0)
+            assert SqliteSpool(path).count() == 50
+            app.busy = False
+            clock.now += RETRY_AFTER_CAP * 2
+            await sender.send_now([Hit("idsite=1&rec=1&url=http%3A%2F%2Fx%2Flast", time.time())])
+            await sender.aclose()
+
+        anyio.run(main)
+    s = sender.stats
+    assert (s.sent, s.replayed, s.dropped, s.queued) == (51, 50, 0, 0)
+    assert app.stored == 51
+    assert SqliteSpool(path).count() == 0

@@ -217,6 +217,7 @@ class BatchSender:
         # sends after the last one: each request would otherwise try Matomo anew.
         self._direct_failures = 0
         self._direct_pause = -math.inf
+        self._direct_spooling = False  # a request is moving what waits to the spool
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -487,6 +488,15 @@ class BatchSender:
                 return
             if self._clock() < self._direct_pause:
                 self._hold(hits)
+                if self._spool is not None and not self._direct_spooling:
+                    # Nothing sends from memory before a request comes after the
+                    # pause, and the process may end first: with a spool, one
+                    # request at a time moves what waits there, in one write.
+                    self._direct_spooling = True
+                    try:
+                        await self._spooler.put_or_drop(self._queue.drain(), "retry_deadline")
+                    finally:
+                        self._direct_spooling = False
                 return
         self._direct_busy += 1
         try:
