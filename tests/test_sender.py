@@ -1778,6 +1778,31 @@ async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> N
 
 
 @pytest.mark.anyio
+async def test_in_an_outage_what_waits_is_spooled_by_the_request_that_gave_up() -> None:
+    clock = FakeClock()
+    spool = FakeSpool()
+    matomo = Matomo(lambda body: httpx.Response(503))
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, max_concurrent_batches=1, clock=clock, sleep=clock.sleep, spool=spool
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            matomo.gate.set()
+    # No request may come before the process ends: what waited is on disk.
+    assert (sender.stats.spooled, sender.stats.queued, sender.stats.dropped) == (3, 0, 0)
+    assert sorted(numbers([h.encode(authenticated=False) for h in spool.rows.values()])) == [
+        0,
+        1,
+        2,
+    ]
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_direct_request_counts_its_hits_as_dropped() -> None:
     matomo = Matomo()
     matomo.gate = anyio.Event()

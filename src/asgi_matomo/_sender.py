@@ -488,15 +488,7 @@ class BatchSender:
                 return
             if self._clock() < self._direct_pause:
                 self._hold(hits)
-                if self._spool is not None and not self._direct_spooling:
-                    # Nothing sends from memory before a request comes after the
-                    # pause, and the process may end first: with a spool, one
-                    # request at a time moves what waits there, in one write.
-                    self._direct_spooling = True
-                    try:
-                        await self._spooler.put_or_drop(self._queue.drain(), "retry_deadline")
-                    finally:
-                        self._direct_spooling = False
+                await self._spool_held()
                 return
         self._direct_busy += 1
         try:
@@ -508,6 +500,25 @@ class BatchSender:
             await self._drain_direct(delivered, until)
         finally:
             self._direct_busy -= 1
+        await self._spool_held()
+
+    async def _spool_held(self) -> None:
+        """In the pause after a failure, with a spool: move what waits in memory there."""
+        # Nothing sends from memory before a request comes after the pause, and
+        # the process may end first. One request at a time, in one write.
+        if (
+            self._spool is None
+            or self._state is not _State.IDLE
+            or self._direct_spooling
+            or not len(self._queue)
+            or self._clock() >= self._direct_pause
+        ):
+            return
+        self._direct_spooling = True
+        try:
+            await self._spooler.put_or_drop(self._queue.drain(), "retry_deadline")
+        finally:
+            self._direct_spooling = False
 
     def _hold(self, hits: list[Hit]) -> None:
         """Queue a request's hits for the requests sending (now or later); never waits."""
