@@ -1722,6 +1722,27 @@ async def test_direct_mode_bounds_what_waits_then_spools_or_drops(with_spool: bo
 
 
 @pytest.mark.anyio
+async def test_a_direct_request_past_its_time_takes_what_is_left_once_requests_stop() -> None:
+    clock = FakeClock()
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client, max_concurrent_batches=1, batch_size=2, clock=clock)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 10)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 9)
+            # Its own batch took longer than http_timeout; no request came since.
+            clock.now += 60.0
+            matomo.gate.set()
+    # Nobody else would take what waits: the request sending took it all, 2 by 2.
+    assert sender.stats.queued == 0
+    assert sorted(matomo.hits) == list(range(10))
+    assert len(matomo.bodies) == 1 + 5
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
 async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> None:
     clock = FakeClock()
     down = True
@@ -1743,11 +1764,41 @@ async def test_in_an_outage_what_waits_is_left_to_the_next_direct_request() -> N
         assert (sender.stats.dropped, sender.stats.queued) == (1, 2)
         assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
         down = False
+        # A request within the backoff that follows leaves its hit too.
         await sender.send_now([hit(3)])
-    assert sender.stats.sent == 3
+        assert sender.stats.queued == 3
+        assert len(matomo.bodies) == _retry.DIRECT_ATTEMPTS
+        clock.now += _retry.RETRY_CAP
+        await sender.send_now([hit(4)])
+    assert sender.stats.sent == 4
     assert sorted(matomo.hits[_retry.DIRECT_ATTEMPTS :]) == sorted(
-        set(range(4)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
+        set(range(5)) - set(matomo.hits[: _retry.DIRECT_ATTEMPTS])
     )
+    check_books(sender.stats)
+
+
+@pytest.mark.anyio
+async def test_in_an_outage_what_waits_is_spooled_by_the_request_that_gave_up() -> None:
+    clock = FakeClock()
+    spool = FakeSpool()
+    matomo = Matomo(lambda body: httpx.Response(503))
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(
+            client, max_concurrent_batches=1, clock=clock, sleep=clock.sleep, spool=spool
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(burst, sender, 0, 3)
+            await matomo.wait_for(1)
+            await until(lambda: sender.stats.queued == 2)
+            matomo.gate.set()
+    # No request may come before the process ends: what waited is on disk.
+    assert (sender.stats.spooled, sender.stats.queued, sender.stats.dropped) == (3, 0, 0)
+    assert sorted(numbers([h.encode(authenticated=False) for h in spool.rows.values()])) == [
+        0,
+        1,
+        2,
+    ]
     check_books(sender.stats)
 
 
@@ -2144,12 +2195,14 @@ async def test_replay_releases_on_failure_and_acks_refusals() -> None:
         return success(body)
 
     matomo = Matomo(answer)
+    clock = FakeClock()
     async with matomo.client() as client:
-        sender = sender_for(client, spool=spool, batch_size=1)
+        sender = sender_for(client, spool=spool, batch_size=1, clock=clock)
         await sender.send_now([hit(5)])  # Matomo answers: replay one batch, it fails
         assert spool.calls == ["count", "claim", "release"]
         assert len(spool.rows) == 2
         assert not spool.leased
+        clock.now += _retry.RETRY_CAP  # its backoff has passed
         await sender.send_now([hit(6)])  # replay: refused with 400, not kept
         assert len(spool.rows) == 1
         await sender.send_now([hit(7)])

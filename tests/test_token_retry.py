@@ -160,3 +160,65 @@ def test_a_token_still_refused_at_its_retry_costs_one_failed_login(
     assert not any("cip" in e for e in app.stored)
     still = [r for r in caplog.records if "still rejects the access_token" in r.getMessage()]
     assert [r.levelno for r in still] == [logging.INFO] * 2
+
+
+@dataclass
+class FlakyMatomo(Matomo):
+    """Matomo that answers 503 to the next `failures` requests, and slowly to a token."""
+
+    failures: int = 0
+    token_answer_time: float = 0.0
+
+    async def __call__(self, scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(receive)
+        assert callable(send)
+        if self.failures:
+            self.failures -= 1
+            self.tokens.append(json.loads(await read_body(receive)).get("token_auth") is not None)
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b"busy"})
+            return
+        body = await read_body(receive)
+        if self.token_answer_time and json.loads(body).get("token_auth") is not None:
+            await anyio.sleep(self.token_answer_time)
+
+        async def replay() -> dict[str, object]:
+            return {"type": "http.request", "body": body}
+
+        await super().__call__(scope, replay, send)
+
+
+def test_a_batch_retrying_when_the_token_is_tried_again_waits_for_the_verdict() -> None:
+    """A retry that begins after the token was put back in doubt sends it only after the probe.
+
+    Sent with the token beside the probe, it would be one more failed login, and
+    its hits with cip, found invalid once the probe had used its budget, lost.
+    """
+    # The probe's answer takes longer than the other batch's backoff: both would carry it.
+    app = FlakyMatomo(token_answer_time=1.0)
+    clock = MovableClock()
+    with serve_in_thread(app, timeout=DEADLINE) as url:
+        sender = BatchSender(endpoint=url, access_token=TOKEN, batch_size=5, clock=clock)
+
+        async def main() -> None:
+            await sender.send_now(visitor_hits(0, 5))
+            assert sender.stats.token_rejected
+            app.failures = 1
+            async with anyio.create_task_group() as tg:
+                # This batch leaves without the token, is answered 503 and backs off...
+                tg.start_soon(sender.send_now, visitor_hits(5, 5))
+                with anyio.fail_after(DEADLINE):
+                    while len(app.tokens) < 3:
+                        await anyio.sleep(0.01)
+                # ... while the next batch finds the token due to be tried again.
+                clock.ahead = RECONSIDER_AFTER * (1 + RECONSIDER_JITTER)
+                tg.start_soon(sender.send_now, visitor_hits(10, 5))
+
+        anyio.run(main)
+    stats = sender.stats
+    assert stats.token_rejected
+    assert (stats.sent, stats.invalid, stats.dropped, stats.rejected) == (15, 0, 0, 0)
+    # The first verdict and the retry: one request with the token each.
+    assert app.tokens.count(True) == 2
+    assert sorted(int(e["url"][0].rsplit("/", 1)[1]) for e in app.stored) == list(range(15))
+    assert not any("cip" in e for e in app.stored)

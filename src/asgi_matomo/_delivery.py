@@ -165,6 +165,12 @@ class Delivery:
             authenticated = (
                 not without_token and self._tokens.in_use and self._needs_token(batch.hits)
             )
+            if authenticated and self._tokens.unproven and not locked and not held:
+                # The token was put in doubt since this batch began (tried again
+                # after a rejection, or revoked): it waits for the verdict, as
+                # the batches that begin now do, rather than carry it beside the probe.
+                await self._hold_token_lock(locked, held)
+                continue
             if not authenticated:
                 batch.hits = self._drop_too_old(batch.hits)
             hits = batch.hits

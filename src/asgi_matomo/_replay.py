@@ -87,6 +87,8 @@ class Spooler:
         # Until when Matomo asked (Retry-After) not to be sent the spool: binding.
         self._held_until = -math.inf
         self._look_interval = look_interval(getattr(spool, "lease_seconds", None))
+        # Without the replayer (direct mode), when a spool that seemed empty is counted again.
+        self._next_look = -math.inf
         # Whether the spool holds hits; None: not checked yet in this process.
         self.pending: bool | None = None
         self._replaying = False
@@ -197,9 +199,19 @@ class Spooler:
         spool = self.spool
         if spool is None or self._replaying or self._held():
             return
+        if not self.running and self._clock() < self._retry_at:
+            # Direct mode: every request Matomo takes would try a failing spool
+            # again at once. (The replayer's own trigger, a live batch taken, ends
+            # its backoff early on purpose; it replays once per such batch at most.)
+            return
         self._replaying = True
         try:
+            if self.pending is False and not self.running and self._clock() >= self._next_look:
+                # No replayer looks again in direct mode: leases of a process that
+                # died expire, and nothing else would tell this one they are there.
+                self.pending = None
             if self.pending is None:
+                self._next_look = self._clock() + self._look_interval
                 waiting = await anyio.to_thread.run_sync(spool.count)
                 # A put while count() ran already knows better.
                 if self.pending is None:

@@ -44,7 +44,7 @@ from ._hit import Hit
 from ._queue import HitQueue
 from ._replay import Spooler, SpoolProtocol
 from ._report import WHY, Counters, Reporter, Stats
-from ._retry import DIRECT_ATTEMPTS
+from ._retry import DIRECT_ATTEMPTS, replay_delay
 from ._token import TokenPolicy
 from ._transport import Transport
 
@@ -213,6 +213,11 @@ class BatchSender:
         self._in_flight: dict[int, Batch] = {}
         # Requests sending their hits in direct mode (no lifespan), now.
         self._direct_busy = 0
+        # Direct mode: batches given up in a row, and until when (clock) no request
+        # sends after the last one: each request would otherwise try Matomo anew.
+        self._direct_failures = 0
+        self._direct_pause = -math.inf
+        self._direct_spooling = False  # a request is moving what waits to the spool
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -475,21 +480,48 @@ class BatchSender:
         if self._state is _State.CLOSED:
             self._reporter.drop(len(hits), "not_running", "the sender is closed")
             return
-        if self._state is _State.IDLE and self._direct_busy >= self._controller.concurrency:
-            self._hold(hits)
-            return
+        if self._state is _State.IDLE:
+            if self._direct_busy >= self._controller.concurrency:
+                # The limits hold these hits back: the controller may raise them.
+                self._controller.backlog()
+                self._hold(hits)
+                return
+            if self._clock() < self._direct_pause:
+                self._hold(hits)
+                await self._spool_held()
+                return
         self._direct_busy += 1
         try:
+            # What waits is taken for about http_timeout at most: while requests keep
+            # coming, the next one takes over rather than this task sending forever.
+            until = self._clock() + self._http_timeout
             self._queue.seq += 1
             delivered = await self._send_direct(hits, self._queue.seq)
-            await self._drain_direct(delivered)
+            await self._drain_direct(delivered, until)
         finally:
             self._direct_busy -= 1
+        await self._spool_held()
+
+    async def _spool_held(self) -> None:
+        """In the pause after a failure, with a spool: move what waits in memory there."""
+        # Nothing sends from memory before a request comes after the pause, and
+        # the process may end first. One request at a time, in one write.
+        if (
+            self._spool is None
+            or self._state is not _State.IDLE
+            or self._direct_spooling
+            or not len(self._queue)
+            or self._clock() >= self._direct_pause
+        ):
+            return
+        self._direct_spooling = True
+        try:
+            await self._spooler.put_or_drop(self._queue.drain(), "retry_deadline")
+        finally:
+            self._direct_spooling = False
 
     def _hold(self, hits: list[Hit]) -> None:
-        """Queue a request's hits for the requests sending now; never waits."""
-        # The limits hold these hits back: the controller may raise them.
-        self._controller.backlog()
+        """Queue a request's hits for the requests sending (now or later); never waits."""
         queue = self._queue
         for hit in hits:
             if len(queue.entries) < queue.max_size:
@@ -499,15 +531,21 @@ class BatchSender:
             else:
                 self._reporter.drop(1, "queue_full", WHY["queue_full"])
 
-    async def _drain_direct(self, delivered: bool) -> None:
+    async def _drain_direct(self, delivered: bool, until: float) -> None:
         """Send what waits in the queue, batch by batch, while this request may send.
 
         `delivered`: whether Matomo took this request's last batch. After a batch it
         did not take, what waits is left to the next request: a request's task
         must not spend an outage retrying batch after batch (the server waits for
-        it at shutdown).
+        it at shutdown). Past `until` (clock), hits that arrived meanwhile show
+        that requests keep coming: this one leaves what waits to them. Under a
+        steady load the queue never empties, and a task that took batch after
+        batch would never end (a server, or an adapter such as Mangum, that waits
+        for the app's call would wait as long). Once requests stop coming, it
+        takes what is left (at most `max_queue_size` hits).
         """
         queue = self._queue
+        seen = queue.seq
         while self._state is _State.IDLE:
             if queue.overflow:
                 overflow, queue.overflow = queue.overflow, []
@@ -519,8 +557,11 @@ class BatchSender:
                 not delivered
                 or not queue.entries
                 or self._direct_busy > self._controller.concurrency
+                or (queue.seq != seen and self._clock() >= until)
+                or self._clock() < self._direct_pause
             ):
                 return
+            seen = queue.seq
             hits, first_seq = queue.take()
             delivered = await self._send_direct(hits, first_seq)
 
@@ -551,7 +592,14 @@ class BatchSender:
             self._untrack(batch)
             self._notify_progress()
         if left:
+            # Until the backoff (or Matomo's Retry-After, by the rule of the
+            # spool's replay) has passed, the requests that come leave their hits
+            # in the queue: an outage must not get one request per app request.
+            self._direct_failures += 1
+            pause = replay_delay(self._direct_failures, batch.retry_after)
+            self._direct_pause = max(self._direct_pause, self._clock() + pause)
             return False
+        self._direct_failures = 0
         if self._spool is not None:
             # One spooled batch per batch sent at most: direct mode runs on the
             # request's task, it must not turn into a long replay.
