@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import zlib
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 import h11
 
@@ -59,14 +60,20 @@ class LeanHeaders(Mapping[str, str]):
     __slots__ = ("_fields",)
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
-        joined: dict[str, str] = {}
-        for name, value in fields:
-            key = name.lower()
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+        joined = {name.lower(): value for name, value in fields}
+        if len(joined) < len(fields):  # a repeated name: its values joined, in order
+            joined = {}
+            for name, value in fields:
+                key = name.lower()
+                joined[key] = f"{joined[key]}, {value}" if key in joined else value
         self._fields = joined
 
     def __getitem__(self, name: str) -> str:
         return self._fields[name.lower()]
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Mapping's own get() goes through __getitem__ and a KeyError: this is read per answer.
+        return self._fields.get(name.lower(), default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
@@ -111,7 +118,9 @@ def _charset(content_type: str | None) -> str:
 
 def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo gzip or deflate, which a server may apply despite Accept-Encoding: identity."""
-    coding = (encoding or "").strip().lower()
+    if encoding is None:
+        return body
+    coding = encoding.strip().lower()
     if coding in ("", "identity"):
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
@@ -146,12 +155,11 @@ class RequestHead:
     doing both per request would take half of this client's CPU per POST.
     """
 
-    __slots__ = ("_prefix", "shape")
+    __slots__ = ("_prefix",)
 
     def __init__(self, target: str, fields: list[tuple[bytes, bytes]]) -> None:
         try:
-            # The request as h11 sees it, without its body: what an answer is read against.
-            self.shape = h11.Request(
+            request = h11.Request(
                 method=b"POST",
                 target=target,
                 headers=[*fields, (b"Connection", b"keep-alive"), (b"Content-Length", b"0")],
@@ -159,7 +167,7 @@ class RequestHead:
         except h11.LocalProtocolError as exc:
             # A CR or LF in a header would let it write other headers, or a second request.
             raise ValueError(f"invalid header field: {exc}") from None
-        written = h11.Connection(h11.CLIENT).send(self.shape) or b""
+        written = h11.Connection(h11.CLIENT).send(request) or b""
         # h11 writes the fields in order: the last one is left open for each request's length.
         end = b"Content-Length: 0\r\n\r\n"
         assert written.endswith(end)
@@ -170,22 +178,32 @@ class RequestHead:
         return b"".join((self._prefix, b"%d\r\n\r\n" % len(content), content))
 
 
+# What h11 is told of each request: it frames an answer by the request's method
+# (a HEAD or CONNECT is read otherwise), its HTTP version and whether it asked to
+# close, and every request of this client is an HTTP/1.1 POST that keeps the
+# connection open. The fields, written by `RequestHead`, play no part in it.
+_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"matomo")])
+
+
 class _H11Reader:
-    """Reads the answers on one connection with h11."""
+    """Reads the answers on one connection with h11, each with an h11 connection of its own.
+
+    A new h11.Connection per answer costs less than start_next_cycle() on the
+    last one and the end of a request h11 would never write: a connection is
+    only used again once its answer is complete and nothing came after it, so
+    there is nothing to carry over from one answer to the next.
+    """
 
     def __init__(self, max_body: int) -> None:
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self._max_body = max_body
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self._response: h11.Response | None = None
         self._body = bytearray()
 
     def begin(self, head: RequestHead) -> None:
-        framer = self._h11
-        if framer.our_state is h11.DONE:
-            framer.start_next_cycle()  # only a reusable connection is used again
-        # h11 is told of the request without its body: an answer is framed alike.
-        framer.send(head.shape)
-        framer.send(h11.EndOfMessage())
+        framer = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        framer.send(_REQUEST)
+        self._h11 = framer
         self._response = None
         self._body = bytearray()
 
@@ -202,12 +220,14 @@ class _H11Reader:
         try:
             while True:
                 event = framer.next_event()
-                if isinstance(event, h11.Data):
-                    if not _keep(self._body, event.data, self._max_body):
+                # Exact types: isinstance() goes through ABCMeta for h11's events.
+                kind = type(event)
+                if kind is h11.Response:
+                    self._response = cast("h11.Response", event)
+                elif kind is h11.Data:
+                    if not _keep(self._body, cast("h11.Data", event).data, self._max_body):
                         return self._answer(reusable=False)
-                elif isinstance(event, h11.Response):
-                    self._response = event
-                elif isinstance(event, h11.EndOfMessage):
+                elif kind is h11.EndOfMessage:
                     after, closed = framer.trailing_data
                     return self._answer(
                         # Not for Connection: close or HTTP/1.0, nor bytes after the answer.
@@ -222,7 +242,9 @@ class _H11Reader:
     def _answer(self, *, reusable: bool) -> Outcome:
         response = self._response
         assert response is not None  # h11 gives the head before any body
-        fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers]
+        fields = [
+            (n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers.raw_items()
+        ]
         return _answer(response.status_code, fields, self._body, self._max_body, reusable)
 
 
