@@ -445,6 +445,55 @@ async def test_the_timeout_argument_closes_the_connection_without_a_cancel_scope
         assert response.status_code == 200
 
 
+async def test_one_timer_per_connection_enforces_the_deadline_of_each_exchange() -> None:
+    loop = asyncio.get_running_loop()
+    first_deadline = 0.0
+
+    async def answer_late_then_never(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if n > 1:
+            await keep_alive(server, reader, writer, n)
+            return
+        assert await server.next_request(reader, n) is not None
+        writer.write(answer())  # the first at once
+        await writer.drain()
+        assert await server.next_request(reader, n) is not None
+        # The second once the first one's deadline has passed: its timer comes due.
+        while loop.time() < first_deadline + 0.1:
+            await asyncio.sleep(0.01)
+        writer.write(answer())
+        await writer.drain()
+        await server.next_request(reader, n)
+        await reader.read()  # the third is never answered: until the client closes
+
+    async with serving(answer_late_then_never) as server, lean(server.url) as client:
+        first_deadline = loop.time() + 0.2
+        assert (await client.post(server.url, content=b"{}", timeout=0.2)).status_code == 200
+        # A longer deadline outlives the timer set for the first one.
+        response = await client.post(server.url, content=b"{}", timeout=DEADLINE)
+        assert response.status_code == 200
+        (conn,) = client._idle  # not timed out: kept for the next request
+        # A shorter deadline after a longer one is kept all the same.
+        with (
+            pytest.raises(TimeoutError, match="within the timeout"),
+            anyio.fail_after(DEADLINE / 2),
+        ):
+            await client.post(server.url, content=b"{}", timeout=0.2)
+        assert conn.timed_out
+        assert server.connections == 1
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        # A connection's timer goes with it.
+        assert (await client.post(server.url, content=b"{}", timeout=DEADLINE)).status_code == 200
+        (conn,) = client._idle
+        timer = conn._timer
+        assert timer is not None
+        assert not timer.cancelled()
+        await client.aclose()
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        assert timer.cancelled()
+
+
 async def test_a_connection_that_cannot_be_made_in_time_is_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
