@@ -280,6 +280,21 @@ async def test_chunked_answer() -> None:
     assert server.connections == 1
 
 
+async def test_answer_fields_any_case_repeated_ones_joined() -> None:
+    raw = (
+        b"HTTP/1.1 200 OK\r\nX-Seen: a\r\nContent-Length: 2\r\nx-seen: b\r\n"
+        b"Retry-After: 7\r\nX-When: \xe9t\xe9\r\n\r\nok"
+    )
+    async with serving(one_answer(raw)) as server, lean(server.url) as client:
+        headers = (await post(client, server.url)).headers
+    assert headers["x-seen"] == headers.get("X-SEEN") == "a, b"
+    assert headers.get("retry-after") == headers["Retry-After"] == "7"
+    assert headers.get("x-when") == "été"  # Latin-1, as httpx reads them
+    assert headers.get("missing") is None
+    assert headers.get("missing", "default") == "default"
+    assert sorted(headers) == ["content-length", "retry-after", "x-seen", "x-when"]
+
+
 async def test_close_delimited_answer_is_not_reused() -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
     async with serving(one_answer(raw)) as server, lean(server.url) as client:
@@ -937,7 +952,7 @@ async def test_content_encoding(coding: str, compressed: bytes, parser: str) -> 
     ],
 )
 def test_text_decoding(content_type: str | None, text: str) -> None:
-    fields = [("Content-Type", content_type)] if content_type else []
+    fields = [(b"Content-Type", content_type.encode())] if content_type else []
     assert LeanResponse(200, LeanHeaders(fields), "café".encode()).text == text
     assert LeanResponse(200, LeanHeaders([]), b"\xff").text == "\ufffd"
 

@@ -154,6 +154,7 @@ class _Connection(asyncio.Protocol):
         # The deadline of the exchange in flight, and the one timer that enforces it.
         self.deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it comes due (TimerHandle.when() is a call)
         self.lost: asyncio.Future[None] = loop.create_future()
         # The answer to the request in flight, or the error that ended it.
         self.answer: asyncio.Future[Outcome] | None = None
@@ -239,10 +240,11 @@ class _Connection(asyncio.Protocol):
         """
         self.deadline = deadline
         timer = self._timer
-        if timer is None or timer.when() > deadline:
+        if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer = self.loop.call_at(deadline, self._due, deadline)
+            self._timer_at = deadline
 
     def _due(self, when: float) -> None:
         self._timer = None
@@ -253,6 +255,7 @@ class _Connection(asyncio.Protocol):
             self.time_out()
         else:
             self._timer = self.loop.call_at(deadline, self._due, deadline)
+            self._timer_at = deadline
 
     def time_out(self) -> None:
         """The deadline of the exchange passed: fail the answer with TimeoutError, drop the line."""
@@ -368,8 +371,9 @@ class LeanClient:
             raise LeanHTTPError("the client is closed")
         head = self._head(url, headers)
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        conn = self._take_idle()
+        now = loop.time()
+        deadline = None if timeout is None else now + timeout
+        conn = self._take_idle(now)
         if conn is not None:
             response = await self._exchange(conn, head, content, reused=True, deadline=deadline)
             if response is not None:
@@ -423,8 +427,7 @@ class LeanClient:
         self._heads[key] = head
         return head
 
-    def _take_idle(self) -> _Connection | None:
-        now = asyncio.get_running_loop().time()
+    def _take_idle(self, now: float) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if conn.reusable(now, self._expiry):

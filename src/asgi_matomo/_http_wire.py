@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import cast
+from typing import TypeVar, cast, overload
 
 import h11
 
@@ -36,6 +36,7 @@ __all__ = [
     "make_reader",
 ]
 
+_T = TypeVar("_T")
 # A response head larger than this is not an HTTP server we want to talk to.
 MAX_HEAD = 64 * 1024
 # What reads the answers: httptools where it is installed, h11 (httpx's) otherwise.
@@ -59,19 +60,24 @@ class LeanHeaders(Mapping[str, str]):
 
     __slots__ = ("_fields",)
 
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        joined = {name.lower(): value for name, value in fields}
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """From the fields as they came: names and values decoded as Latin-1 (as httpx does)."""
+        joined = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in fields}
         if len(joined) < len(fields):  # a repeated name: its values joined, in order
             joined = {}
-            for name, value in fields:
-                key = name.lower()
+            for n, v in fields:
+                key, value = n.decode("latin-1").lower(), v.decode("latin-1")
                 joined[key] = f"{joined[key]}, {value}" if key in joined else value
         self._fields = joined
 
     def __getitem__(self, name: str) -> str:
         return self._fields[name.lower()]
 
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+    def get(self, name: str, /, default: object = None) -> object:
         # Mapping's own get() goes through __getitem__ and a KeyError: this is read per answer.
         return self._fields.get(name.lower(), default)
 
@@ -141,7 +147,7 @@ Outcome = tuple[LeanResponse, bool]  # the response, and whether the connection 
 
 
 def _answer(
-    status: int, fields: list[tuple[str, str]], body: bytearray, limit: int, reusable: bool
+    status: int, fields: list[tuple[bytes, bytes]], body: bytearray, limit: int, reusable: bool
 ) -> Outcome:
     headers = LeanHeaders(fields)
     content = _decode(bytes(body), headers.get("content-encoding"), limit)
@@ -242,9 +248,7 @@ class _H11Reader:
     def _answer(self, *, reusable: bool) -> Outcome:
         response = self._response
         assert response is not None  # h11 gives the head before any body
-        fields = [
-            (n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers.raw_items()
-        ]
+        fields = response.headers.raw_items()
         return _answer(response.status_code, fields, self._body, self._max_body, reusable)
 
 
@@ -262,7 +266,7 @@ class _HttptoolsReader:
         self._reset()
 
     def _reset(self) -> None:
-        self._fields: list[tuple[str, str]] = []
+        self._fields: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
         self._status = 0  # set once the head is complete
         self._head_size = 0
@@ -287,7 +291,7 @@ class _HttptoolsReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Trailers (after a chunked body, the head complete) are not the answer's fields.
         if not self._done and not self._status:
-            self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         if not self._done:
@@ -340,7 +344,7 @@ class _HttptoolsReader:
 
     def end(self) -> Outcome | None:
         if self._status and self._status not in (204, 304):
-            names = {name.lower(): value for name, value in self._fields}
+            names = LeanHeaders(self._fields)
             encoding = names.get("transfer-encoding", "").lower()
             if "content-length" not in names and not encoding.endswith("chunked"):
                 return _answer(self._status, self._fields, self._body, self._max_body, False)
