@@ -22,7 +22,9 @@ httptools is installed).
 times (after the same warm-up), each run in its own process under valgrind's
 cachegrind (instruction counts only, no cache simulation), and the difference
 divided by N2 - N1 is the instructions per POST of the sending process: the same
-on a busy machine as on a quiet one. Needs valgrind. glibc is told not to copy
+on a busy machine as on a quiet one. With h11 among the parsers, it also counts
+what the lean client asks of h11 per answer without any I/O ("h11 by itself"):
+the floor of the h11 path. Needs valgrind. glibc is told not to copy
 with `rep movsb` in those runs: valgrind counts that one instruction once per
 byte, which would make the copy of the 50 KB body weigh some 54,000 instructions
 (about as much as the rest of a POST on the lean client) for 1-2 µs of CPU; the
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
+import h11
 import httpx
 
 from asgi_matomo._hit import Hit
@@ -81,6 +84,13 @@ _TUNABLES = (
     "glibc.cpu.x86_rep_movsb_threshold=1000000000:glibc.cpu.x86_rep_stosb_threshold=1000000000"
 )
 _SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
+_ANSWER_BODY = b'{"status":"success","tracked":100,"invalid":0}'
+# What the receiver answers to every POST.
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(_ANSWER_BODY),
+    _ANSWER_BODY,
+)
+H11_ALONE = "h11 by itself"
 
 
 class _Receiver(asyncio.Protocol):
@@ -106,12 +116,8 @@ class _Receiver(asyncio.Protocol):
             if len(self.buffer) < end + 4 + length:
                 return
             del self.buffer[: end + 4 + length]
-            body = b'{"status":"success","tracked":100,"invalid":0}'
             assert self.transport is not None
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
+            self.transport.write(ANSWER)
 
 
 def _serve(conn: Connection) -> None:
@@ -228,6 +234,21 @@ def makers(url: str, baseline: str | None, parsers: list[str]) -> dict[str, Make
     return found
 
 
+def _h11_alone(posts: int) -> None:
+    """What the lean client asks of h11 per answer, without the client: the floor of its h11 path.
+
+    A connection, the request it is told of, then the answer's three events
+    (the head, the body, its end), as `_http_wire._H11Reader` reads them.
+    """
+    request = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"matomo")])
+    for _ in range(WARM_UP + posts):
+        framer = h11.Connection(h11.CLIENT)
+        framer.send(request)
+        framer.receive_data(ANSWER)
+        while type(framer.next_event()) is not h11.EndOfMessage:
+            pass
+
+
 async def _posts(make: Maker, url: str, content: bytes, posts: int) -> None:
     """The warm-up, then `posts` POSTs: what one counted run does."""
     post, close = make()
@@ -297,6 +318,9 @@ def main() -> None:
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one counted run (under valgrind)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run == H11_ALONE:
+        _h11_alone(args.posts)
+        return
     if args.run:
         found = makers(args.url, args.baseline, args.parsers)
         asyncio.run(_posts(found[args.run], args.url, body(args.hits), args.posts))
@@ -312,7 +336,8 @@ def main() -> None:
         content = body(args.hits)
         found = makers(url, args.baseline, args.parsers)
         if args.instructions:
-            count_instructions(args, url, list(found))
+            names = list(found) + ([H11_ALONE] if "h11" in args.parsers else [])
+            count_instructions(args, url, names)
             return
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in found}
         for n in range(args.rounds):
