@@ -509,6 +509,17 @@ async def test_one_timer_per_connection_enforces_the_deadline_of_each_exchange()
         assert timer.cancelled()
 
 
+async def test_a_timer_due_on_an_idle_connection_leaves_it_usable() -> None:
+    async with serving() as server, lean(server.url) as client:
+        assert (await client.post(server.url, content=b"{}", timeout=0.05)).status_code == 200
+        (conn,) = client._idle
+        await wait_until(lambda: conn._timer is None, "the timer comes due")
+        assert not conn.timed_out
+        assert client._idle == [conn]
+        assert (await client.post(server.url, content=b"{}", timeout=DEADLINE)).status_code == 200
+    assert server.connections == 1
+
+
 async def test_a_connection_that_cannot_be_made_in_time_is_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -166,7 +166,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: RequestHead, content: bytes) -> bytes:
         """The bytes of the request; from now on an answer is awaited."""
-        self.reader.begin(head)
+        self.reader.begin()
         self.received = False
         self.answer = self.loop.create_future()
         return head.frame(content)

@@ -201,12 +201,13 @@ class _H11Reader:
     """
 
     def __init__(self, max_body: int) -> None:
-        self._max_body = max_body
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self._max_body = max_body
         self._response: h11.Response | None = None
         self._body = bytearray()
 
-    def begin(self, head: RequestHead) -> None:
+    def begin(self) -> None:
+        """A request was sent: its answer comes next."""
         framer = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         framer.send(_REQUEST)
         self._h11 = framer
@@ -279,7 +280,8 @@ class _HttptoolsReader:
         self._keep_alive = False
         self._after = False  # bytes came after the answer
 
-    def begin(self, head: RequestHead) -> None:
+    def begin(self) -> None:
+        """A request was sent: its answer comes next."""
         self._reset()
 
     # -- httptools' callbacks
