@@ -1,7 +1,7 @@
 """CPU per bulk POST: httpx.AsyncClient against the sender's lean asyncio client.
 
     .venv/bin/python bench/bench_http.py [--posts 2000] [--rounds 5] [--hits 100]
-        [--baseline OLD_HTTP_PY]
+        [--baseline OLD_HTTP_PY] [--parsers httptools,h11] [--instructions 200,600]
 
 Each round POSTs the same realistic bulk body (`--hits` page views, about 50 KB of
 JSON at 100) `--posts` times, one after the other on one keep-alive connection, to
@@ -14,7 +14,21 @@ this process (the receiver's CPU is not counted), the median of the rounds.
 
 `--baseline` adds, in the same rounds, the `LeanClient` of another version of
 `_http.py` (a file, e.g. `git show a2cc5bb:src/asgi_matomo/_http.py > /tmp/old.py`):
-before/after on one noisy machine is only comparable within one run.
+before/after on one noisy machine is only comparable within one run. `--parsers`
+picks the answer parsers of the lean client measured (h11 alone, say, where
+httptools is installed).
+
+`--instructions N1,N2` counts instead of timing: each client POSTs N1 then N2
+times (after the same warm-up), each run in its own process under valgrind's
+cachegrind (instruction counts only, no cache simulation), and the difference
+divided by N2 - N1 is the instructions per POST of the sending process: the same
+on a busy machine as on a quiet one. With h11 among the parsers, it also counts
+what the lean client asks of h11 per answer without any I/O ("h11 by itself"):
+the floor of the h11 path. Needs valgrind. glibc is told not to copy
+with `rep movsb` in those runs: valgrind counts that one instruction once per
+byte, which would make the copy of the 50 KB body weigh some 54,000 instructions
+(about as much as the rest of a POST on the lean client) for 1-2 µs of CPU; the
+vector loop glibc uses instead counts close to its cost.
 
 Only 127.0.0.1 is used; every loop is bounded.
 """
@@ -26,15 +40,23 @@ import asyncio
 import importlib.util
 import json
 import multiprocessing
+import os
 import platform
+import re
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Protocol
 
 import anyio
+import h11
 import httpx
 
 from asgi_matomo._hit import Hit
@@ -54,6 +76,21 @@ QUERY = (
     "&dimension1=premium&dimension2=eu-west&cvar=%7B%221%22%3A%5B%22plan%22%2C%22pro%22%5D%7D"
     "&rand={i}"
 )
+WARM_UP = 50
+# Python under cachegrind runs some 30-50 times slower: this bounds each counted run.
+COUNT_TIMEOUT = 900.0
+# Copies and fills by vector loops, not `rep movsb`/`rep stosb` (see the docstring).
+_TUNABLES = (
+    "glibc.cpu.x86_rep_movsb_threshold=1000000000:glibc.cpu.x86_rep_stosb_threshold=1000000000"
+)
+_SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
+_ANSWER_BODY = b'{"status":"success","tracked":100,"invalid":0}'
+# What the receiver answers to every POST.
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(_ANSWER_BODY),
+    _ANSWER_BODY,
+)
+H11_ALONE = "h11 by itself"
 
 
 class _Receiver(asyncio.Protocol):
@@ -79,12 +116,8 @@ class _Receiver(asyncio.Protocol):
             if len(self.buffer) < end + 4 + length:
                 return
             del self.buffer[: end + 4 + length]
-            body = b'{"status":"success","tracked":100,"invalid":0}'
             assert self.transport is not None
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
+            self.transport.write(ANSWER)
 
 
 def _serve(conn: Connection) -> None:
@@ -103,6 +136,9 @@ class _Post(Protocol):
     async def __call__(self, url: str, content: bytes) -> httpx.Response | LeanResponse: ...
 
 
+Maker = Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]
+
+
 def body(hits: int) -> bytes:
     now = time.time()
     requests = [Hit(QUERY.format(i=i), now).encode(authenticated=False) for i in range(hits)]
@@ -116,7 +152,7 @@ def _cpu() -> tuple[float, float]:
 
 
 async def cpu_per_post(
-    make: Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]],
+    make: Maker,
     url: str,
     content: bytes,
     posts: int,
@@ -128,7 +164,7 @@ async def cpu_per_post(
     """
     post, close = make()
     try:
-        for _ in range(50):
+        for _ in range(WARM_UP):
             await _one(post, url, content)
         user, system = _cpu()
         for _ in range(posts):
@@ -155,9 +191,7 @@ def make_httpx() -> tuple[_Post, Callable[[], Awaitable[None]]]:
     return post, client.aclose
 
 
-def make_lean(
-    url: str, parser: str = PARSER
-) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
+def make_lean(url: str, parser: str = PARSER) -> Maker:
     def make() -> tuple[_Post, Callable[[], Awaitable[None]]]:
         client = LeanClient(url, headers=CLIENT_HEADERS, parser=parser)
 
@@ -169,7 +203,7 @@ def make_lean(
     return make
 
 
-def make_baseline(url: str, path: str) -> Callable[[], tuple[_Post, Callable[[], Awaitable[None]]]]:
+def make_baseline(url: str, path: str) -> Maker:
     spec = importlib.util.spec_from_file_location("baseline_http", path)
     assert spec is not None, path
     assert spec.loader is not None, path
@@ -190,13 +224,107 @@ def make_baseline(url: str, path: str) -> Callable[[], tuple[_Post, Callable[[],
     return make
 
 
+def makers(url: str, baseline: str | None, parsers: list[str]) -> dict[str, Maker]:
+    """The clients measured, by the name printed."""
+    found: dict[str, Maker] = {"httpx": make_httpx}
+    if baseline:
+        found["lean (baseline)"] = make_baseline(url, baseline)
+    for parser in parsers:
+        found[f"lean ({parser})"] = make_lean(url, parser)
+    return found
+
+
+def _h11_alone(posts: int) -> None:
+    """What the lean client asks of h11 per answer, without the client: the floor of its h11 path.
+
+    A connection, the request it is told of, then the answer's three events
+    (the head, the body, its end), as `_http_wire._H11Reader` reads them.
+    """
+    request = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"matomo")])
+    for _ in range(WARM_UP + posts):
+        framer = h11.Connection(h11.CLIENT)
+        framer.send(request)
+        framer.receive_data(ANSWER)
+        while type(framer.next_event()) is not h11.EndOfMessage:
+            pass
+
+
+async def _posts(make: Maker, url: str, content: bytes, posts: int) -> None:
+    """The warm-up, then `posts` POSTs: what one counted run does."""
+    post, close = make()
+    try:
+        for _ in range(WARM_UP + posts):
+            await _one(post, url, content)
+    finally:
+        await close()
+
+
+def _count(name: str, args: argparse.Namespace, url: str, posts: int, directory: Path) -> int:
+    """Instructions of one run of `name` making `posts` POSTs, in a process under cachegrind."""
+    out = directory / "cachegrind.out"
+    command = [
+        "valgrind", "--tool=cachegrind", "--cache-sim=no", "--branch-sim=no",
+        f"--cachegrind-out-file={out}",
+        sys.executable, __file__, "--run", name, "--url", url, "--posts", str(posts),
+        "--hits", str(args.hits), "--parsers", ",".join(args.parsers),
+    ]  # fmt: skip
+    if args.baseline:
+        command += ["--baseline", args.baseline]
+    subprocess.run(
+        command, check=True, capture_output=True, timeout=COUNT_TIMEOUT,
+        env=dict(os.environ, PYTHONHASHSEED="0", GLIBC_TUNABLES=_TUNABLES),
+    )  # fmt: skip
+    match = _SUMMARY.search(out.read_bytes())
+    if match is None:
+        raise RuntimeError(f"no instruction count in {out}")
+    return int(match.group(1))
+
+
+def count_instructions(args: argparse.Namespace, url: str, names: list[str]) -> None:
+    low, high = (int(n) for n in args.instructions.split(","))
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed: apt-get install -y valgrind")
+    directory = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    try:
+        per_post = {}
+        for name in names:
+            counts = [_count(name, args, url, posts, directory) for posts in (low, high)]
+            per_post[name] = (counts[1] - counts[0]) / (high - low)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"Python {platform.python_version()}, httpx {httpx.__version__}, {platform.machine()}")
+    print(f"instructions per POST = (I({high}) - I({low})) / {high - low}, {args.hits} hits")
+    reference = per_post.get("lean (baseline)")
+    print("| client | instructions per POST | per hit | to the baseline |")
+    print("|---|---:|---:|---:|")
+    for name, value in per_post.items():
+        ratio = "-" if reference is None else f"{value / reference:.2f}"
+        print(f"| {name} | {value:,.0f} | {value / args.hits:,.0f} | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--posts", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hits", type=int, default=100)
     parser.add_argument("--baseline", help="another _http.py whose LeanClient runs alongside")
+    parser.add_argument(
+        "--parsers",
+        type=lambda text: text.split(","),
+        default=["httptools", "h11"] if PARSER == "httptools" else ["h11"],
+        help="answer parsers of the lean client measured, comma-separated",
+    )
+    parser.add_argument("--instructions", metavar="N1,N2", help="count instructions instead")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # one counted run (under valgrind)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run == H11_ALONE:
+        _h11_alone(args.posts)
+        return
+    if args.run:
+        found = makers(args.url, args.baseline, args.parsers)
+        asyncio.run(_posts(found[args.run], args.url, body(args.hits), args.posts))
+        return
     parent, child = multiprocessing.Pipe()
     receiver = multiprocessing.Process(target=_serve, args=(child,), daemon=True)
     receiver.start()
@@ -206,18 +334,17 @@ def main() -> None:
         port = parent.recv()
         url = f"http://{HOST}:{port}/matomo.php"
         content = body(args.hits)
-        makers = {"httpx": make_httpx}
-        if args.baseline:
-            makers["lean (baseline)"] = make_baseline(url, args.baseline)
-        parsers = ["httptools", "h11"] if PARSER == "httptools" else ["h11"]
-        for parser in parsers:
-            makers[f"lean ({parser})"] = make_lean(url, parser)
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
+        found = makers(url, args.baseline, args.parsers)
+        if args.instructions:
+            names = list(found) + ([H11_ALONE] if "h11" in args.parsers else [])
+            count_instructions(args, url, names)
+            return
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in found}
         for n in range(args.rounds):
-            names = list(makers)
+            names = list(found)
             order = names[n % len(names) :] + names[: n % len(names)]  # rotating
             for name in order:
-                times = asyncio.run(cpu_per_post(makers[name], url, content, args.posts))
+                times = asyncio.run(cpu_per_post(found[name], url, content, args.posts))
                 results[name].append(times)
     finally:
         parent.send("stop")

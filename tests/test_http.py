@@ -280,6 +280,21 @@ async def test_chunked_answer() -> None:
     assert server.connections == 1
 
 
+async def test_answer_fields_any_case_repeated_ones_joined() -> None:
+    raw = (
+        b"HTTP/1.1 200 OK\r\nX-Seen: a\r\nContent-Length: 2\r\nx-seen: b\r\n"
+        b"Retry-After: 7\r\nX-When: \xe9t\xe9\r\n\r\nok"
+    )
+    async with serving(one_answer(raw)) as server, lean(server.url) as client:
+        headers = (await post(client, server.url)).headers
+    assert headers["x-seen"] == headers.get("X-SEEN") == "a, b"
+    assert headers.get("retry-after") == headers["Retry-After"] == "7"
+    assert headers.get("x-when") == "été"  # Latin-1, as httpx reads them
+    assert headers.get("missing") is None
+    assert headers.get("missing", "default") == "default"
+    assert sorted(headers) == ["content-length", "retry-after", "x-seen", "x-when"]
+
+
 async def test_close_delimited_answer_is_not_reused() -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
     async with serving(one_answer(raw)) as server, lean(server.url) as client:
@@ -443,6 +458,66 @@ async def test_the_timeout_argument_closes_the_connection_without_a_cancel_scope
         server.handler = keep_alive
         response = await client.post(server.url, content=b"{}", headers=JSON, timeout=DEADLINE)
         assert response.status_code == 200
+
+
+async def test_one_timer_per_connection_enforces_the_deadline_of_each_exchange() -> None:
+    loop = asyncio.get_running_loop()
+    first_deadline = 0.0
+
+    async def answer_late_then_never(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        if n > 1:
+            await keep_alive(server, reader, writer, n)
+            return
+        assert await server.next_request(reader, n) is not None
+        writer.write(answer())  # the first at once
+        await writer.drain()
+        assert await server.next_request(reader, n) is not None
+        # The second once the first one's deadline has passed: its timer comes due.
+        while loop.time() < first_deadline + 0.1:
+            await asyncio.sleep(0.01)
+        writer.write(answer())
+        await writer.drain()
+        await server.next_request(reader, n)
+        await reader.read()  # the third is never answered: until the client closes
+
+    async with serving(answer_late_then_never) as server, lean(server.url) as client:
+        first_deadline = loop.time() + 0.2
+        assert (await client.post(server.url, content=b"{}", timeout=0.2)).status_code == 200
+        # A longer deadline outlives the timer set for the first one.
+        response = await client.post(server.url, content=b"{}", timeout=DEADLINE)
+        assert response.status_code == 200
+        (conn,) = client._idle  # not timed out: kept for the next request
+        # A shorter deadline after a longer one is kept all the same.
+        with (
+            pytest.raises(TimeoutError, match="within the timeout"),
+            anyio.fail_after(DEADLINE / 2),
+        ):
+            await client.post(server.url, content=b"{}", timeout=0.2)
+        assert conn.timed_out
+        assert server.connections == 1
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        # A connection's timer goes with it.
+        assert (await client.post(server.url, content=b"{}", timeout=DEADLINE)).status_code == 200
+        (conn,) = client._idle
+        timer = conn._timer
+        assert timer is not None
+        assert not timer.cancelled()
+        await client.aclose()
+        await wait_until(lambda: not client._connections, "the client's transport is gone")
+        assert timer.cancelled()
+
+
+async def test_a_timer_due_on_an_idle_connection_leaves_it_usable() -> None:
+    async with serving() as server, lean(server.url) as client:
+        assert (await client.post(server.url, content=b"{}", timeout=0.05)).status_code == 200
+        (conn,) = client._idle
+        await wait_until(lambda: conn._timer is None, "the timer comes due")
+        assert not conn.timed_out
+        assert client._idle == [conn]
+        assert (await client.post(server.url, content=b"{}", timeout=DEADLINE)).status_code == 200
+    assert server.connections == 1
 
 
 async def test_a_connection_that_cannot_be_made_in_time_is_a_timeout(
@@ -888,7 +963,7 @@ async def test_content_encoding(coding: str, compressed: bytes, parser: str) -> 
     ],
 )
 def test_text_decoding(content_type: str | None, text: str) -> None:
-    fields = [("Content-Type", content_type)] if content_type else []
+    fields = [(b"Content-Type", content_type.encode())] if content_type else []
     assert LeanResponse(200, LeanHeaders(fields), "café".encode()).text == text
     assert LeanResponse(200, LeanHeaders([]), b"\xff").text == "\ufffd"
 

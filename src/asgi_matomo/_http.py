@@ -151,6 +151,10 @@ class _Connection(asyncio.Protocol):
         self.received = False  # a byte of the current answer arrived
         self.idle_since = 0.0
         self.timed_out = False
+        # The deadline of the exchange in flight, and the one timer that enforces it.
+        self.deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it comes due (TimerHandle.when() is a call)
         self.lost: asyncio.Future[None] = loop.create_future()
         # The answer to the request in flight, or the error that ended it.
         self.answer: asyncio.Future[Outcome] | None = None
@@ -162,7 +166,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: RequestHead, content: bytes) -> bytes:
         """The bytes of the request; from now on an answer is awaited."""
-        self.reader.begin(head)
+        self.reader.begin()
         self.received = False
         self.answer = self.loop.create_future()
         return head.frame(content)
@@ -196,6 +200,8 @@ class _Connection(asyncio.Protocol):
         if answer is not None and not answer.done():
             self._fail(answer, self.closed_error(self._where()))
         self.eof = True
+        if self._timer is not None:
+            self._timer.cancel()
         self.lost.set_result(None)  # the loop calls this once
         self._on_lost(self)
 
@@ -221,6 +227,35 @@ class _Connection(asyncio.Protocol):
 
     def _where(self) -> str:
         return "in the middle of its answer" if self.received else "before its answer"
+
+    def arm(self, deadline: float) -> None:
+        """Time the exchange out at `deadline` (TimeoutError, the connection dropped).
+
+        One timer per connection, not one per exchange: a timer made and
+        cancelled per POST costs about as much as reading the answer with
+        httptools. A timer that comes due before the deadline of the exchange
+        then in flight sets itself again for that deadline (one with no
+        exchange in flight just ends): the sender's deadlines only move later,
+        so a busy connection sets its timer once per timeout, not once per POST.
+        """
+        self.deadline = deadline
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._due, deadline)
+            self._timer_at = deadline
+
+    def _due(self, when: float) -> None:
+        self._timer = None
+        deadline = self.deadline
+        if deadline is None:  # no exchange in flight
+            return
+        if deadline <= when:
+            self.time_out()
+        else:
+            self._timer = self.loop.call_at(deadline, self._due, deadline)
+            self._timer_at = deadline
 
     def time_out(self) -> None:
         """The deadline of the exchange passed: fail the answer with TimeoutError, drop the line."""
@@ -336,8 +371,9 @@ class LeanClient:
             raise LeanHTTPError("the client is closed")
         head = self._head(url, headers)
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        conn = self._take_idle()
+        now = loop.time()
+        deadline = None if timeout is None else now + timeout
+        conn = self._take_idle(now)
         if conn is not None:
             response = await self._exchange(conn, head, content, reused=True, deadline=deadline)
             if response is not None:
@@ -391,8 +427,7 @@ class LeanClient:
         self._heads[key] = head
         return head
 
-    def _take_idle(self) -> _Connection | None:
-        now = asyncio.get_running_loop().time()
+    def _take_idle(self, now: float) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if conn.reusable(now, self._expiry):
@@ -464,7 +499,8 @@ class LeanClient:
         """The answer to the request on `conn`; None when a reused connection turned out dead."""
         transport = conn.transport
         assert transport is not None
-        timer = None if deadline is None else conn.loop.call_at(deadline, conn.time_out)
+        if deadline is not None:
+            conn.arm(deadline)
         try:
             # Written at once: the transport buffers what the socket does not take
             # and sends it as the socket drains; the answer comes after it anyway.
@@ -483,8 +519,7 @@ class LeanClient:
                 return None
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            conn.deadline = None
         if (
             keep_alive
             and not self._closed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import zlib
 from collections.abc import Iterator, Mapping
+from typing import TypeVar, cast, overload
 
 import h11
 
@@ -35,6 +36,7 @@ __all__ = [
     "make_reader",
 ]
 
+_T = TypeVar("_T")
 # A response head larger than this is not an HTTP server we want to talk to.
 MAX_HEAD = 64 * 1024
 # What reads the answers: httptools where it is installed, h11 (httpx's) otherwise.
@@ -58,15 +60,26 @@ class LeanHeaders(Mapping[str, str]):
 
     __slots__ = ("_fields",)
 
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        joined: dict[str, str] = {}
-        for name, value in fields:
-            key = name.lower()
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """From the fields as they came: names and values decoded as Latin-1 (as httpx does)."""
+        joined = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in fields}
+        if len(joined) < len(fields):  # a repeated name: its values joined, in order
+            joined = {}
+            for n, v in fields:
+                key, value = n.decode("latin-1").lower(), v.decode("latin-1")
+                joined[key] = f"{joined[key]}, {value}" if key in joined else value
         self._fields = joined
 
     def __getitem__(self, name: str) -> str:
         return self._fields[name.lower()]
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+    def get(self, name: str, /, default: object = None) -> object:
+        # Mapping's own get() goes through __getitem__ and a KeyError: this is read per answer.
+        return self._fields.get(name.lower(), default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
@@ -111,7 +124,9 @@ def _charset(content_type: str | None) -> str:
 
 def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo gzip or deflate, which a server may apply despite Accept-Encoding: identity."""
-    coding = (encoding or "").strip().lower()
+    if encoding is None:
+        return body
+    coding = encoding.strip().lower()
     if coding in ("", "identity"):
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
@@ -132,7 +147,7 @@ Outcome = tuple[LeanResponse, bool]  # the response, and whether the connection 
 
 
 def _answer(
-    status: int, fields: list[tuple[str, str]], body: bytearray, limit: int, reusable: bool
+    status: int, fields: list[tuple[bytes, bytes]], body: bytearray, limit: int, reusable: bool
 ) -> Outcome:
     headers = LeanHeaders(fields)
     content = _decode(bytes(body), headers.get("content-encoding"), limit)
@@ -146,12 +161,11 @@ class RequestHead:
     doing both per request would take half of this client's CPU per POST.
     """
 
-    __slots__ = ("_prefix", "shape")
+    __slots__ = ("_prefix",)
 
     def __init__(self, target: str, fields: list[tuple[bytes, bytes]]) -> None:
         try:
-            # The request as h11 sees it, without its body: what an answer is read against.
-            self.shape = h11.Request(
+            request = h11.Request(
                 method=b"POST",
                 target=target,
                 headers=[*fields, (b"Connection", b"keep-alive"), (b"Content-Length", b"0")],
@@ -159,7 +173,7 @@ class RequestHead:
         except h11.LocalProtocolError as exc:
             # A CR or LF in a header would let it write other headers, or a second request.
             raise ValueError(f"invalid header field: {exc}") from None
-        written = h11.Connection(h11.CLIENT).send(self.shape) or b""
+        written = h11.Connection(h11.CLIENT).send(request) or b""
         # h11 writes the fields in order: the last one is left open for each request's length.
         end = b"Content-Length: 0\r\n\r\n"
         assert written.endswith(end)
@@ -170,8 +184,21 @@ class RequestHead:
         return b"".join((self._prefix, b"%d\r\n\r\n" % len(content), content))
 
 
+# What h11 is told of each request: it frames an answer by the request's method
+# (a HEAD or CONNECT is read otherwise), its HTTP version and whether it asked to
+# close, and every request of this client is an HTTP/1.1 POST that keeps the
+# connection open. The fields, written by `RequestHead`, play no part in it.
+_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"matomo")])
+
+
 class _H11Reader:
-    """Reads the answers on one connection with h11."""
+    """Reads the answers on one connection with h11, each with an h11 connection of its own.
+
+    A new h11.Connection per answer costs less than start_next_cycle() on the
+    last one and the end of a request h11 would never write: a connection is
+    only used again once its answer is complete and nothing came after it, so
+    there is nothing to carry over from one answer to the next.
+    """
 
     def __init__(self, max_body: int) -> None:
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
@@ -179,13 +206,11 @@ class _H11Reader:
         self._response: h11.Response | None = None
         self._body = bytearray()
 
-    def begin(self, head: RequestHead) -> None:
-        framer = self._h11
-        if framer.our_state is h11.DONE:
-            framer.start_next_cycle()  # only a reusable connection is used again
-        # h11 is told of the request without its body: an answer is framed alike.
-        framer.send(head.shape)
-        framer.send(h11.EndOfMessage())
+    def begin(self) -> None:
+        """A request was sent: its answer comes next."""
+        framer = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        framer.send(_REQUEST)
+        self._h11 = framer
         self._response = None
         self._body = bytearray()
 
@@ -202,12 +227,14 @@ class _H11Reader:
         try:
             while True:
                 event = framer.next_event()
-                if isinstance(event, h11.Data):
-                    if not _keep(self._body, event.data, self._max_body):
+                # Exact types: isinstance() goes through ABCMeta for h11's events.
+                kind = type(event)
+                if kind is h11.Response:
+                    self._response = cast("h11.Response", event)
+                elif kind is h11.Data:
+                    if not _keep(self._body, cast("h11.Data", event).data, self._max_body):
                         return self._answer(reusable=False)
-                elif isinstance(event, h11.Response):
-                    self._response = event
-                elif isinstance(event, h11.EndOfMessage):
+                elif kind is h11.EndOfMessage:
                     after, closed = framer.trailing_data
                     return self._answer(
                         # Not for Connection: close or HTTP/1.0, nor bytes after the answer.
@@ -222,7 +249,7 @@ class _H11Reader:
     def _answer(self, *, reusable: bool) -> Outcome:
         response = self._response
         assert response is not None  # h11 gives the head before any body
-        fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers]
+        fields = response.headers.raw_items()
         return _answer(response.status_code, fields, self._body, self._max_body, reusable)
 
 
@@ -240,7 +267,7 @@ class _HttptoolsReader:
         self._reset()
 
     def _reset(self) -> None:
-        self._fields: list[tuple[str, str]] = []
+        self._fields: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
         self._status = 0  # set once the head is complete
         self._head_size = 0
@@ -253,7 +280,8 @@ class _HttptoolsReader:
         self._keep_alive = False
         self._after = False  # bytes came after the answer
 
-    def begin(self, head: RequestHead) -> None:
+    def begin(self) -> None:
+        """A request was sent: its answer comes next."""
         self._reset()
 
     # -- httptools' callbacks
@@ -265,7 +293,7 @@ class _HttptoolsReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Trailers (after a chunked body, the head complete) are not the answer's fields.
         if not self._done and not self._status:
-            self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         if not self._done:
@@ -318,7 +346,7 @@ class _HttptoolsReader:
 
     def end(self) -> Outcome | None:
         if self._status and self._status not in (204, 304):
-            names = {name.lower(): value for name, value in self._fields}
+            names = LeanHeaders(self._fields)
             encoding = names.get("transfer-encoding", "").lower()
             if "content-length" not in names and not encoding.endswith("chunked"):
                 return _answer(self._status, self._fields, self._body, self._max_body, False)
