@@ -40,8 +40,8 @@ class DirectSender:
     Parameters:
         queue, controller, delivery, spooler, reporter: the sender's, shared with
             its background mode.
-        in_flight: the sender's batches in flight, by id; direct batches are
-            added while they are sent.
+        in_flight: the sender's batches in flight, by id (it changes the dict in
+            place, never replaces it); direct batches are added while they are sent.
         progress: called when a batch left `in_flight` (for `aflush`).
         idle: whether the sender is idle (no worker, not closing): only then do
             requests hold hits for each other and take what waits.
