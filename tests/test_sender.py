@@ -1825,6 +1825,55 @@ async def test_a_cancelled_direct_request_counts_its_hits_as_dropped() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("answered", [True, False])
+async def test_a_direct_request_sending_while_the_sender_closes_keeps_its_hits(
+    answered: bool,
+) -> None:
+    matomo = Matomo()
+    matomo.gate = anyio.Event()
+    async with matomo.client() as client:
+        sender = sender_for(client)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender.send_now, [hit(0)])
+            await matomo.wait_for(1)
+            await sender.aclose()
+            # Closing leaves the request's batch to the request: not spooled, not dropped.
+            assert (sender.stats.in_flight, sender.stats.dropped) == (1, 0)
+            if answered:
+                matomo.gate.set()
+            else:
+                tg.cancel_scope.cancel()  # the server cancels the request sending
+        await sender.send_now([hit(1)])  # closed: dropped
+    stats = sender.stats
+    assert (stats.in_flight, stats.sent, stats.dropped) == (0, int(answered), 2 - answered)
+    check_books(stats)
+
+
+@pytest.mark.anyio
+async def test_a_fork_child_does_not_inherit_the_direct_pause() -> None:
+    clock = FakeClock()
+    down = True
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(503) if down else success(body)
+
+    matomo = Matomo(answer)
+    async with matomo.client() as client:
+        sender = sender_for(client, clock=clock, sleep=clock.sleep)
+        await sender.send_now([hit(0)])
+        down = False
+        await sender.send_now([hit(1)])  # within the pause after the failure: it waits
+        assert (sender.stats.dropped, sender.stats.queued) == (1, 1)
+        sent_before = len(matomo.bodies)
+        # What os.register_at_fork runs in a child process:
+        sender._after_fork_in_child()
+        await sender.send_now([hit(2)])
+    assert len(matomo.bodies) == sent_before + 1
+    assert matomo.hits[-1] == 2
+    assert sender.stats == Stats(submitted=1, sent=1, batches=1, concurrency=4, batch_size=100)
+
+
+@pytest.mark.anyio
 async def test_send_now_survives_a_broken_hit(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

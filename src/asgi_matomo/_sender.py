@@ -4,22 +4,11 @@ Everything here runs on the application's event loop thread. The request path
 only calls `BatchSender.submit`, which appends to a bounded queue (`_queue`);
 one background task cuts batches and sends each in its own task, as many and
 as large as `_adaptive` finds Matomo takes, within `max_concurrent_batches` and
-`batch_size`. Each batch is delivered by `_delivery`
-(retries, the token, 413 splits) over `_transport`; what cannot be delivered
-goes to the spool and comes back from it through `_replay`.
+`batch_size`. Each batch is delivered by `_delivery` (retries, the token, 413
+splits) over `_transport`; what cannot be delivered goes to the spool and comes
+back from it through `_replay`.
 
-Without a lifespan there is no place for the background task: the request's own
-task sends its hits after its response (`BatchSender.send_now`), within the same
-limits. At most as many requests send at once as the controller allows (never
-more than `max_concurrent_batches`); the hits of a request that finds them all
-busy wait in the queue (then the spool, then the counters, as in the background
-mode), and the requests that are sending take them, in batches, before they
-finish. The requests' tasks are awaited by the server at shutdown. A sender
-task started by the first request was the other way, not taken: nothing would
-stop it (without a lifespan no one tells the app that the server stops, so what
-it held would be lost uncounted when the loop ends), trio has no task to start
-without a nursery, and test clients that run each request on an event loop of
-its own would leave it behind on a closed loop.
+Without a lifespan, the requests' own tasks send their hits: see `_direct`.
 """
 
 from __future__ import annotations
@@ -40,11 +29,11 @@ import httpx
 
 from ._adaptive import Controller
 from ._delivery import Batch, Delivery, Slots
+from ._direct import DirectSender
 from ._hit import Hit
 from ._queue import HitQueue
 from ._replay import Spooler, SpoolProtocol
 from ._report import WHY, Counters, Reporter, Stats
-from ._retry import DIRECT_ATTEMPTS, replay_delay
 from ._token import TokenPolicy
 from ._transport import Transport
 
@@ -211,13 +200,6 @@ class BatchSender:
             clock=self._clock,
         )
         self._in_flight: dict[int, Batch] = {}
-        # Requests sending their hits in direct mode (no lifespan), now.
-        self._direct_busy = 0
-        # Direct mode: batches given up in a row, and until when (clock) no request
-        # sends after the last one: each request would otherwise try Matomo anew.
-        self._direct_failures = 0
-        self._direct_pause = -math.inf
-        self._direct_spooling = False  # a request is moving what waits to the spool
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -233,6 +215,19 @@ class BatchSender:
             reporter=self._reporter,
             deliver=self._deliver_replayed,
             limits=self._controller,
+            clock=self._clock,
+        )
+        self._direct = DirectSender(
+            queue=self._queue,
+            controller=self._controller,
+            delivery=self._delivery,
+            spooler=self._spooler,
+            reporter=self._reporter,
+            in_flight=self._in_flight,
+            progress=self._notify_progress,
+            idle=lambda: self._state is _State.IDLE,
+            closed=lambda: self._state is _State.CLOSED,
+            http_timeout=self._http_timeout,
             clock=self._clock,
         )
         # anyio primitives belong to one event loop: created when the worker starts.
@@ -303,6 +298,10 @@ class BatchSender:
             return
         if queue.append(hit):
             _set(self._wake)
+
+    async def send_now(self, hits: Sequence[Hit]) -> None:
+        """Send hits right away, without the worker (no lifespan); never raises: see `_direct`."""
+        await self._direct.send_now(hits)
 
     def force_flush(self) -> bool:
         """Ask the worker to send everything queued now, without waiting.
@@ -393,8 +392,9 @@ class BatchSender:
                 # Waiting for a free slot lets the queue grow into full batches
                 # while Matomo is slow.
                 await slots.acquire()
-                hits, first_seq = self._queue.take()
-                tg.start_soon(self._send_batch, self._track(hits, first_seq, worker=True))
+                batch = Batch(*self._queue.take(), worker=True)
+                self._in_flight[id(batch)] = batch
+                tg.start_soon(self._send_batch, batch)
             if self._state is not _State.RUNNING:
                 return
 
@@ -435,9 +435,10 @@ class BatchSender:
                 await self._finish_close()
 
     async def _finish_close(self) -> None:
-        left = [hit for b in self._in_flight.values() if b.worker for hit in b.hits]
+        # Popped in place: the direct sender shares the dict.
+        worker = [self._in_flight.pop(k) for k, b in list(self._in_flight.items()) if b.worker]
+        left = [hit for b in worker for hit in b.hits]
         left += self._queue.drain()
-        self._in_flight = {k: b for k, b in self._in_flight.items() if not b.worker}
         if left:
             await self._spooler.put_or_drop(left, "shutdown")
         await self._spooler.aclose()
@@ -462,159 +463,7 @@ class BatchSender:
         assert self._closed_event is not None
         self._closed_event.set()
 
-    # -- direct mode ------------------------------------------------------------------
-
-    async def send_now(self, hits: Sequence[Hit]) -> None:
-        """Send hits in a bulk request right away, without the worker. Never raises.
-
-        For servers that never run the ASGI lifespan: a failed request is retried
-        a few times within about `http_timeout`, then the hits are spooled or
-        dropped. When the most requests allowed are sending already, the hits
-        wait in the queue for one of them (see the module's docstring) and this
-        returns at once.
-        """
-        hits = list(hits)
-        if not hits:
-            return
-        self._reporter.counters.submitted += len(hits)
-        if self._state is _State.CLOSED:
-            self._reporter.drop(len(hits), "not_running", "the sender is closed")
-            return
-        if self._state is _State.IDLE:
-            if self._direct_busy >= self._controller.concurrency:
-                # The limits hold these hits back: the controller may raise them.
-                self._controller.backlog()
-                self._hold(hits)
-                return
-            if self._clock() < self._direct_pause:
-                self._hold(hits)
-                await self._spool_held()
-                return
-        self._direct_busy += 1
-        try:
-            # What waits is taken for about http_timeout at most: while requests keep
-            # coming, the next one takes over rather than this task sending forever.
-            until = self._clock() + self._http_timeout
-            self._queue.seq += 1
-            delivered = await self._send_direct(hits, self._queue.seq)
-            await self._drain_direct(delivered, until)
-        finally:
-            self._direct_busy -= 1
-        await self._spool_held()
-
-    async def _spool_held(self) -> None:
-        """In the pause after a failure, with a spool: move what waits in memory there."""
-        # Nothing sends from memory before a request comes after the pause, and
-        # the process may end first. One request at a time, in one write.
-        if (
-            self._spool is None
-            or self._state is not _State.IDLE
-            or self._direct_spooling
-            or not len(self._queue)
-            or self._clock() >= self._direct_pause
-        ):
-            return
-        self._direct_spooling = True
-        try:
-            await self._spooler.put_or_drop(self._queue.drain(), "retry_deadline")
-        finally:
-            self._direct_spooling = False
-
-    def _hold(self, hits: list[Hit]) -> None:
-        """Queue a request's hits for the requests sending (now or later); never waits."""
-        queue = self._queue
-        for hit in hits:
-            if len(queue.entries) < queue.max_size:
-                queue.append(hit)
-            elif self._spool is not None and len(queue.overflow) < queue.max_size:
-                queue.overflow.append(hit)
-            else:
-                self._reporter.drop(1, "queue_full", WHY["queue_full"])
-
-    async def _drain_direct(self, delivered: bool, until: float) -> None:
-        """Send what waits in the queue, batch by batch, while this request may send.
-
-        `delivered`: whether Matomo took this request's last batch. After a batch it
-        did not take, what waits is left to the next request: a request's task
-        must not spend an outage retrying batch after batch (the server waits for
-        it at shutdown). Past `until` (clock), hits that arrived meanwhile show
-        that requests keep coming: this one leaves what waits to them. Under a
-        steady load the queue never empties, and a task that took batch after
-        batch would never end (a server, or an adapter such as Mangum, that waits
-        for the app's call would wait as long). Once requests stop coming, it
-        takes what is left (at most `max_queue_size` hits).
-        """
-        queue = self._queue
-        seen = queue.seq
-        while self._state is _State.IDLE:
-            if queue.overflow:
-                overflow, queue.overflow = queue.overflow, []
-                await self._spooler.put_or_drop(overflow, "queue_full")
-                continue
-            # Above the limit (it fell after a push-back), this request leaves the
-            # rest to the others sending: there is at least one.
-            if (
-                not delivered
-                or not queue.entries
-                or self._direct_busy > self._controller.concurrency
-                or (queue.seq != seen and self._clock() >= until)
-                or self._clock() < self._direct_pause
-            ):
-                return
-            seen = queue.seq
-            hits, first_seq = queue.take()
-            delivered = await self._send_direct(hits, first_seq)
-
-    async def _send_direct(self, hits: list[Hit], first_seq: int) -> bool:
-        """Deliver one batch; False when Matomo did not take it (spooled or dropped)."""
-        batch = self._track(hits, first_seq, worker=False)
-        try:
-            try:
-                left = await self._delivery.deliver(
-                    batch, span=self._http_timeout, attempts=DIRECT_ATTEMPTS
-                )
-            except Exception as exc:
-                left = batch.hits
-                logger.error("asgi_matomo: sending hits failed unexpectedly: %r", exc)
-            except BaseException:
-                # The request's task was cancelled (the server stopped it): what it
-                # had not delivered yet is lost, and counted.
-                if batch.hits:
-                    self._reporter.drop(
-                        len(batch.hits), "cancelled", "the request sending them was cancelled"
-                    )
-                raise
-            if left:
-                await self._spooler.put_or_drop(left, "retry_deadline")
-        finally:
-            # Also when the request's task is cancelled: a stale batch would
-            # hold up aflush() forever.
-            self._untrack(batch)
-            self._notify_progress()
-        if left:
-            # Until the backoff (or Matomo's Retry-After, by the rule of the
-            # spool's replay) has passed, the requests that come leave their hits
-            # in the queue: an outage must not get one request per app request.
-            self._direct_failures += 1
-            pause = replay_delay(self._direct_failures, batch.retry_after)
-            self._direct_pause = max(self._direct_pause, self._clock() + pause)
-            return False
-        self._direct_failures = 0
-        if self._spool is not None:
-            # One spooled batch per batch sent at most: direct mode runs on the
-            # request's task, it must not turn into a long replay.
-            await self._spooler.replay(max_batches=1)
-        return True
-
     # -- the worker's batches ---------------------------------------------------------
-
-    def _track(self, hits: list[Hit], first_seq: int, *, worker: bool) -> Batch:
-        batch = Batch(hits, first_seq, worker=worker)
-        self._in_flight[id(batch)] = batch
-        return batch
-
-    def _untrack(self, batch: Batch) -> None:
-        self._in_flight.pop(id(batch), None)
 
     async def _send_batch(self, batch: Batch) -> None:
         assert self._slots is not None
@@ -631,7 +480,7 @@ class BatchSender:
             # Once shutdown has begun, its deadline is what cut the retries short.
             closing = self._delivery.shutdown_deadline is not None
             await self._spooler.put_or_drop(left, "shutdown" if closing else "retry_deadline")
-        self._untrack(batch)
+        self._in_flight.pop(id(batch), None)
         self._notify_progress()
         if not left:
             self._spooler.want_replay()
