@@ -162,6 +162,24 @@ def test_an_answer_close_to_the_timeout_cuts_at_once() -> None:
     assert c.concurrency == INITIAL_CONCURRENCY // 2
 
 
+@pytest.mark.parametrize("kind", ["close to the timeout", "push-back"])
+def test_one_cut_per_round_not_one_per_answer_of_a_burst(kind: str) -> None:
+    # 16 batches sent together and answered together, all slow (or all 503): the
+    # first answer cuts; the others were sent before that cut and do not cut again.
+    c = controller()
+    c.concurrency = 16
+    for _ in range(16):
+        c.sent(1000)
+    seconds, pushed_back = (TIMEOUT * 0.82, False) if kind != "push-back" else (0.5, True)
+    for i in range(16):
+        c.answered(1000, seconds, 10.0 + i * 0.01, pushed_back=pushed_back)
+    assert c.concurrency == 8
+    # A batch sent after the cut that is slow again cuts again.
+    c.sent(c.batch)
+    c.answered(c.batch, seconds, 10.2 + seconds, pushed_back=pushed_back)
+    assert c.concurrency == 4
+
+
 def test_slow_but_steady_answers_neither_grow_nor_cut() -> None:
     # Between 60 % of the timeout and the cut: what is in flight stays as it is.
     run = Run(controller(), flat(TIMEOUT * 0.7)).until(60.0)

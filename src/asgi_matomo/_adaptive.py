@@ -22,7 +22,8 @@ bounds the options set:
 Decisions are taken once per window of about one answer time (Vector's
 "RTT window"): the answers that arrived in it are judged together, against
 the hits that were really in flight meanwhile. A push-back or an answer close
-to the timeout is acted on at once, and starts a new window.
+to the timeout is acted on at once, and starts a new window. One cut per
+round: the other answers to batches sent before a cut do not cut again.
 
 Answer times measured by a busy app spread for reasons of its own (its event
 loop answers late when the CPU is saturated). Before reading a spread as the
@@ -79,6 +80,7 @@ class Controller:
         "_cut",
         "_in_flight",
         "_last_at",
+        "_last_cut",
         "_max_rtt",
         "_min_hits",
         "_min_rtt",
@@ -103,6 +105,7 @@ class Controller:
         self.concurrency = min(INITIAL_CONCURRENCY, max_concurrency)
         self.batch = min(INITIAL_BATCH, max_batch)
         self._slow_start = True
+        self._last_cut = -math.inf  # when the limits were last cut
         self._baseline: float | None = None
         self._in_flight = 0  # hits sent and not answered yet
         # (peak hits in flight, slowest answer) of the last window that grew: how
@@ -154,6 +157,15 @@ class Controller:
         or at all.
         """
         self._in_flight = max(0, self._in_flight - hits)
+        if now - seconds < self._last_cut:
+            # Sent before the last cut: its answer was part of what caused the cut,
+            # or says nothing of the new limits. Cutting again for each answer of
+            # one burst (16 slow answers halving 16 batches in flight down to 1)
+            # would take many rounds to grow back; one cut per round, as Vector
+            # and TCP do. Only the batch size still follows a slow answer.
+            if seconds > self._cut:
+                self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
+            return
         last_at, self._last_at = self._last_at, now
         if self._window_end is None:
             # The first answer since the last cut: the window starts now (the very
@@ -161,7 +173,7 @@ class Controller:
             self._window_end = now + max(MIN_WINDOW, self._baseline or 0.0)
             self._peak = max(self._peak, self._in_flight + hits)
         if pushed_back:
-            self._decrease(BACK_OFF)
+            self._decrease(BACK_OFF, now)
             # Halved down to the initial size, never raised: a batch cut for slow
             # answers or a 413 stays cut. A timeout is a push-back that also says
             # how slow the answers got: the cut below applies to it too.
@@ -171,7 +183,7 @@ class Controller:
             return
         if seconds > self._cut:
             # Close to the timeout already: less in flight, smaller batches, now.
-            self._decrease(BACK_OFF)
+            self._decrease(BACK_OFF, now)
             self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
             return
         self._answered += 1
@@ -190,8 +202,9 @@ class Controller:
 
     # -- decisions --------------------------------------------------------------------
 
-    def _decrease(self, factor: float) -> None:
+    def _decrease(self, factor: float, now: float) -> None:
         self.concurrency = max(1, math.floor(self.concurrency * factor))
+        self._last_cut = now
         self._slow_start = False
         self._prev = None
         # Answers to what was sent before the cut say nothing about the new limits:
@@ -206,7 +219,7 @@ class Controller:
             # Above the target and rising: a step too far (the last growth).
             or (self._max_rtt > self._too_slow and mean > baseline * STEP_RISE)
         ):
-            self._decrease(SLOWER)
+            self._decrease(SLOWER, now)
             # The slower answers are the new normal to compare with.
             self._baseline = mean
             return
