@@ -12,6 +12,7 @@ from asgi_matomo._adaptive import (
     CUT_SHARE,
     INITIAL_BATCH,
     INITIAL_CONCURRENCY,
+    MAX_PACE,
     TIMEOUT_SHARE,
     Controller,
 )
@@ -178,6 +179,21 @@ def test_one_cut_per_round_not_one_per_answer_of_a_burst(kind: str) -> None:
     c.sent(c.batch)
     c.answered(c.batch, seconds, 10.2 + seconds, pushed_back=pushed_back)
     assert c.concurrency == 4
+
+
+def test_batches_from_a_backlog_are_spread_over_an_answer_time() -> None:
+    c = controller()
+    assert c.pace() == 0.0  # no answer time known yet: nothing to spread over
+    for i in range(INITIAL_CONCURRENCY):
+        c.sent(100)
+        c.answered(100, 2.0, 2.0 + i * 0.01, pushed_back=False)
+    assert c.pace() > 0.0
+    c.concurrency = 16
+    assert c.pace() == pytest.approx(2.0 / 16)
+    c.concurrency = 2
+    assert c.pace() == MAX_PACE  # at most MAX_PACE, however slow the answers
+    c.concurrency = 1
+    assert c.pace() == 0.0  # one batch at a time: the answer itself paces it
 
 
 def test_slow_but_steady_answers_neither_grow_nor_cut() -> None:

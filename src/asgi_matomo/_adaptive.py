@@ -25,6 +25,10 @@ the hits that were really in flight meanwhile. A push-back or an answer close
 to the timeout is acted on at once, and starts a new window. One cut per
 round: the other answers to batches sent before a cut do not cut again.
 
+Batches sent from a backlog are spread over an answer time (`pace`): sent
+together, they reach Matomo together and wait there for each other, and the
+answer times rise for no other reason than the burst.
+
 Answer times measured by a busy app spread for reasons of its own (its event
 loop answers late when the CPU is saturated). Before reading a spread as the
 cost of more hits in flight, the controller checks that Matomo could take hits
@@ -61,6 +65,8 @@ BACK_OFF = 0.5
 BASELINE_WEIGHT = 0.3
 # The most the hits in flight may grow in one window.
 MAX_GROWTH = 4.0
+# The longest pause between two batches sent from a backlog, in seconds.
+MAX_PACE = 0.25
 # The shortest window, in seconds: against a fast Matomo, decisions every few
 # milliseconds would follow noise.
 MIN_WINDOW = 0.1
@@ -199,6 +205,16 @@ class Controller:
         # A window lasts an answer time, or until every slot was answered once.
         if now >= self._window_end or self._answered >= self.concurrency:
             self._judge_window(now)
+
+    def pace(self) -> float:
+        """Seconds between two batches sent one after the other from a backlog.
+
+        The batches in flight spread over an answer time, at most MAX_PACE apart;
+        0 until an answer time is known.
+        """
+        if self._baseline is None or self.concurrency <= 1:
+            return 0.0
+        return min(MAX_PACE, self._baseline / self.concurrency)
 
     # -- decisions --------------------------------------------------------------------
 

@@ -395,8 +395,18 @@ class BatchSender:
                 batch = Batch(*self._queue.take(), worker=True)
                 self._in_flight[id(batch)] = batch
                 tg.start_soon(self._send_batch, batch)
+                await self._pace()
             if self._state is not _State.RUNNING:
                 return
+
+    async def _pace(self) -> None:
+        # Batches sent together reach Matomo together and wait there for each
+        # other: the answer times rise, and the controller cuts what was fine.
+        # While running, the batches in flight are spread over an answer time;
+        # at shutdown they go at once (a shutdown waits MAX_PACE at most).
+        pace = self._controller.pace()
+        if pace and self._state is _State.RUNNING:
+            await anyio.sleep(pace)
 
     async def _wait_for_work(self) -> None:
         while self._state is _State.RUNNING and not self._queue.ready(closing=False):
