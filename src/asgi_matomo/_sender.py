@@ -200,6 +200,7 @@ class BatchSender:
             clock=self._clock,
         )
         self._in_flight: dict[int, Batch] = {}
+        self._next_send = -math.inf  # when the worker may send the next batch (_pace)
         self._delivery = Delivery(
             transport=self._transport,
             controller=self._controller,
@@ -403,10 +404,17 @@ class BatchSender:
         # Batches sent together reach Matomo together and wait there for each
         # other: the answer times rise, and the controller cuts what was fine.
         # While running, the batches in flight are spread over an answer time;
-        # at shutdown they go at once (a shutdown waits MAX_PACE at most).
+        # at shutdown they go at once (a shutdown waits MAX_PACE at most). On a
+        # saturated event loop a sleep ends late: the next send is due a pace after
+        # the last one was due, not after the late wake-up (at most one pace of
+        # credit), or the pace would drift below what the limits allow.
         pace = self._controller.pace()
-        if pace and self._state is _State.RUNNING:
-            await anyio.sleep(pace)
+        if not pace or self._state is not _State.RUNNING:
+            return
+        now = self._clock()
+        self._next_send = max(self._next_send, now - pace) + pace
+        if self._next_send > now:
+            await anyio.sleep(self._next_send - now)
 
     async def _wait_for_work(self) -> None:
         while self._state is _State.RUNNING and not self._queue.ready(closing=False):
