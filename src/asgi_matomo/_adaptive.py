@@ -170,7 +170,7 @@ class Controller:
             # would take many rounds to grow back; one cut per round, as Vector
             # and TCP do. Only the batch size still follows a slow answer.
             if seconds > self._cut:
-                self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
+                self._shrink_batch(hits, seconds)
             return
         last_at, self._last_at = self._last_at, now
         if self._window_end is None:
@@ -185,12 +185,12 @@ class Controller:
             # how slow the answers got: the cut below applies to it too.
             self.batch = min(self.batch, max(INITIAL_BATCH, self.batch // 2))
             if seconds > self._cut:
-                self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
+                self._shrink_batch(hits, seconds)
             return
         if seconds > self._cut:
             # Close to the timeout already: less in flight, smaller batches, now.
             self._decrease(BACK_OFF, now)
-            self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
+            self._shrink_batch(hits, seconds)
             return
         self._answered += 1
         self._sum_rtt += seconds
@@ -217,6 +217,10 @@ class Controller:
         return min(MAX_PACE, self._baseline / self.concurrency)
 
     # -- decisions --------------------------------------------------------------------
+
+    def _shrink_batch(self, hits: int, seconds: float) -> None:
+        # A batch of `hits` took `seconds`: as many hits as fit in the time aimed at.
+        self.batch = max(1, min(self.batch, math.floor(hits * self._too_slow / seconds)))
 
     def _decrease(self, factor: float, now: float) -> None:
         self.concurrency = max(1, math.floor(self.concurrency * factor))
